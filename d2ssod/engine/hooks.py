@@ -1,0 +1,31 @@
+"""Training hooks of d2ssod (cross-cutting work stays out of ``run_step``)."""
+from detectron2.engine import HookBase
+
+from .ema import ema_momentum
+
+__all__ = ["EMAHook"]
+
+
+class EMAHook(HookBase):
+    """Keeps ``trainer.teacher`` an exponential moving average of the student.
+
+    During burn-in (iterations ``< burn_in_iters``) with ``init_at_burn_in`` the teacher mirrors
+    the student (momentum 0), so it is initialised from the student exactly when burn-in ends
+    (Unbiased Teacher) and intermediate checkpoints hold a usable teacher. From then on, after
+    every optimizer step, ``θ_t ← m_t·θ_t + (1 − m_t)·θ_s`` with ``m_t`` from
+    :func:`ema_momentum` (``t`` counted from the end of burn-in). Without ``init_at_burn_in`` the
+    EMA runs from iteration 0.
+    """
+
+    def __init__(self, momentum, burn_in_iters=0, init_at_burn_in=True, ramp=False):
+        self.momentum = momentum
+        self.burn_in_iters = burn_in_iters if init_at_burn_in else 0
+        self.ramp = ramp
+
+    def momentum_at(self, iteration):
+        if iteration < self.burn_in_iters:
+            return 0.0
+        return ema_momentum(self.momentum, iteration - self.burn_in_iters, self.ramp)
+
+    def after_step(self):
+        self.trainer.teacher.update(self.momentum_at(self.trainer.iter))

@@ -1,0 +1,271 @@
+"""The SSOD trainer: Detectron2's ``DefaultTrainer`` with a teacher, a method and two streams.
+
+``SSODTrainer`` keeps everything ``DefaultTrainer`` does (model, optimizer, LR schedule,
+checkpoints, evaluation, writers, DDP through ``launch()``) and changes four things:
+
+* ``build_train_loader`` returns the two-stream loader (labeled + unlabeled);
+* the step object is :class:`SSODStep`, whose ``run_step`` is the algorithm;
+* a frozen EMA teacher (:class:`~d2ssod.engine.ema.EMATeacher`) is kept by :class:`EMAHook`
+  and checkpointed as the file's ``"model"`` entry, with the student beside it;
+* evaluation reports teacher and student (``teacher/bbox/AP``, ``student/bbox/AP``).
+"""
+import contextlib
+import functools
+import logging
+import random
+import time
+import weakref
+
+import numpy as np
+import torch
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch.nn.parallel import DistributedDataParallel
+
+from d2ssod.data.bad_input import SkippedFilesMeter
+from d2ssod.data.loader import build_ssod_train_loader
+from d2ssod.evaluation.build import build_evaluator
+from d2ssod.methods import METHOD_REGISTRY, build_method
+
+from .checkpoint import SSODCheckpointer
+from .ema import EMATeacher
+from .hooks import EMAHook
+
+__all__ = ["SSODTrainer", "SSODStep"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _rng_state():
+    """RNG states as tensors and plain Python types (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _iter_keeping_rng(loader):
+    """``iter(loader)`` without advancing the global torch generator: creating a DataLoader
+    iterator draws its workers' base seed from it, and a resumed run creates its iterators at
+    a different iteration than an uninterrupted one (the samples themselves are seeded by
+    stream position, see :mod:`d2ssod.data.loader`)."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class SSODStep(SimpleTrainer):
+    """One semi-supervised iteration (``run_step``) on top of Detectron2's ``SimpleTrainer``.
+
+    ``joint`` mode (default, as the official methods): a labeled and an unlabeled batch, one
+    backward on ``L_sup + λ_u·L_unsup``. ``alternate`` mode: supervised-only steps on even
+    iterations, unsupervised-only steps on odd ones. During burn-in, supervised only; the
+    unlabeled stream is not read.
+    """
+
+    def __init__(self, model, data_loader, optimizer, method, burn_in_iters, step_mode):
+        super().__init__(model, data_loader, optimizer)
+        self.method = method
+        self.burn_in_iters = burn_in_iters
+        self.step_mode = step_mode
+        self.skipped = SkippedFilesMeter()
+        self._labeled_it = self._unlabeled_it = None
+
+    def reset_data_loader(self, data_loader_builder):
+        super().reset_data_loader(data_loader_builder)
+        self._labeled_it = self._unlabeled_it = None
+
+    def parts(self, iteration):
+        """(uses labeled batch, uses unlabeled batch) at ``iteration``."""
+        if not self.method.uses_teacher or iteration < self.burn_in_iters:
+            return True, False
+        if self.step_mode == "alternate":
+            odd = (iteration - self.burn_in_iters) % 2 == 1
+            return not odd, odd
+        return True, True
+
+    def next_labeled(self):
+        if self._labeled_it is None:
+            self._labeled_it = _iter_keeping_rng(self.data_loader.labeled)
+        return next(self._labeled_it)
+
+    def next_unlabeled(self):
+        if self._unlabeled_it is None:
+            self._unlabeled_it = _iter_keeping_rng(self.data_loader.unlabeled)
+        batch = next(self._unlabeled_it)
+        if self.skipped.update(batch):
+            get_event_storage().put_scalar("data/skipped_unlabeled_files", self.skipped.count,
+                                           smoothing_hint=False)
+        return batch
+
+    def run_step(self):
+        assert self.model.training, "the student was switched to eval mode"
+        start = time.perf_counter()
+        use_labeled, use_unlabeled = self.parts(self.iter)
+        labeled = self.next_labeled() if use_labeled else None
+        unlabeled = self.next_unlabeled() if use_unlabeled else None
+        data_time = time.perf_counter() - start
+
+        loss_dict = {}
+        if labeled is not None:
+            loss_dict.update(self.model(labeled))
+        if unlabeled is not None:
+            loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled))
+        losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        """Detectron2's metric writing, whose ``FloatingPointError`` for a non-finite total
+        loss (raised on the main process, before the optimizer step) is re-raised naming the
+        non-finite terms. No extra host sync unless that error occurs."""
+        try:
+            super()._write_metrics(loss_dict, data_time, prefix, iter)
+        except FloatingPointError as e:
+            bad = [k for k, v in loss_dict.items() if not torch.isfinite(v.detach()).all()]
+            where = (f"loss term(s) {bad}" if bad else
+                     "a loss term on another rank (this rank's terms are finite)")
+            raise FloatingPointError(
+                f"Training diverged at iteration {self.iter if iter is None else iter}: {where} "
+                f"became infinite or NaN. Stopped before this step's optimizer update; the last "
+                f"checkpoint in OUTPUT_DIR is kept. Resume from it with a lower SOLVER.BASE_LR "
+                f"or a longer SOLVER.WARMUP_ITERS, or check the data. ({e})") from None
+
+
+@contextlib.contextmanager
+def _ddp_for_device(cfg):
+    """``DefaultTrainer.__init__`` wraps the student with Detectron2's
+    ``create_ddp_model(model, broadcast_buffers=False)``, which passes
+    ``device_ids=[local rank]``; torch's DDP accepts ``device_ids`` for CUDA modules only. For
+    processes on the CPU (gloo, e.g. ``launch`` without GPUs) the wrapper is called with
+    ``device_ids=None`` while the constructor runs; CUDA runs are not touched."""
+    if comm.get_world_size() == 1 or torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+class SSODTrainer(DefaultTrainer):
+    """``DefaultTrainer`` for semi-supervised detection; ``trainer.teacher`` is the EMA teacher
+    (``None`` for the supervised baseline) and ``trainer.student`` the unwrapped student."""
+
+    def __init__(self, cfg):
+        with _ddp_for_device(cfg):
+            super().__init__(cfg)
+
+    @classmethod
+    def uses_teacher(cls, cfg):
+        return METHOD_REGISTRY.get(cfg.SSOD.METHOD).uses_teacher
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter=0):
+        return build_ssod_train_loader(cfg, with_unlabeled=cls.uses_teacher(cfg),
+                                       start_iter=start_iter)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ calls build_hooks() once, after the student, optimizer, loader
+        # and scheduler exist: the first point where the teacher can be copied from the student.
+        self._attach_ssod_parts()
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.EvalHook):
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
+        if self.teacher is not None:
+            ssod = self.cfg.SSOD
+            ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
+                          ssod.EMA_RAMP)
+            # Right after the LR scheduler, before checkpointing and evaluation.
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
+            ret.insert(at, ema)
+        return ret
+
+    def _attach_ssod_parts(self):
+        cfg = self.cfg
+        model, loader, optimizer = self._trainer.model, self._trainer.data_loader, self._trainer.optimizer
+        self.student = _unwrap(model)
+        self.teacher = (EMATeacher(self.student, cfg.SSOD.EMA_BUFFERS)
+                        if self.uses_teacher(cfg) else None)
+        method = build_method(cfg, student=model, teacher=self.teacher)
+        self._trainer = SSODStep(model, loader, optimizer, method,
+                                 cfg.SSOD.BURN_IN_ITERS, cfg.SSOD.STEP_MODE)
+        extra = {"student": self.student} if self.teacher is not None else {}
+        self.checkpointer = SSODCheckpointer(
+            self.teacher.model if self.teacher is not None else self.student,
+            cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+
+    def resume_or_load(self, resume=True):
+        """Resume teacher, student, optimizer, scheduler and iteration from the last checkpoint
+        in ``OUTPUT_DIR``; otherwise load ``MODEL.WEIGHTS`` into the student (and the teacher
+        starts as its copy). A resumed run skips the batches already consumed so the data
+        stream continues where it stopped. With ``resume``, checkpoints in ``OUTPUT_DIR``
+        without a readable ``last_checkpoint`` are an error, never a silent fresh start."""
+        if resume:
+            self.checkpointer.check_resumable()
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=True)
+            self.start_iter = self.iter + 1
+            cfg, start = self.cfg, self.start_iter
+            self._trainer.reset_data_loader(lambda: self.build_train_loader(cfg, start_iter=start))
+        else:
+            SSODCheckpointer(self.student).load(self.cfg.MODEL.WEIGHTS)
+            if self.teacher is not None:
+                self.teacher.copy_from_student()
+
+    def state_dict(self):
+        """Detectron2's trainer state plus the random generators of this process, so a resumed
+        run draws the same proposal samples, jitters and augmentations as an uninterrupted one."""
+        ret = super().state_dict()
+        ret["rng"] = _rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
+
+    def evaluate_teacher_and_student(self):
+        """Evaluate with Detectron2's evaluators; results nest under "teacher" / "student"."""
+        results = {}
+        if self.teacher is not None:
+            results["teacher"] = self.test(self.cfg, self.teacher.model)
+        if self.teacher is None or self.cfg.SSOD.EVAL_STUDENT:
+            results["student"] = self.test(self.cfg, self.model)
+        self._last_eval_results = results["teacher" if self.teacher is not None else "student"]
+        comm.synchronize()
+        return results

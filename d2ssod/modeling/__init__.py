@@ -1,0 +1,23 @@
+"""Detectron2 components of d2ssod. Importing this package registers them:
+
+* backbones ``build_mobilenetv2_backbone`` and ``build_mobilenetv2_fpn_backbone``
+  (``MODEL.BACKBONE.NAME``),
+* ROI heads ``SSODROIHeads`` (``MODEL.ROI_HEADS.NAME``) with the ``SSODFastRCNNOutputLayers``
+  box predictor (focal classification, per-proposal weights, regression masks).
+"""
+from .backbone import (
+    MobileNetV2Backbone,
+    build_mobilenetv2_backbone,
+    build_mobilenetv2_fpn_backbone,
+)
+from .losses import multiclass_focal_loss
+from .roi_heads import SSODFastRCNNOutputLayers, SSODROIHeads
+
+__all__ = [
+    "MobileNetV2Backbone",
+    "build_mobilenetv2_backbone",
+    "build_mobilenetv2_fpn_backbone",
+    "multiclass_focal_loss",
+    "SSODFastRCNNOutputLayers",
+    "SSODROIHeads",
+]

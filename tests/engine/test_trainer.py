@@ -1,0 +1,121 @@
+"""Short real trainings of the demo configs: finite losses, burn-in, resume, DefaultPredictor."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import DefaultPredictor, HookBase
+from detectron2.utils.env import seed_all_rng
+
+import d2ssod  # noqa: F401
+from d2ssod.engine import SSODTrainer, build_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
+SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
+
+
+def small_cfg(config, out_dir, *opts):
+    return build_cfg(config, [str(o) for o in (
+        "OUTPUT_DIR", out_dir, "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
+        "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 1000,
+        "SEED", 7,
+        "SOLVER.WARMUP_ITERS", 5, "SOLVER.BASE_LR", 0.005,
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", *opts)])
+
+
+class Record(HookBase):
+    """Per-iteration scalars of the storage (the JSON writer only keeps the last ones)."""
+
+    def __init__(self, crash_at=None):
+        self.rows = {}
+        self.crash_at = crash_at
+
+    def before_step(self):
+        if self.trainer.iter == self.crash_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    def after_step(self):
+        storage = self.trainer.storage
+        self.rows[self.trainer.iter] = {k: v.latest() for k, v in storage.histories().items()
+                                        if k.startswith(("loss", "unsup/", "total_loss",
+                                                         "pseudo/"))}
+
+
+def train(cfg, resume=False, crash_at=None):
+    seed_all_rng(cfg.SEED)  # what tools/train_net.py's default_setup does
+    trainer = SSODTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    rec = Record(crash_at)
+    trainer.register_hooks([rec])
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    return trainer, rec.rows
+
+
+@pytest.mark.parametrize("config", [SUP, UT], ids=["supervised", "unbiased_teacher"])
+def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config, tmp_path):
+    cfg = small_cfg(config, tmp_path, "SOLVER.MAX_ITER", 30, "SSOD.BURN_IN_ITERS", 10)
+    trainer, rows = train(cfg)
+    assert sorted(rows) == list(range(30))
+    for it, row in rows.items():
+        assert all(math.isfinite(v) for v in row.values()), (it, row)
+        has_unsup = any(k.startswith("unsup/") for k in row)
+        if cfg.SSOD.METHOD == "supervised":
+            assert not has_unsup
+    if cfg.SSOD.METHOD == "supervised":
+        assert trainer.teacher is None
+    else:
+        assert not any(k.startswith("unsup/") for k in rows[9])  # burn-in: supervised only
+        for it in range(10, 30):
+            assert {"unsup/loss_rpn_cls", "unsup/loss_cls"} <= rows[it].keys()
+            assert "pseudo/num_boxes" in rows[it]
+        # every parameter of the teacher is an EMA of the student, never trained directly
+        assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    assert os.path.exists(os.path.join(tmp_path, "model_final.pth"))
+
+
+def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path):
+    opts = ("SOLVER.MAX_ITER", 8, "SSOD.BURN_IN_ITERS", 2, "SOLVER.CHECKPOINT_PERIOD", 4,
+            "SSOD.PSEUDO_EVAL_PERIOD", 0, "SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05)
+    full, full_rows = train(small_cfg(UT, tmp_path / "full", *opts))
+    _, first_rows = train(small_cfg(UT, tmp_path / "killed", *opts), crash_at=6)
+    assert sorted(first_rows) == list(range(6))
+    with open(tmp_path / "killed" / "last_checkpoint") as f:
+        assert f.read().strip() == "model_0000003.pth"
+    resumed, resumed_rows = train(small_cfg(UT, tmp_path / "killed", *opts), resume=True)
+    assert resumed.start_iter == 4 and sorted(resumed_rows) == [4, 5, 6, 7]
+    for it in (4, 5, 6, 7):
+        assert resumed_rows[it].keys() == full_rows[it].keys()
+        for k, v in full_rows[it].items():
+            assert resumed_rows[it][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (it, k)
+    for (k, a), b in zip(full.teacher.model.state_dict().items(),
+                         resumed.teacher.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
+    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_final_checkpoint_is_the_teacher_and_loads_in_default_predictor(tmp_path):
+    cfg = small_cfg(UT, tmp_path, "SOLVER.MAX_ITER", 4, "SSOD.BURN_IN_ITERS", 1)
+    trainer, _ = train(cfg)
+    ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    teacher_sd = trainer.teacher.model.state_dict()
+    assert set(ckpt["model"]) == set(teacher_sd) == set(ckpt["student"])
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in teacher_sd.items())
+    # the teacher differs from the student after EMA steps: the file keeps both
+    assert any(not torch.equal(ckpt["model"][k], ckpt["student"][k]) for k in teacher_sd
+               if ckpt["model"][k].is_floating_point())
+
+    pcfg = cfg.clone()
+    pcfg.defrost()
+    pcfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
+    predictor = DefaultPredictor(pcfg)
+    for k, v in predictor.model.state_dict().items():
+        assert torch.equal(v, teacher_sd[k]), k
+    image = np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8)
+    out = predictor(image)["instances"]
+    assert out.image_size == (192, 192)

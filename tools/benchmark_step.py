@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Where the time of one SSOD training step goes.
+
+    python tools/benchmark_step.py [--config-file configs/demo/unbiased_teacher.yaml]
+        [--iters 20] [--warmup 5] [--output benchmarks/step.json] [KEY VALUE ...]
+
+Builds the real trainer (demo data, semi-supervised phase: burn-in set to 0), runs ``--warmup``
+untimed iterations, then times ``--iters`` iterations of ``run_step`` + hooks, split into
+
+* ``data``: waiting for the labeled and unlabeled batches;
+* ``teacher``: the teacher's pseudo-labelling forward;
+* ``student``: student forwards (labeled + unlabeled) and the backward;
+* ``ema``: the teacher's EMA update;
+* ``other``: the rest (optimizer step, metric writing, hooks, pseudo-box projection);
+* any part a method names in its ``timed_parts`` dict (part → method attribute names), e.g.
+  Soft Teacher's ``jitter`` (box-jitter refinement) and ``bg_score`` (the teacher's background
+  scoring of the student's proposals).
+
+Parts may nest (Soft Teacher scores backgrounds inside the student's forward): a part's time
+is exclusive, i.e. time spent in a part called from inside another counts only for the inner one.
+
+The parts are measured with wall-clock timers around the trainer's own functions (the timers
+synchronise CUDA when the model is on a GPU; training code itself never does). ``ratio`` is
+the full step time over the sum of the measured parts except ``other``: how much of the step
+the named parts explain. Results (median per part, seconds) go to ``--output``.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PartTimer:
+    """Accumulates wall time per part within one step."""
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+        self.current = {}
+        self._active = []  # parts being timed, innermost last
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def add(self, part, seconds):
+        self.current[part] = self.current.get(part, 0.0) + seconds
+
+    def wrap(self, part, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            t = time.perf_counter()
+            self._active.append(part)
+            try:
+                out = fn(*args, **kwargs)
+                self.sync()
+            finally:
+                self._active.pop()
+            elapsed = time.perf_counter() - t
+            self.add(part, elapsed)
+            if self._active:  # exclusive times: the enclosing part loses what this one took
+                self.add(self._active[-1], -elapsed)
+            return out
+
+        return timed
+
+
+def instrument(trainer, timer):
+    step = trainer._trainer
+    step.next_labeled = timer.wrap("data", step.next_labeled)
+    step.next_unlabeled = timer.wrap("data", step.next_unlabeled)
+    method = step.method
+    parts = {"teacher_detections": "teacher"}
+    parts.update({name: "teacher" for name in getattr(method, "timed_teacher_parts", ())})
+    for part, names in getattr(method, "timed_parts", {}).items():
+        parts.update({name: part for name in names})
+    for name, part in parts.items():
+        setattr(method, name, timer.wrap(part, getattr(method, name)))
+    student = step.model
+    forward = student.forward
+    student.forward = timer.wrap("student", forward)
+    # The backward runs between the step's optimizer.zero_grad() and after_backward().
+    zero_grad, after_backward = step.optimizer.zero_grad, step.after_backward
+    mark = {}
+
+    def timed_zero_grad(*a, **k):
+        out = zero_grad(*a, **k)
+        timer.sync()
+        mark["t"] = time.perf_counter()
+        return out
+
+    def timed_after_backward():
+        timer.sync()
+        timer.current["student"] = (timer.current.get("student", 0.0)
+                                    + time.perf_counter() - mark["t"])
+        return after_backward()
+
+    step.optimizer.zero_grad = timed_zero_grad
+    step.after_backward = timed_after_backward
+    if trainer.teacher is not None:
+        trainer.teacher.update = timer.wrap("ema", trainer.teacher.update)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=os.path.join(REPO, "configs/demo/unbiased_teacher.yaml"))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks/step.json"))
+    parser.add_argument("--label", default=None, help="key of this run in the output file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    sys.path.insert(0, REPO)
+    from detectron2.utils.events import EventStorage
+    from detectron2.utils.logger import setup_logger
+
+    import d2ssod  # noqa: F401
+    from d2ssod.engine import SSODTrainer, build_cfg
+
+    setup_logger(name="d2ssod")
+    opts = ["SSOD.BURN_IN_ITERS", 0, "TEST.EVAL_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD", 10**9,
+            "OUTPUT_DIR", os.path.join(REPO, "output/benchmark_step"), *args.opts]
+    cfg = build_cfg(args.config_file, [str(o) for o in opts])
+    trainer = SSODTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    timer = PartTimer(cfg.MODEL.DEVICE)
+    instrument(trainer, timer)
+
+    records = []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer.before_train()
+        for it in range(args.warmup + args.iters):
+            trainer.iter = storage.iter = it
+            timer.current = {}
+            timer.sync()
+            t = time.perf_counter()
+            trainer.before_step()
+            trainer.run_step()
+            trainer.after_step()
+            timer.sync()
+            total = time.perf_counter() - t
+            if it >= args.warmup:
+                parts = dict(timer.current)
+                parts["step"] = total
+                records.append(parts)
+            storage.step()
+
+    names = ["data", "teacher", "student", "ema"]
+    names += [p for p in getattr(trainer._trainer.method, "timed_parts", {}) if p not in names]
+    med = {n: statistics.median(r.get(n, 0.0) for r in records) for n in names + ["step"]}
+    explained = [sum(r.get(n, 0.0) for n in names) for r in records]
+    med["other"] = statistics.median(r["step"] - e for r, e in zip(records, explained))
+    result = {
+        "config": os.path.relpath(args.config_file, REPO),
+        "overrides": [str(o) for o in args.opts],
+        "device": cfg.MODEL.DEVICE if not cfg.MODEL.DEVICE.startswith("cuda")
+        else torch.cuda.get_device_name(0),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "labeled_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "unlabeled_batch": round(cfg.SOLVER.IMS_PER_BATCH * cfg.SSOD.UNLABELED_RATIO),
+        "iters": args.iters,
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "share_of_step": {k: round(med[k] / med["step"], 3) for k in names + ["other"]},
+        "ratio_step_to_parts": round(statistics.median(
+            r["step"] / e for r, e in zip(records, explained)), 3),
+    }
+    label = args.label or f"{cfg.SSOD.METHOD}@{cfg.MODEL.DEVICE}"
+    existing = {}
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            existing = json.load(f)
+    existing[label] = result
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(existing, f, indent=2)
+    print(json.dumps({label: result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
