@@ -14,12 +14,15 @@ evaluator:
 * **oracle**: all training images with their labels (``configs/demo/oracle.yaml``), ``N + M``.
 
 Writes ``summary.json`` (AP/AP50 of each, ``gap_closed = (ssod − sup) / (oracle − sup)``, wall
-time), ``summary.md`` and ``ap_curve.png`` (AP against iteration). The supervised and oracle runs
+time), ``summary.md`` and ``ap_curve.png`` (AP against iteration), each also kept as
+``*_<method>.*``. Finished supervised/oracle runs in the same output folder are reused, so a
+second method costs only its own semi-supervised run. The supervised and oracle runs
 share the machine's cores (one thread each), the SSOD run follows.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +37,7 @@ def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt
     """Start tools/train_net.py in a subprocess; returns the Popen."""
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin
     cmd = [sys.executable, TRAIN_NET, "--config-file", config]
     if resume:
         cmd.append("--resume")
@@ -65,6 +69,17 @@ def ap_curve(out_dir, prefix, total):
     if not points:
         raise SystemExit(f"no {prefix}/bbox/AP in {out_dir}/metrics.json")
     return points
+
+
+def finished(out_dir, opts, needed_file):
+    """Whether ``out_dir`` holds a completed run made with these overrides and ``needed_file``."""
+    try:
+        with open(os.path.join(out_dir, "demo_opts.json")) as f:
+            same = json.load(f) == [str(o) for o in opts]
+    except (OSError, ValueError):
+        return False
+    return same and all(os.path.exists(os.path.join(out_dir, f))
+                        for f in ("model_final.pth", needed_file))
 
 
 def warm_start_from_supervised(sup_dir, ssod_dir, burn_in):
@@ -126,20 +141,33 @@ def main():
     total = burn_in + args.ssod_iters if args.ssod_iters is not None else cfg.SOLVER.MAX_ITER
     if not 0 < burn_in < total:
         raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total})")
-    common = ["SOLVER.MAX_ITER", total, "SOLVER.CHECKPOINT_PERIOD", burn_in, *args.opts]
+    common = ["SOLVER.MAX_ITER", total, *args.opts]
+    hand_over = f"model_{burn_in - 1:07d}.pth"  # the supervised checkpoint SSOD starts from
     out = os.path.abspath(args.output)
-    dirs = {k: os.path.join(out, k) for k in ("supervised", "ssod", "oracle")}
+    dirs = {"supervised": os.path.join(out, "supervised"), "ssod": os.path.join(out, args.method),
+            "oracle": os.path.join(out, "oracle")}
 
-    wait_all({
-        "supervised": (run_training(os.path.join(REPO, "configs/demo/supervised.yaml"),
-                                    dirs["supervised"], common, threads=1), dirs["supervised"]),
-        "oracle": (run_training(os.path.join(REPO, "configs/demo/oracle.yaml"),
-                                dirs["oracle"], common, threads=1), dirs["oracle"]),
-    })
+    # The baselines do not depend on the method: finished ones (same iterations and overrides)
+    # are reused when several methods are demonstrated into the same output folder.
+    baselines = {}
+    for name in ("supervised", "oracle"):
+        if finished(dirs[name], common, hand_over if name == "supervised" else "model_final.pth"):
+            print(f"reusing the finished {name} run in {dirs[name]}")
+            continue
+        shutil.rmtree(dirs[name], ignore_errors=True)
+        baselines[name] = (run_training(os.path.join(REPO, f"configs/demo/{name}.yaml"),
+                                        dirs[name], common + ["SOLVER.CHECKPOINT_PERIOD", burn_in],
+                                        threads=1), dirs[name])
+    wait_all(baselines)
+    for name in ("supervised", "oracle"):
+        with open(os.path.join(dirs[name], "demo_opts.json"), "w") as f:
+            json.dump([str(o) for o in common], f)
+    shutil.rmtree(dirs["ssod"], ignore_errors=True)
     warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
     threads = max(1, os.cpu_count() or 1)
     wait_all({"ssod": (run_training(method_cfg, dirs["ssod"],
-                                    common + ["SSOD.BURN_IN_ITERS", burn_in], threads=threads,
+                                    common + ["SSOD.BURN_IN_ITERS", burn_in,
+                                              "SOLVER.CHECKPOINT_PERIOD", burn_in], threads=threads,
                                     resume=True), dirs["ssod"])})
 
     sup_curve = ap_curve(dirs["supervised"], "student", total)
@@ -161,8 +189,10 @@ def main():
         "total_iters": total,
         "wall_seconds": round(time.time() - t0, 1),
     }
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    with open(os.path.join(out, f"summary_{args.method}.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    shutil.copyfile(os.path.join(out, f"summary_{args.method}.json"),
+                    os.path.join(out, "summary.json"))
     gap = "n/a" if summary["gap_closed"] is None else f"{summary['gap_closed']:.2f}"
     table = "\n".join([
         f"| run ({total} iterations, demo_val) | AP | AP50 |",
@@ -173,9 +203,12 @@ def main():
         "",
         f"gap closed: {gap} — wall time {summary['wall_seconds'] / 60:.1f} min",
     ])
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    plot(curves, os.path.join(out, "ap_curve.png"))
+    for name in (f"summary_{args.method}.md", "summary.md"):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(table + "\n")
+    plot(curves, os.path.join(out, f"ap_curve_{args.method}.png"))
+    shutil.copyfile(os.path.join(out, f"ap_curve_{args.method}.png"),
+                    os.path.join(out, "ap_curve.png"))
     print(table)
 
 

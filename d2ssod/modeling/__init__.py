@@ -12,6 +12,7 @@ from .backbone import (
 )
 from .losses import multiclass_focal_loss
 from .roi_heads import SSODFastRCNNOutputLayers, SSODROIHeads
+from .soft_roi_heads import SoftTeacherROIHeads  # noqa: F401  (registers; Soft Teacher student)
 
 __all__ = [
     "MobileNetV2Backbone",

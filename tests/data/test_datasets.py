@@ -42,7 +42,7 @@ def test_import_registers_lazily_under_detectron2_datasets(tmp_path):
     code = ("import d2ssod.data; from detectron2.data import MetadataCatalog as M; "
             "print('JSON', M.get('demo_val').json_file)")
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"JSON {tmp_path / 'demo' / 'val.json'}" in out.stdout
     assert os.listdir(tmp_path) == []  # nothing generated at import

@@ -1,0 +1,198 @@
+"""Soft Teacher (Xu et al., "End-to-End Semi-Supervised Object Detection with Soft Teacher",
+ICCV 2021; official code: github.com/microsoft/SoftTeacher, ``ssod/models/soft_teacher.py``).
+
+What this method contributes to the shared trainer (SPEC.md §2):
+
+* **one teacher pass per batch**: the teacher's backbone features of the weak views are computed
+  once (:meth:`SoftTeacher.teacher_detections`) and reused for detection, box jitter and
+  background scoring;
+* **pseudo boxes** (:meth:`SoftTeacher.pseudo_label`): the teacher's detections (its test-time
+  NMS 0.5 and score ≥ 0.05) with score ≥ ``min(CLS_THRESH, REG_THRESH)``, each with its
+  box-jitter uncertainty (:mod:`d2ssod.modeling.box_jitter`, all boxes of the batch in one head
+  call) and ``gt_reg_valid`` = score ≥ ``REG_THRESH`` (0.5) and uncertainty <
+  ``UNCERTAINTY_THRESH`` (0.02). The base class maps them into the strong views;
+* **student losses** (:meth:`SoftTeacher.student_losses`): boxes with score ≥ ``CLS_THRESH`` (0.9)
+  are the ``instances`` of the strong inputs, hence the RPN targets (objectness and deltas) and
+  the ROI classification targets; the ``gt_reg_valid`` boxes are the ROI regression targets,
+  sampled separately by :class:`~d2ssod.modeling.soft_roi_heads.SoftTeacherROIHeads`; background
+  proposals of the classification loss weigh the teacher's background probability
+  (:meth:`SoftTeacher.background_probabilities`: student proposals mapped back into the weak
+  view with the inverse of the weak→strong matrix, scored by the teacher's box head in one call);
+* all four student losses count on unlabeled data with weight ``λ_u`` (4 on partially labeled
+  COCO, 2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp of SPEC.md §0.
+
+The student's ROI heads must be ``SoftTeacherROIHeads`` (``MODEL.ROI_HEADS.NAME``).
+"""
+import torch
+import torch.nn.functional as F
+from detectron2.layers import cat
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+from torch.nn.parallel import DistributedDataParallel
+
+from d2ssod.data.transforms import map_boxes, view_to_view
+from d2ssod.modeling.box_jitter import (
+    clip_boxes_per_row,
+    jitter_uncertainty,
+    pooled_box_predictions,
+)
+from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
+
+from .base import SSODMethod
+from .build import METHOD_REGISTRY
+from .unbiased_teacher import threshold_detections
+
+__all__ = ["SoftTeacher", "strong_to_weak_boxes"]
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def strong_to_weak_boxes(boxes, strong_matrices, weak_matrices, weak_sizes, counts):
+    """Map boxes of the strong views back into the weak views, for a whole batch at once.
+
+    Args:
+        boxes (Tensor): (P, 4) XYXY boxes, image 0's first, then image 1's, ...
+        strong_matrices, weak_matrices (Tensor): (B, 3, 3) original → view matrices per image.
+        weak_sizes (Tensor): (B, 2) (h, w) of each weak view; mapped boxes are clipped to it.
+        counts (list[int]): boxes per image (sum P).
+
+    Returns:
+        Tensor: (P, 4), the enclosing boxes of the mapped corners, clipped.
+    """
+    device = boxes.device
+    to_weak = view_to_view(strong_matrices.to(device), weak_matrices.to(device))  # (B, 3, 3)
+    repeats = torch.as_tensor(counts, device=device)
+    row_matrix = to_weak.repeat_interleave(repeats, dim=0, output_size=boxes.shape[0])
+    mapped = map_boxes(boxes[:, None, :], row_matrix)[:, 0]
+    row_sizes = weak_sizes.to(device).repeat_interleave(repeats, dim=0,
+                                                        output_size=boxes.shape[0])
+    return clip_boxes_per_row(mapped, row_sizes)
+
+
+@METHOD_REGISTRY.register("soft_teacher")
+class SoftTeacher(SSODMethod):
+    """Soft Teacher; see the module docstring. ``timed_parts`` names the methods that
+    ``tools/benchmark_step.py`` times as their own parts of the step."""
+
+    loss_weights = {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0, "loss_cls": 1.0,
+                    "loss_box_reg": 1.0}
+    timed_parts = {"teacher": ("teacher_detections",),
+                   "jitter": ("jitter_uncertainty",),
+                   "bg_score": ("background_probabilities",)}
+
+    def __init__(self, cfg, student, teacher):
+        super().__init__(cfg, student, teacher)
+        c = cfg.SSOD.SOFT_TEACHER
+        for key in ("CLS_THRESH", "REG_THRESH"):
+            if not 0.0 <= c[key] <= 1.0:
+                raise ValueError(f"SSOD.SOFT_TEACHER.{key}={c[key]} must lie in [0, 1].")
+        if c.JITTER_TIMES < 2:
+            raise ValueError(f"SSOD.SOFT_TEACHER.JITTER_TIMES={c.JITTER_TIMES}: the jitter "
+                             f"uncertainty is a standard deviation and needs at least 2 copies.")
+        if c.JITTER_SCALE <= 0:
+            raise ValueError(f"SSOD.SOFT_TEACHER.JITTER_SCALE={c.JITTER_SCALE} must be > 0.")
+        heads = _unwrap(student).roi_heads
+        if not isinstance(heads, SoftTeacherROIHeads):
+            raise ValueError(
+                f"SSOD.METHOD='soft_teacher' needs MODEL.ROI_HEADS.NAME: SoftTeacherROIHeads "
+                f"(separate regression targets and soft background weights); the student has "
+                f"{type(heads).__name__}.")
+        if c.SOFT_BG_WEIGHT and cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE:
+            raise ValueError("SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT needs the softmax classifier "
+                             "(a background probability): set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE "
+                             "to False or SOFT_BG_WEIGHT to False.")
+        self.cls_thresh = c.CLS_THRESH
+        self.reg_thresh = c.REG_THRESH
+        self.jitter_times = c.JITTER_TIMES
+        self.jitter_scale = c.JITTER_SCALE
+        self.uncertainty_thresh = c.UNCERTAINTY_THRESH
+        self.soft_bg_weight = c.SOFT_BG_WEIGHT
+        # The teacher's weak-view features of the current batch (set by teacher_detections,
+        # released at the end of student_losses).
+        self._teacher_features = None
+
+    # ----------------------------------------------------------------------------- stage 1
+    @torch.no_grad()
+    def teacher_detections(self, unlabeled):
+        """The teacher's normal inference on the weak views (as the base class), run piece by
+        piece so that its backbone features stay available for jitter and background scoring."""
+        model = self.teacher.model
+        images = model.preprocess_image([u["weak"] for u in unlabeled])
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        detections, _ = model.roi_heads(images, features, proposals, None)
+        self._teacher_features = features
+        return detections
+
+    @torch.no_grad()
+    def pseudo_label(self, unlabeled):
+        candidates = threshold_detections(self.teacher_detections(unlabeled),
+                                          min(self.cls_thresh, self.reg_thresh))
+        uncertainty = self.jitter_uncertainty(candidates)
+        for inst, unc in zip(candidates, uncertainty):
+            inst.gt_uncertainty = unc
+            inst.gt_reg_valid = (inst.gt_scores >= self.reg_thresh) & (
+                unc < self.uncertainty_thresh)
+        return candidates
+
+    @torch.no_grad()
+    def jitter_uncertainty(self, candidates):
+        """Box-jitter uncertainty of every candidate (weak-view ``Instances`` with ``gt_boxes``
+        and ``gt_classes``), one teacher head call for the batch; list of (n_i,) tensors."""
+        return jitter_uncertainty(
+            self.teacher.model.roi_heads, self._teacher_features,
+            [c.gt_boxes.tensor for c in candidates], [c.gt_classes for c in candidates],
+            [c.image_size for c in candidates], self.jitter_times, self.jitter_scale)
+
+    # ----------------------------------------------------------------------------- stage 3
+    def student_losses(self, student, unlabeled, targets):
+        """The student's losses on the strong views: ``instances`` = boxes with score ≥
+        ``CLS_THRESH`` (RPN + ROI classification), regression targets = ``gt_reg_valid``
+        boxes, background weights from :meth:`background_probabilities`."""
+        cls_targets, reg_targets = [], []
+        for t in targets:
+            cls = t[t.gt_scores >= self.cls_thresh]
+            reg = t[t.gt_reg_valid]
+            cls_targets.append(Instances(t.image_size, gt_boxes=cls.gt_boxes,
+                                         gt_classes=cls.gt_classes, gt_scores=cls.gt_scores))
+            reg_targets.append(Instances(t.image_size, gt_boxes=reg.gt_boxes,
+                                         gt_classes=reg.gt_classes))
+        scorer = None
+        if self.soft_bg_weight:
+            def scorer(samples):
+                return self.background_probabilities(unlabeled, samples)
+        inputs = [dict(u["strong"], instances=t) for u, t in zip(unlabeled, cls_targets)]
+        try:
+            with _unwrap(student).roi_heads.pseudo_targets(reg_targets, scorer):
+                return student(inputs)
+        finally:
+            self._teacher_features = None
+
+    @torch.no_grad()
+    def background_probabilities(self, unlabeled, samples):
+        """The teacher's background probability of each sampled student proposal: proposals
+        (strong view) are mapped into the weak view (``view_to_view(strong, weak)``, the
+        inverse of the pseudo-box projection), clipped, and scored by the teacher's box head
+        on the cached weak-view features, all images in one call. Returns (Σ len(samples_i),)
+        in image order."""
+        counts = [len(s) for s in samples]
+        boxes = cat([s.proposal_boxes.tensor for s in samples], dim=0)
+        strong = torch.stack([u["strong"]["matrix"] for u in unlabeled])
+        weak = torch.stack([u["weak"]["matrix"] for u in unlabeled])
+        weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
+        mapped = strong_to_weak_boxes(boxes, strong, weak, weak_sizes, counts)
+        scores, _ = pooled_box_predictions(self.teacher.model.roi_heads, self._teacher_features,
+                                           mapped.split(counts))
+        return F.softmax(scores, dim=-1)[:, -1]
+
+    # ----------------------------------------------------------------------------- logging
+    def log_pseudo_labels(self, pseudo, unlabeled):
+        """The base class's counts and quality for the classification set (score ≥
+        ``CLS_THRESH``), plus ``pseudo/num_reg_boxes``, the regression set's size per image."""
+        super().log_pseudo_labels([p[p.gt_scores >= self.cls_thresh] for p in pseudo],
+                                  unlabeled)
+        num_reg = cat([p.gt_reg_valid for p in pseudo]).sum() if pseudo else 0
+        get_event_storage().put_scalar("pseudo/num_reg_boxes",
+                                       num_reg / max(len(pseudo), 1))

@@ -1,0 +1,186 @@
+"""COCO evaluation through faster-coco-eval (same numbers as pycocotools) and the VOC path."""
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_pascal_voc
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.structures import Boxes, Instances
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import d2ssod  # noqa: F401
+from d2ssod.config import get_ssod_cfg
+from d2ssod.evaluation import build as build_module
+from d2ssod.evaluation.build import build_evaluator
+from d2ssod.evaluation.coco_evaluation import FastCOCOEvaluator
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("_benchmark_eval", os.path.join(REPO, "tools", "benchmark_eval.py"))
+benchmark_eval = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark_eval)
+
+
+def _register(name, gt, tmp_path):
+    benchmark_eval.register_synthetic(name, gt, str(tmp_path))
+    return name
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """240 images, ~1.8k boxes, 80 classes, 15 detections per image (3,600)."""
+    gt, predictions = benchmark_eval.synthetic_coco(240, dets_per_image=15, seed=3)
+    name = _register("test_coco_eval_synthetic", gt, tmp_path_factory.mktemp("coco"))
+    return name, gt, predictions
+
+
+def _flat_results(predictions, gt):
+    """COCO-format results with dataset category ids (what pycocotools' loadRes takes)."""
+    ids = [c["id"] for c in gt["categories"]]
+    return [dict(r, category_id=ids[r["category_id"]]) for p in predictions for r in p["instances"]]
+
+
+def test_faster_coco_eval_gives_the_12_stats_of_pycocotools(synthetic):
+    name, gt, predictions = synthetic
+    results = _flat_results(predictions, gt)
+    assert len(results) == 3600 and len(gt["annotations"]) > 1500
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(MetadataCatalog.get(name).json_file)
+        reference = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    fast = FastCOCOEvaluator(name, distributed=False).evaluate_coco_results(results, "bbox")
+    assert len(reference.stats) == 12
+    # the same 12 numbers; C++ and NumPy may round the last bit of a mean differently
+    np.testing.assert_allclose(np.asarray(fast.stats[:12]), reference.stats, rtol=1e-13, atol=0)
+    # the whole precision array (IoU x recall x class x area x maxDets), not only its summary
+    np.testing.assert_allclose(fast.eval["precision"], reference.eval["precision"], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(fast.eval["precision"] == -1, reference.eval["precision"] == -1)
+    assert 0.05 < reference.stats[0] < 0.95  # a set where AP is neither 0 nor 1
+
+
+def test_fast_evaluator_reports_what_detectron2s_evaluator_reports(synthetic, tmp_path):
+    name, _, predictions = synthetic
+    out = {}
+    for key, evaluator in (("fast", FastCOCOEvaluator(name, distributed=False, output_dir=str(tmp_path))),
+                           ("d2", COCOEvaluator(name, distributed=False, use_fast_impl=False))):
+        _, out[key] = benchmark_eval.run_evaluator(evaluator, predictions)
+    fast, d2 = out["fast"]["bbox"], out["d2"]["bbox"]
+    assert fast.keys() == d2.keys() and len(fast) == 6 + 80  # AP.. APl + per-category AP
+    # the six summary numbers and the per-category APs: equal up to rounding of the last bit
+    for k in fast:
+        assert (math.isnan(fast[k]) and math.isnan(d2[k])) or fast[k] == pytest.approx(d2[k], rel=1e-12), k
+    # the results file holds dataset category ids (1, 3, 5, ...), not contiguous indices
+    with open(tmp_path / "coco_instances_results.json") as f:
+        saved = json.load(f)
+    assert len(saved) == 3600 and {r["category_id"] % 2 for r in saved} == {1}
+
+
+def test_hand_computed_ap_and_no_predictions(tmp_path):
+    # one class, two ground-truth boxes, one exact detection: precision 1 up to recall 0.5,
+    # so the 101-point AP is 51/101 at every IoU threshold
+    gt = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40],
+                           "area": 1600.0, "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 7, "bbox": [20, 20, 50, 50],
+                           "area": 2500.0, "iscrowd": 0}],
+          "categories": [{"id": 7, "name": "thing"}]}
+    name = _register("test_coco_eval_hand", gt, tmp_path)
+    evaluator = FastCOCOEvaluator(name, distributed=False)
+    pred = [{"image_id": 1, "instances": [{"image_id": 1, "category_id": 0, "bbox": [10, 10, 40, 40],
+                                           "score": 0.9}]},
+            {"image_id": 2, "instances": []}]
+    _, res = benchmark_eval.run_evaluator(evaluator, pred)
+    assert res["bbox"]["AP"] == pytest.approx(100 * 51 / 101)
+    assert res["bbox"]["AP50"] == pytest.approx(100 * 51 / 101)
+    assert res["bbox"]["APm"] == pytest.approx(100 * 51 / 101)  # both boxes are "medium"
+    assert math.isnan(res["bbox"]["APs"]) and math.isnan(res["bbox"]["APl"])  # no such boxes
+    # through process(): Instances in contiguous class indices, as a model returns them
+    evaluator.reset()
+    inst = Instances((100, 100), pred_boxes=Boxes(torch.tensor([[20.0, 20, 70, 70]])),
+                     scores=torch.tensor([0.8]), pred_classes=torch.tensor([0]))
+    evaluator.process([{"image_id": 2}], [{"instances": inst}])
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100 * 51 / 101)
+    # no detections at all: NaN metrics, no crash
+    evaluator.reset()
+    evaluator.process([{"image_id": 1}], [{"instances": Instances(
+        (100, 100), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
+        pred_classes=torch.zeros(0, dtype=torch.long))}])
+    assert all(math.isnan(v) for v in evaluator.evaluate()["bbox"].values())
+
+
+def test_build_evaluator_uses_faster_coco_eval_and_falls_back_to_pycocotools(synthetic, monkeypatch):
+    name = synthetic[0]
+    cfg = get_ssod_cfg()
+    assert type(build_evaluator(cfg, name)) is FastCOCOEvaluator
+    monkeypatch.setattr(build_module, "faster_coco_eval_available", lambda: False)
+    evaluator = build_evaluator(cfg, name)
+    assert type(evaluator) is COCOEvaluator and not evaluator._use_fast_impl
+    # Detectron2's builtin VOC07 test split is evaluated by its VOC evaluator
+    assert MetadataCatalog.get("voc_2007_test").evaluator_type == "pascal_voc"
+    assert type(build_evaluator(cfg, "voc_2007_test")) is PascalVOCDetectionEvaluator
+
+
+_XML = """<annotation><filename>{id}.jpg</filename><size><width>120</width><height>120</height>
+<depth>3</depth></size>{objects}</annotation>"""
+_OBJ = """<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>
+<difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>
+<ymax>{y1}</ymax></bndbox></object>"""
+
+
+def test_voc07_evaluator_on_a_tiny_voc_layout(tmp_path):
+    """VOC07 11-point AP at IoU 0.5..0.95, computed by hand for 3 images and 2 classes."""
+    objects = {  # 1-based VOC pixel boxes
+        "000001": [("cat", 0, (11, 11, 50, 50)), ("dog", 0, (61, 61, 100, 100))],
+        "000002": [("cat", 0, (21, 21, 80, 80))],
+        "000003": [("dog", 1, (6, 6, 40, 40))],  # difficult: neither TP nor FP
+    }
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    for image_id, objs in objects.items():
+        body = "".join(_OBJ.format(name=n, difficult=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+                       for n, d, b in objs)
+        (tmp_path / "Annotations" / f"{image_id}.xml").write_text(_XML.format(id=image_id, objects=body))
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("\n".join(objects) + "\n")
+    name = "test_voc_tiny_2007_test"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_pascal_voc(name, str(tmp_path), "test", 2007, ["cat", "dog"])
+    MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+    evaluator = build_evaluator(get_ssod_cfg(), name)
+    assert type(evaluator) is PascalVOCDetectionEvaluator
+
+    shift = 14  # cat on image 2 moved right: IoU (VOC's +1 pixel convention) = 46/74
+    detections = {  # Detectron2 coordinates (VOC's xmin/ymin minus 1), score, class
+        "000001": [((10, 10, 50, 50), 0.9, 0), ((60, 60, 100, 100), 0.7, 1)],
+        "000002": [((20 + shift, 20, 80 + shift, 80), 0.8, 0), ((0, 0, 30, 30), 0.95, 1)],
+        "000003": [((5, 5, 40, 40), 0.5, 1)],
+    }
+    evaluator.reset()
+    for image_id, dets in detections.items():
+        inst = Instances((120, 120), pred_boxes=Boxes(torch.tensor([d[0] for d in dets], dtype=torch.float32)),
+                         scores=torch.tensor([d[1] for d in dets]),
+                         pred_classes=torch.tensor([d[2] for d in dets]))
+        evaluator.process([{"image_id": image_id}], [{"instances": inst}])
+    res = evaluator.evaluate()["bbox"]
+
+    iou = (60 - shift) / (60 + shift)
+    assert 0.60 < iou < 0.65
+    # cat (2 boxes): both found while IoU threshold < 0.62 -> AP 1; else recall stops at 0.5
+    # with precision 1 -> 6 of the 11 recall points. dog (1 box, the difficult one ignored):
+    # an FP ranked above the TP -> precision 0.5 at recall 1 -> AP 0.5 at every threshold.
+    thresholds = np.arange(50, 100, 5) / 100
+    cat = np.where(thresholds < iou, 1.0, 6 / 11)
+    dog = np.full(10, 0.5)
+    assert res["AP50"] == pytest.approx(100 * (1.0 + 0.5) / 2)
+    assert res["AP75"] == pytest.approx(100 * (6 / 11 + 0.5) / 2)
+    assert res["AP"] == pytest.approx(100 * np.mean((cat + dog) / 2))
