@@ -170,6 +170,9 @@ def validate_ssod_config(cfg):
         raise ValueError(f"SSOD.EMA_MOMENTUM={cfg.SSOD.EMA_MOMENTUM} must lie in [0, 1].")
     if cfg.SSOD.UNLABELED_RATIO <= 0:
         raise ValueError(f"SSOD.UNLABELED_RATIO={cfg.SSOD.UNLABELED_RATIO} must be > 0.")
+    if cfg.SOLVER.AMP.ENABLED:
+        raise ValueError("SOLVER.AMP.ENABLED=True: mixed precision is not implemented in d2ssod's "
+                         "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
 
