@@ -55,7 +55,7 @@ def add_ssod_config(cfg):
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
 
-    # Unbiased Teacher (Liu et al., ICLR 2021; facebookresearch/unbiased-teacher).
+    # Unbiased Teacher (Liu et al., ICLR 2021; facebookresearch's unbiased-teacher repo).
     _C.SSOD.UNBIASED_TEACHER = CN()
     # Teacher detections with score >= this become pseudo boxes (after the teacher's NMS).
     _C.SSOD.UNBIASED_TEACHER.SCORE_THRESH = 0.7

@@ -7,7 +7,7 @@ image is therefore fully described by its ``TransformList``, and :func:`transfor
 the geometric part of it into a 3×3 matrix that maps *original-image* coordinates into the view.
 
 Photometric transforms (coordinates unchanged), following the strong augmentation of Unbiased
-Teacher (Liu et al., ICLR 2021; facebookresearch/unbiased-teacher, ``ubteacher/data/
+Teacher (Liu et al., ICLR 2021; facebookresearch's unbiased-teacher repo, ``ubteacher/data/
 detection_utils.py``): colour jitter (brightness/contrast/saturation/hue in random order, as
 torchvision's ``ColorJitter``), grayscale, Gaussian blur and cutout (torchvision's
 ``RandomErasing`` rule for the rectangle's area and aspect ratio).

@@ -1,5 +1,5 @@
 """Unbiased Teacher (Liu et al., "Unbiased Teacher for Semi-Supervised Object Detection",
-ICLR 2021; official code: github.com/facebookresearch/unbiased-teacher).
+ICLR 2021; official code: github.com/facebookresearch (repo unbiased-teacher)).
 
 What this method contributes to the shared trainer (SPEC.md §1):
 

@@ -2,7 +2,7 @@
 
 ``multiclass_focal_loss`` is the softmax focal loss that Unbiased Teacher uses on the ROI
 classifier (Liu et al., "Unbiased Teacher for Semi-Supervised Object Detection", ICLR 2021,
-§3.3; facebookresearch/unbiased-teacher, γ = 1.5), with optional per-sample weights normalised
+§3.3; facebookresearch's unbiased-teacher repo, γ = 1.5), with optional per-sample weights normalised
 the way Soft Teacher normalises its soft background weights (Xu et al., "End-to-End
 Semi-Supervised Object Detection with Soft Teacher", ICCV 2021, Eq. 4):
 ``Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1)``.
