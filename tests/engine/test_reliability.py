@@ -23,6 +23,7 @@ from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import CorruptCheckpointError, SSODCheckpointer
 from d2ssod.engine.ema import EMATeacher
 from d2ssod.methods import build_method
+from training_helpers import RecordScalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
@@ -35,30 +36,8 @@ SMALL = ("SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERI
          "SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the suite runs two pytest workers on two cores, and oversubscribed
-    OpenMP threads make CPU training steps many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def opts(out_dir, *extra):
     return [str(o) for o in ("OUTPUT_DIR", out_dir, *SMALL, *extra)]
-
-
-class Record(HookBase):
-    """Per-iteration losses (the JSON writer keeps only the last values of a period)."""
-
-    def __init__(self):
-        self.rows = {}
-
-    def after_step(self):
-        self.rows[self.trainer.iter] = {
-            k: v.latest() for k, v in self.trainer.storage.histories().items()
-            if k.startswith(("loss", "unsup/", "total_loss"))}
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,7 +220,7 @@ def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_trainin
 
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    rec = Record()
+    rec = RecordScalars()
     trainer.register_hooks([rec])
     trainer.train()
     assert sorted(rec.rows) == list(range(4))

@@ -5,11 +5,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.engine import DefaultPredictor, HookBase
+from detectron2.engine import DefaultPredictor
 from detectron2.utils.env import seed_all_rng
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import SSODTrainer, build_cfg
+from training_helpers import RecordScalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
@@ -25,29 +26,11 @@ def small_cfg(config, out_dir, *opts):
         "INPUT.MIN_SIZE_TRAIN", "(160,)", *opts)])
 
 
-class Record(HookBase):
-    """Per-iteration scalars of the storage (the JSON writer only keeps the last ones)."""
-
-    def __init__(self, crash_at=None):
-        self.rows = {}
-        self.crash_at = crash_at
-
-    def before_step(self):
-        if self.trainer.iter == self.crash_at:
-            raise KeyboardInterrupt("simulated kill")
-
-    def after_step(self):
-        storage = self.trainer.storage
-        self.rows[self.trainer.iter] = {k: v.latest() for k, v in storage.histories().items()
-                                        if k.startswith(("loss", "unsup/", "total_loss",
-                                                         "pseudo/"))}
-
-
 def train(cfg, resume=False, crash_at=None):
     seed_all_rng(cfg.SEED)  # what tools/train_net.py's default_setup does
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=resume)
-    rec = Record(crash_at)
+    rec = RecordScalars(crash_at)
     trainer.register_hooks([rec])
     try:
         trainer.train()

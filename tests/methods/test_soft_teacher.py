@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.data.transforms import ResizeTransform
-from detectron2.engine import HookBase
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_roi_heads
@@ -22,6 +21,7 @@ from d2ssod.engine import EMATeacher, SSODTrainer, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.soft_teacher import SoftTeacher, strong_to_weak_boxes
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
+from training_helpers import RecordScalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs/demo/soft_teacher.yaml")
@@ -252,16 +252,6 @@ def test_wrong_roi_heads_is_a_clear_error():
 
 
 # ------------------------------------------------------------------ short real training
-class _Record(HookBase):
-    def __init__(self):
-        self.rows = {}
-
-    def after_step(self):
-        self.rows[self.trainer.iter] = {
-            k: v.latest() for k, v in self.trainer.storage.histories().items()
-            if k.startswith(("loss", "unsup/", "pseudo/"))}
-
-
 def test_30_iteration_demo_run_has_finite_losses_and_unsup_terms(tmp_path):
     cfg = build_cfg(DEMO, [str(o) for o in (
         "OUTPUT_DIR", tmp_path, "SOLVER.IMS_PER_BATCH", 2, "SSOD.UNLABELED_RATIO", 1.0,
@@ -278,7 +268,7 @@ def test_30_iteration_demo_run_has_finite_losses_and_unsup_terms(tmp_path):
         "SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH", 1.0)])
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    rec = _Record()
+    rec = RecordScalars()
     trainer.register_hooks([rec])
     trainer.train()
     rows = rec.rows

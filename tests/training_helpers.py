@@ -1,0 +1,24 @@
+"""Helpers shared by the tests that run short real trainings (importable because pytest puts
+``tests/`` on ``sys.path`` for its ``conftest.py``)."""
+from detectron2.engine import HookBase
+
+RECORDED_PREFIXES = ("loss", "unsup/", "total_loss", "pseudo/")
+
+
+class RecordScalars(HookBase):
+    """Per-iteration latest values of the storage's loss / unsup / pseudo scalars (Detectron2's
+    JSON writer only keeps the last values of each write period). With ``crash_at`` it raises
+    ``KeyboardInterrupt`` before that iteration, to simulate a killed run."""
+
+    def __init__(self, crash_at=None):
+        self.rows = {}
+        self.crash_at = crash_at
+
+    def before_step(self):
+        if self.trainer.iter == self.crash_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    def after_step(self):
+        self.rows[self.trainer.iter] = {
+            k: v.latest() for k, v in self.trainer.storage.histories().items()
+            if k.startswith(RECORDED_PREFIXES)}
