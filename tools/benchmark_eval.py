@@ -176,8 +176,11 @@ def main(argv=None):
         f"`python tools/benchmark_eval.py` — {args.images} images, {len(gt['annotations'])} "
         f"ground-truth boxes, {num_dets} detections, {len(gt['categories'])} classes "
         f"(synthetic, seed {args.seed}); `evaluate()` time (best of {args.repeats} runs for "
-        f"faster-coco-eval, one run for pycocotools), {report['machine']}. CPU time is the "
-        f"evaluating process's own, so it is less sensitive to other load on the machine.",
+        f"faster-coco-eval, one run for pycocotools), {report['machine']}, load average "
+        f"{report['load_average_1_5_15min_at_end'][0]:.2f} (1 min) at the end. CPU time is the "
+        f"evaluating process's own, so it is less sensitive to other load on the machine. "
+        f"Neither evaluator has an output directory here, so neither writes "
+        f"`coco_instances_results.json` inside the timed region.",
         "",
         "| backend | evaluate() wall s | evaluate() CPU s | constructor s | AP | AP50 | APs |",
         "|---|---|---|---|---|---|---|",

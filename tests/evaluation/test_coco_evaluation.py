@@ -84,6 +84,107 @@ def test_fast_evaluator_reports_what_detectron2s_evaluator_reports(synthetic, tm
     assert len(saved) == 3600 and {r["category_id"] % 2 for r in saved} == {1}
 
 
+@pytest.fixture(scope="module")
+def hard_synthetic(tmp_path_factory):
+    """300 images, ~2.2k boxes (1% crowd), 40 detections per image (12,000) in shuffled order,
+    scores rounded to 2 decimals (many ties), some images without ground truth."""
+    gt, predictions = benchmark_eval.synthetic_coco(300, dets_per_image=40, seed=11)
+    dropped = {a["image_id"] for a in gt["annotations"]} - set(range(1, 301, 7))
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in dropped]  # no boxes on images 1, 8, ...
+    rng = np.random.default_rng(0)
+    for p in predictions:
+        for r in p["instances"]:
+            r["score"] = round(r["score"], 2)
+        p["instances"] = [p["instances"][k] for k in rng.permutation(len(p["instances"]))]
+    name = _register("test_coco_eval_hard", gt, tmp_path_factory.mktemp("coco_hard"))
+    return name, gt, predictions
+
+
+def _pycocotools_eval(json_file, results, max_dets, img_ids=None):
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(json_file)
+        ev = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
+        ev.params.maxDets = list(max_dets)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+@pytest.mark.parametrize("max_dets,subset", [(None, False), (5, True)])
+def test_box_fast_path_matches_pycocotools_and_the_dict_path(hard_synthetic, max_dets, subset):
+    """The array path for box results gives pycocotools' precision/recall arrays (up to the
+    last bit) and exactly the numbers of faster-coco-eval's own dict path (``loadRes`` + ``COCOeval_faster``),
+    also with crowd boxes, score ties, unsorted input, more detections per (image, category)
+    than maxDets and a subset of the images."""
+    from faster_coco_eval import COCOeval_faster
+
+    name, gt, predictions = hard_synthetic
+    results = _flat_results(predictions, gt)
+    assert len(results) == 12000
+    img_ids = sorted({a["image_id"] for a in gt["annotations"]})[::2] + [1, 8] if subset else None
+    evaluator = FastCOCOEvaluator(name, distributed=False, max_dets_per_image=max_dets)
+    fast = evaluator.evaluate_coco_results([dict(r) for r in results], "bbox", img_ids)
+    assert type(fast).__name__ == "_BoxCOCOeval"  # the array path was taken
+    reference = _pycocotools_eval(MetadataCatalog.get(name).json_file, results,
+                                  evaluator._max_dets_per_image, img_ids)
+    for key in ("precision", "recall"):  # pycocotools divides by tp + fp + eps: last bit only
+        np.testing.assert_allclose(fast.eval[key], reference.eval[key], rtol=0, atol=1e-15, err_msg=key)
+        np.testing.assert_array_equal(fast.eval[key] == -1, reference.eval[key] == -1, err_msg=key)
+    if max_dets is None:  # pycocotools' own summarize() looks for maxDets == 100
+        np.testing.assert_allclose(np.asarray(fast.stats[:12]), reference.stats, rtol=1e-13, atol=0)
+    assert 0.05 < fast.stats[0] < 0.95
+    # groups with more detections than maxDets[-1] exist, so truncation is exercised
+    per_group = np.unique([(r["image_id"], r["category_id"]) for r in results], axis=0, return_counts=True)[1]
+    assert per_group.max() > evaluator._max_dets_per_image[-1] or max_dets is None
+
+    gt_api = evaluator._faster_coco_gt()
+    stock = COCOeval_faster(gt_api, gt_api.loadRes([dict(r) for r in results]), "bbox",
+                            print_function=lambda *a: None)
+    stock.params.maxDets = list(evaluator._max_dets_per_image)
+    if img_ids is not None:
+        stock.params.imgIds = list(img_ids)
+    stock.evaluate()
+    stock.accumulate()
+    stock.summarize()
+    for key in ("precision", "recall", "scores"):
+        np.testing.assert_array_equal(fast.eval[key], stock.eval[key], err_msg=key)
+    np.testing.assert_array_equal(fast.stats, stock.stats)
+    # the results index is what loadRes builds, less the box-shaped polygons
+    assert fast.cocoDt.anns.keys() == stock.cocoDt.anns.keys()
+    for k in (1, 777, 12000):
+        expected = {f: v for f, v in stock.cocoDt.anns[k].items() if f != "segmentation"}
+        assert fast.cocoDt.anns[k] == expected
+
+
+def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(hard_synthetic, tmp_path):
+    """Through ``evaluate()``: Detectron2's pycocotools evaluator and the fast one report the
+    same numbers (the per-category APs too), write the same results file, and leave the
+    predictions unchanged."""
+    name, gt, predictions = hard_synthetic
+    before = json.dumps(predictions)
+    out = {}
+    for key, evaluator in (
+        ("fast", FastCOCOEvaluator(name, distributed=False, output_dir=str(tmp_path / "fast"))),
+        ("d2", COCOEvaluator(name, distributed=False, use_fast_impl=False, output_dir=str(tmp_path / "d2"))),
+    ):
+        evaluator.reset()
+        evaluator._predictions = predictions if key == "fast" else json.loads(before)
+        with contextlib.redirect_stdout(io.StringIO()):
+            out[key] = evaluator.evaluate()["bbox"]
+    assert json.dumps(predictions) == before  # the fast evaluator copies before mapping ids
+    fast, d2 = out["fast"], out["d2"]
+    assert fast.keys() == d2.keys() and len(fast) == 6 + 80
+    for k in fast:  # equal up to rounding of the last bit (see the test above)
+        assert (math.isnan(fast[k]) and math.isnan(d2[k])) or fast[k] == pytest.approx(d2[k], rel=1e-12), k
+    files = [(tmp_path / k / "coco_instances_results.json").read_text() for k in ("fast", "d2")]
+    assert files[0] == files[1]  # byte for byte what Detectron2 writes
+    saved = json.loads(files[0])
+    assert saved == _flat_results(predictions, gt)  # round trip: the same detections
+
+
 def test_hand_computed_ap_and_no_predictions(tmp_path):
     # one class, two ground-truth boxes, one exact detection: precision 1 up to recall 0.5,
     # so the 101-point AP is 51/101 at every IoU threshold
