@@ -79,6 +79,33 @@ def add_ssod_config(cfg):
     # probability (False: every proposal weighs 1).
     _C.SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT = True
 
+    # SED, Scale-Equivalent Distillation (Guo et al., CVPR 2022; no public code), SPEC.md §3.
+    # Every constant below is ours (the paper gives none of them); see the README's deviation
+    # table.
+    _C.SSOD.SED = CN()
+    # Scale consistency (student on x vs the 0.5x copy x↓, RPN every anchor + ROI). Read by
+    # SSOD.METHOD "sed" (False there = distillation only, an ablation) and "soft_teacher" (True
+    # adds the scale terms to Soft Teacher's losses; needs MODEL.PROPOSAL_GENERATOR.NAME
+    # SEDRPN). Off by default so that configs of other methods are unchanged; the sed configs
+    # set it True. Other methods refuse True.
+    _C.SSOD.SED.SCALE_CONSISTENCY = False
+    # γ of the re-weighting wᵢ = (1 − p_bg,i)^γ of each proposal's distillation terms (teacher's
+    # background probability), normalised to mean 1 over the batch; 0 turns it off (ours: 1).
+    _C.SSOD.SED.REWEIGHT_GAMMA = 1.0
+    # Weights (× λ_u) of the four loss groups: scale consistency of RPN / ROI and distillation
+    # into RPN / ROI (each applies to both its _cls and _loc term; ours: 1).
+    _C.SSOD.SED.RPN_SCALE_WEIGHT = 1.0
+    _C.SSOD.SED.ROI_SCALE_WEIGHT = 1.0
+    _C.SSOD.SED.RPN_DISTILL_WEIGHT = 1.0
+    _C.SSOD.SED.ROI_DISTILL_WEIGHT = 1.0
+    # Student proposals per image (of x and of x↓ ×2 together, drawn uniformly) for the ROI
+    # scale and distillation terms; -1 = MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, 0 = all (ours:
+    # bounds the box-head cost).
+    _C.SSOD.SED.ROI_SAMPLES_PER_IMAGE = -1
+    # SED learns from soft targets only; teacher detections with score >= this are counted as
+    # pseudo boxes for the logs only (pseudo/num_boxes, precision, recall; ours: UT's 0.7).
+    _C.SSOD.SED.LOG_SCORE_THRESH = 0.7
+
     # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
     _C.SSOD.STRONG_AUG = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) and its probability.
@@ -94,6 +121,12 @@ def add_ssod_config(cfg):
     _C.SSOD.STRONG_AUG.CUTOUT_PROBS = (0.7, 0.5, 0.3)
     _C.SSOD.STRONG_AUG.CUTOUT_AREA = ((0.05, 0.2), (0.02, 0.2), (0.02, 0.2))
     _C.SSOD.STRONG_AUG.CUTOUT_RATIO = ((0.3, 3.3), (0.1, 6.0), (0.05, 8.0))
+    # Patch cutout after the passes above: a number of rectangles drawn uniformly from
+    # CUTOUT_NUM (inclusive; (0, 0) = off), each of CUTOUT_PATCH_SIZE (a fraction drawn
+    # uniformly, the same for height and width) times the image's height and width. Soft
+    # Teacher: (1, 5) patches of size (0, 0.2) (microsoft/SoftTeacher RandErase).
+    _C.SSOD.STRONG_AUG.CUTOUT_NUM = (0, 0)
+    _C.SSOD.STRONG_AUG.CUTOUT_PATCH_SIZE = (0.0, 0.2)
     # Geometric warp: one of translate / rotate / shear, chosen uniformly, when enabled.
     _C.SSOD.STRONG_AUG.GEOMETRIC = False
     # Max translation as a fraction of the image size.
@@ -175,6 +208,23 @@ def validate_ssod_config(cfg):
                          "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
+    _validate_sed(cfg)
+
+
+def _validate_sed(cfg):
+    sed = cfg.SSOD.SED
+    if sed.SCALE_CONSISTENCY and cfg.SSOD.METHOD not in ("sed", "soft_teacher"):
+        raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is implemented for SSOD.METHOD 'sed' "
+                         f"and 'soft_teacher', not {cfg.SSOD.METHOD!r}; set it False.")
+    for key in ("REWEIGHT_GAMMA", "RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT", "RPN_DISTILL_WEIGHT",
+                "ROI_DISTILL_WEIGHT"):
+        if sed[key] < 0:
+            raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
+    if not 0.0 <= sed.LOG_SCORE_THRESH <= 1.0:
+        raise ValueError(f"SSOD.SED.LOG_SCORE_THRESH={sed.LOG_SCORE_THRESH} must lie in [0, 1].")
+    if sed.ROI_SAMPLES_PER_IMAGE < -1:
+        raise ValueError(f"SSOD.SED.ROI_SAMPLES_PER_IMAGE={sed.ROI_SAMPLES_PER_IMAGE}: use -1 "
+                         f"(MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE), 0 (all) or a positive count.")
 
 
 def unknown_key_message(cfg, key):

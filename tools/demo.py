@@ -16,8 +16,10 @@ evaluator:
 Writes ``summary.json`` (AP/AP50 of each, ``gap_closed = (ssod − sup) / (oracle − sup)``, wall
 time), ``summary.md`` and ``ap_curve.png`` (AP against iteration), each also kept as
 ``*_<method>.*``. Finished supervised/oracle runs in the same output folder are reused, so a
-second method costs only its own semi-supervised run. The supervised and oracle runs
-share the machine's cores (one thread each), the SSOD run follows.
+second method costs only its own semi-supervised run. All three runs use one thread each
+and overlap: the supervised and oracle runs start together, and the SSOD run starts as soon as
+the supervised run has written its checkpoint at iteration ``N`` (a finished, reused
+supervised run lets it start at once).
 """
 import argparse
 import json
@@ -52,6 +54,16 @@ def wait_all(procs):
         if p.wait() != 0:
             raise SystemExit(f"{name} training failed (exit {p.returncode}); see "
                              f"{os.path.join(out_dir, 'log.txt')}")
+
+
+def wait_for_file(path, proc, name, out_dir, poll=2.0):
+    """Block until ``path`` exists (checkpoints are renamed into place when complete) or the
+    process that should write it ends without it."""
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None and not os.path.exists(path):
+            raise SystemExit(f"{name} training ended (exit {proc.returncode}) without writing "
+                             f"{path}; see {os.path.join(out_dir, 'log.txt')}")
+        time.sleep(poll)
 
 
 def ap_curve(out_dir, prefix, total):
@@ -158,17 +170,21 @@ def main():
         baselines[name] = (run_training(os.path.join(REPO, f"configs/demo/{name}.yaml"),
                                         dirs[name], common + ["SOLVER.CHECKPOINT_PERIOD", burn_in],
                                         threads=1), dirs[name])
-    wait_all(baselines)
-    for name in ("supervised", "oracle"):
-        with open(os.path.join(dirs[name], "demo_opts.json"), "w") as f:
-            json.dump([str(o) for o in common], f)
+    # The SSOD run starts from the supervised checkpoint at N, as soon as it exists.
+    sup_proc = baselines.get("supervised", (None,))[0]
+    wait_for_file(os.path.join(dirs["supervised"], hand_over), sup_proc, "supervised",
+                  dirs["supervised"])
     shutil.rmtree(dirs["ssod"], ignore_errors=True)
     warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
-    threads = max(1, os.cpu_count() or 1)
-    wait_all({"ssod": (run_training(method_cfg, dirs["ssod"],
-                                    common + ["SSOD.BURN_IN_ITERS", burn_in,
-                                              "SOLVER.CHECKPOINT_PERIOD", burn_in], threads=threads,
-                                    resume=True), dirs["ssod"])})
+    runs = dict(baselines)
+    runs["ssod"] = (run_training(method_cfg, dirs["ssod"],
+                                 common + ["SSOD.BURN_IN_ITERS", burn_in,
+                                           "SOLVER.CHECKPOINT_PERIOD", burn_in],
+                                 threads=1, resume=True), dirs["ssod"])
+    wait_all(runs)
+    for name in baselines:
+        with open(os.path.join(dirs[name], "demo_opts.json"), "w") as f:
+            json.dump([str(o) for o in common], f)
 
     sup_curve = ap_curve(dirs["supervised"], "student", total)
     curves = {

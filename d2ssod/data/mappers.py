@@ -24,6 +24,7 @@ from .transforms import (
     FastRandomFlip,
     RandomColorJitter,
     RandomCutout,
+    RandomCutoutPatches,
     RandomGaussianBlur,
     RandomGrayscale,
     RandomTranslateRotateShear,
@@ -58,7 +59,8 @@ def build_strong_augmentation(cfg):
     """The strong view's extra augmentations, in order (``SSOD.STRONG_AUG.*``): colour jitter
     (prob ``COLOR_JITTER_PROB``), grayscale, Gaussian blur, optionally one geometric warp
     (``GEOMETRIC``: translate / rotate / shear), then the cutout passes (one per entry of
-    ``CUTOUT_PROBS``). Every augmentation is skipped when its probability is 0."""
+    ``CUTOUT_PROBS``) and the patch cutout (``CUTOUT_NUM`` patches, Soft Teacher's). Every
+    augmentation is skipped when its probability (or patch count) is 0."""
     s = cfg.SSOD.STRONG_AUG
     fmt = cfg.INPUT.FORMAT
     n = len(s.CUTOUT_PROBS)
@@ -82,6 +84,14 @@ def build_strong_augmentation(cfg):
     for prob, area, ratio in zip(s.CUTOUT_PROBS, s.CUTOUT_AREA, s.CUTOUT_RATIO):
         if prob > 0:
             augs.append(RandomCutout(prob, tuple(area), tuple(ratio)))
+    if len(s.CUTOUT_NUM) != 2 or len(s.CUTOUT_PATCH_SIZE) != 2:
+        raise ValueError(f"SSOD.STRONG_AUG.CUTOUT_NUM and CUTOUT_PATCH_SIZE must be (lo, hi) "
+                         f"pairs; got {s.CUTOUT_NUM} and {s.CUTOUT_PATCH_SIZE}.")
+    if s.CUTOUT_NUM[1] > 0:
+        try:
+            augs.append(RandomCutoutPatches(tuple(s.CUTOUT_NUM), tuple(s.CUTOUT_PATCH_SIZE)))
+        except ValueError as e:
+            raise ValueError(f"SSOD.STRONG_AUG.CUTOUT_NUM / CUTOUT_PATCH_SIZE: {e}") from None
     return augs
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "RandomGrayscale",
     "RandomGaussianBlur",
     "RandomCutout",
+    "RandomCutoutPatches",
     "RandomTranslateRotateShear",
     "transform_matrix",
     "map_boxes",
@@ -409,6 +410,47 @@ class RandomCutout(T.Augmentation):
                     fill = self.fill
                 return CutoutTransform(int(x0), int(y0), int(x0 + ew), int(y0 + eh), fill)
         return NoOpTransform()
+
+
+class RandomCutoutPatches(T.Augmentation):
+    """Erase a random number of rectangles, drawn uniformly from ``num_range`` (inclusive), each
+    ``f·H`` high and ``f·W`` wide with ``f`` uniform in ``size_range`` (the same fraction of
+    both sides), placed uniformly inside the image. This is Soft Teacher's cutout of the
+    strong view (microsoft/SoftTeacher, ``configs/soft_teacher/base.py``: ``RandErase`` with
+    ``n_iterations=(1, 5)``, ``size=[0, 0.2]``, ``squared=True``). Rectangles may overlap;
+    ones that round to zero pixels are dropped. ``fill="random"`` paints a random colour per
+    rectangle, otherwise ``fill`` is the constant value. Returns one ``TransformList`` of
+    :class:`CutoutTransform` (boxes unchanged)."""
+
+    def __init__(self, num_range=(1, 5), size_range=(0.0, 0.2), fill="random"):
+        super().__init__()
+        lo, hi = (int(v) for v in num_range)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"RandomCutoutPatches: num_range must be (lo, hi) with "
+                             f"0 <= lo <= hi; got {tuple(num_range)}.")
+        if not 0.0 <= size_range[0] <= size_range[1] <= 1.0:
+            raise ValueError(f"RandomCutoutPatches: size_range must be fractions "
+                             f"0 <= lo <= hi <= 1; got {tuple(size_range)}.")
+        self._init(locals())
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        n = np.random.randint(int(self.num_range[0]), int(self.num_range[1]) + 1)
+        frac = np.random.uniform(self.size_range[0], self.size_range[1], size=n)
+        eh = np.round(frac * h).astype(int)
+        ew = np.round(frac * w).astype(int)
+        y0 = (np.random.uniform(size=n) * (h - eh + 1)).astype(int)
+        x0 = (np.random.uniform(size=n) * (w - ew + 1)).astype(int)
+        channels = image.shape[2] if image.ndim == 3 else 1
+        if isinstance(self.fill, str):
+            fills = [tuple(int(v) for v in c)
+                     for c in np.random.randint(0, 256, size=(n, channels))]
+        else:
+            fills = [self.fill] * n
+        tfms = [CutoutTransform(int(x0[i]), int(y0[i]), int(x0[i] + ew[i]), int(y0[i] + eh[i]),
+                                fills[i])
+                for i in range(n) if eh[i] > 0 and ew[i] > 0]
+        return TransformList(tfms) if tfms else NoOpTransform()
 
 
 class RandomTranslateRotateShear(T.Augmentation):

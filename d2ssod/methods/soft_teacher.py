@@ -22,6 +22,13 @@ What this method contributes to the shared trainer (SPEC.md §2):
   COCO, 2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp of SPEC.md §0.
 
 The student's ROI heads must be ``SoftTeacherROIHeads`` (``MODEL.ROI_HEADS.NAME``).
+
+With ``SSOD.SED.SCALE_CONSISTENCY`` the unlabeled step also returns SED's scale-consistency
+terms (Guo et al., CVPR 2022; :mod:`d2ssod.modeling.scale_consistency`): the strong images are
+padded (pixel mean, bottom/right) to a multiple of 2× the backbone's size divisibility before
+the student's forward, which is recorded with forward hooks, and only the 0.5× branch runs on
+top (:meth:`SoftTeacher.scale_losses`). The padding changes the image sizes the student sees
+(its proposals may cover the padding), so it happens only with that flag.
 """
 import torch
 import torch.nn.functional as F
@@ -36,6 +43,7 @@ from d2ssod.modeling.box_jitter import (
     jitter_uncertainty,
     pooled_box_predictions,
 )
+from d2ssod.modeling.scale_consistency import ScaleConsistency, pad_to_multiple
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
 from .base import SSODMethod
@@ -109,6 +117,17 @@ class SoftTeacher(SSODMethod):
         self.jitter_scale = c.JITTER_SCALE
         self.uncertainty_thresh = c.UNCERTAINTY_THRESH
         self.soft_bg_weight = c.SOFT_BG_WEIGHT
+        # SED's scale consistency on top (SSOD.SED.SCALE_CONSISTENCY), None when off.
+        self.scale = None
+        if cfg.SSOD.SED.SCALE_CONSISTENCY:
+            self.scale = ScaleConsistency(cfg, _unwrap(student))
+            self.pixel_mean = cfg.MODEL.PIXEL_MEAN
+            sed = cfg.SSOD.SED
+            self.loss_weights = dict(
+                type(self).loss_weights,
+                loss_rpn_scale_cls=sed.RPN_SCALE_WEIGHT, loss_rpn_scale_loc=sed.RPN_SCALE_WEIGHT,
+                loss_roi_scale_cls=sed.ROI_SCALE_WEIGHT, loss_roi_scale_loc=sed.ROI_SCALE_WEIGHT)
+            self.timed_parts = dict(type(self).timed_parts, scale=("scale_losses",))
         # The teacher's weak-view features of the current batch (set by teacher_detections,
         # released at the end of student_losses).
         self._teacher_features = None
@@ -164,11 +183,26 @@ class SoftTeacher(SSODMethod):
             def scorer(samples):
                 return self.background_probabilities(unlabeled, samples)
         inputs = [dict(u["strong"], instances=t) for u, t in zip(unlabeled, cls_targets)]
+        model = _unwrap(student)
         try:
-            with _unwrap(student).roi_heads.pseudo_targets(reg_targets, scorer):
-                return student(inputs)
+            if self.scale is None:
+                with model.roi_heads.pseudo_targets(reg_targets, scorer):
+                    return student(inputs)
+            for i in inputs:
+                i["image"] = pad_to_multiple(i["image"], self.scale.pad_multiple,
+                                             self.pixel_mean)
+            with model.roi_heads.pseudo_targets(reg_targets, scorer), \
+                    self.scale.capture(model) as captured:
+                losses = student(inputs)
+            losses.update(self.scale_losses(model, captured))
+            return losses
         finally:
             self._teacher_features = None
+
+    def scale_losses(self, model, captured):
+        """SED's scale-consistency terms from the recorded student forward on x (only the
+        0.5× branch runs here)."""
+        return self.scale.losses_from_capture(model, captured)
 
     @torch.no_grad()
     def background_probabilities(self, unlabeled, samples):

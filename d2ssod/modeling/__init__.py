@@ -3,7 +3,10 @@
 * backbones ``build_mobilenetv2_backbone`` and ``build_mobilenetv2_fpn_backbone``
   (``MODEL.BACKBONE.NAME``),
 * ROI heads ``SSODROIHeads`` (``MODEL.ROI_HEADS.NAME``) with the ``SSODFastRCNNOutputLayers``
-  box predictor (focal classification, per-proposal weights, regression masks).
+  box predictor (focal classification, per-proposal weights, regression masks), and
+  ``SoftTeacherROIHeads`` (Soft Teacher's student),
+* proposal generator ``SEDRPN`` (``MODEL.PROPOSAL_GENERATOR.NAME``): Detectron2's RPN with
+  access to its per-anchor outputs, used by SED (:mod:`.scale_consistency`).
 """
 from .backbone import (
     MobileNetV2Backbone,
@@ -13,6 +16,7 @@ from .backbone import (
 from .losses import multiclass_focal_loss
 from .roi_heads import SSODFastRCNNOutputLayers, SSODROIHeads
 from .soft_roi_heads import SoftTeacherROIHeads  # noqa: F401  (registers; Soft Teacher student)
+from .sed_rpn import SEDRPN  # noqa: F401  (registers; SED's student and teacher)
 
 __all__ = [
     "MobileNetV2Backbone",

@@ -74,7 +74,7 @@ def class_specific_boxes(box_predictor, deltas, boxes, classes):
     decoded = box_predictor.box2box_transform.apply_deltas(deltas, boxes)
     if decoded.shape[1] == 4:
         return decoded
-    per_class = decoded.view(decoded.shape[0], -1, 4)
+    per_class = decoded.view(decoded.shape[0], decoded.shape[1] // 4, 4)  # also for M = 0
     index = classes.view(-1, 1, 1).expand(-1, 1, 4)
     return per_class.gather(1, index).squeeze(1)
 

@@ -152,6 +152,12 @@ def test_augmentation_builders_follow_config():
     assert len(strong) == 3 + 3  # jitter, grayscale, blur + three cutout passes
     cfg.SSOD.STRONG_AUG.GEOMETRIC = True
     assert type(build_strong_augmentation(cfg)[3]).__name__ == "RandomTranslateRotateShear"
+    cfg.SSOD.STRONG_AUG.CUTOUT_NUM = (1, 5)
+    last = build_strong_augmentation(cfg)[-1]
+    assert type(last).__name__ == "RandomCutoutPatches" and last.num_range == (1, 5)
+    cfg.SSOD.STRONG_AUG.CUTOUT_NUM = (5, 1)
+    with pytest.raises(ValueError, match="CUTOUT_NUM"):
+        build_strong_augmentation(cfg)
     cfg.SSOD.STRONG_AUG.CUTOUT_AREA = ((0.1, 0.2),)
     with pytest.raises(ValueError, match="CUTOUT_PROBS"):
         build_strong_augmentation(cfg)

@@ -25,6 +25,7 @@ from d2ssod.data.transforms import (
     GrayscaleTransform,
     RandomColorJitter,
     RandomCutout,
+    RandomCutoutPatches,
     RandomTranslateRotateShear,
     map_boxes,
     map_points,
@@ -270,6 +271,37 @@ def test_random_cutout_area_and_ratio():
         assert 0.04 <= eh * ew / 20000 <= 0.21
         assert 0.45 <= eh / ew <= 2.2
     assert isinstance(RandomCutout(prob=0.0).get_transform(img), NoOpTransform)
+
+
+def test_random_cutout_patches_count_size_and_pixels():
+    img = np.full((100, 200, 3), 7, np.uint8)
+    aug = RandomCutoutPatches(num_range=(1, 5), size_range=(0.05, 0.2), fill=0)
+    np.random.seed(1)
+    counts = []
+    for _ in range(200):
+        t = aug.get_transform(img)
+        rects = t.transforms
+        counts.append(len(rects))
+        for r in rects:
+            h, w = r.y1 - r.y0, r.x1 - r.x0
+            assert 0 <= r.x0 and r.x1 <= 200 and 0 <= r.y0 and r.y1 <= 100
+            # the same fraction of both sides (up to rounding): h/100 == w/200
+            assert abs(h / 100 - w / 200) <= 0.011
+            assert 0.045 <= h / 100 <= 0.205
+    assert set(counts) == {1, 2, 3, 4, 5}  # uniform 1..5, each value drawn in 200 tries
+    assert 2.6 < np.mean(counts) < 3.4
+    # pixels: exactly the union of the rectangles is filled, boxes are untouched
+    t = aug.get_transform(img)
+    out = t.apply_image(img)
+    mask = np.zeros((100, 200), bool)
+    for r in t.transforms:
+        mask[r.y0:r.y1, r.x0:r.x1] = True
+    assert (out[mask] == 0).all() and (out[~mask] == 7).all()
+    boxes = np.array([[10.0, 20.0, 50.0, 60.0]])
+    np.testing.assert_array_equal(t.apply_box(boxes), boxes)
+    assert isinstance(RandomCutoutPatches((0, 0)).get_transform(img), NoOpTransform)
+    with pytest.raises(ValueError, match="num_range"):
+        RandomCutoutPatches((3, 1))
 
 
 def test_fast_flips_match_fvcore_and_are_contiguous():

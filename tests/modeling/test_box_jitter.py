@@ -101,6 +101,10 @@ def test_class_specific_boxes_pick_the_box_class_columns():
                                torch.tensor([0, 1]))
     # class 0 of box 0 and class 1 of box 1 have zero deltas: both stay put
     assert torch.allclose(out, boxes, atol=1e-5)
+    # no rows at all (no proposal in the batch): an empty (0, 4) result, not a reshape error
+    empty = class_specific_boxes(SimpleNamespace(box2box_transform=t), deltas[:0], boxes[:0],
+                                 torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, 4)
 
 
 def test_identity_refinement_gives_the_spread_of_the_jitter_noise():

@@ -1,0 +1,298 @@
+"""SED (Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object Detection",
+CVPR 2022; no public code: every constant here is ours, see SPEC.md §3 and the README's
+deviation table).
+
+What this method contributes to the shared trainer:
+
+* **soft targets, no thresholds**: the teacher's outputs on the weak view are targets as they
+  are — per-anchor objectness probabilities and deltas for the student's RPN, class
+  probabilities and refined boxes for the student's ROI head. There are no hard pseudo boxes in
+  any loss; teacher detections with score ≥ ``SSOD.SED.LOG_SCORE_THRESH`` (0.7) are only
+  counted for the ``pseudo/*`` logs;
+* **one teacher pass per batch** (:meth:`SED.teacher_detections`): backbone, RPN head and ROI
+  heads run piecewise on the weak views so that the per-anchor outputs and the features stay
+  available; the student's proposals are scored later on those features in one box-head call
+  (:meth:`SED.teacher_roi_predictions`);
+* **RPN distillation** (``loss_rpn_distill_cls`` / ``_loc``): student objectness on x against
+  the teacher's per anchor — binary KL (BCE − target entropy), mean over anchors — and the
+  student's deltas toward the teacher's, smooth-L1 weighted by the teacher's objectness
+  probability and divided by the weight sum (clamped ≥ 1). Anchors correspond one to one because
+  the strong view has the weak view's geometry (photometric-only strong augmentation, checked
+  at construction) and both are padded alike;
+* **ROI distillation** (``loss_roi_distill_cls`` / ``_loc``): the student's proposals of x and
+  of x↓ (×2), up to ``ROI_SAMPLES_PER_IMAGE`` per image drawn uniformly, are mapped into the weak
+  view (``strong_to_weak_boxes``) and scored by the teacher. Its class probabilities are soft
+  targets of the student's class logits on x (soft cross entropy); where its top class is not
+  background, the student's deltas of that class regress (smooth-L1) toward the teacher's
+  refined box (its class-specific deltas on the mapped proposal, mapped back into the student
+  view), encoded relative to the student's proposal;
+* **re-weighting**: each proposal's two distillation terms weigh ``wᵢ = (1 − p_bg,i)^γ`` from
+  the teacher (γ = ``REWEIGHT_GAMMA``, 1; 0 = off), normalised to mean 1 over the batch, and
+  each term is ``Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1)``;
+* **scale consistency** (``SCALE_CONSISTENCY``): x↓ = 2×2 average of the padded x, RPN and ROI
+  terms ``loss_*_scale_*`` of :class:`~d2ssod.modeling.scale_consistency.ScaleConsistency`;
+* L_unsup = the eight terms, each group weighted by its ``*_WEIGHT`` and ``λ_u``; no
+  hard-target student losses.
+
+The student's unlabeled forward runs through the unwrapped student's submodules. Under DDP
+in ``joint`` step mode the labeled batch has gone through the DDP forward in the same
+iteration, so the one backward reduces the summed gradients as usual; ``alternate`` mode on
+several processes would skip DDP's gradient reduction on unsupervised steps and is refused.
+"""
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import cat
+from detectron2.utils import comm
+from fvcore.nn import smooth_l1_loss
+
+from d2ssod.modeling.box_jitter import (
+    class_specific_boxes,
+    clip_boxes_per_row,
+    pooled_box_predictions,
+)
+from d2ssod.modeling.scale_consistency import (
+    ScaleConsistency,
+    binary_kl_with_logits,
+    box_predictions,
+    class_deltas,
+    encode_boxes,
+    foreground_weights,
+    padded_image_list,
+    roi_boxes,
+    soft_cross_entropy,
+)
+from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
+
+from .base import SSODMethod
+from .build import METHOD_REGISTRY
+from .soft_teacher import _unwrap, strong_to_weak_boxes
+from .unbiased_teacher import threshold_detections
+
+__all__ = ["SED", "TeacherROITargets",
+           "rpn_distill_losses", "roi_distill_losses"]
+
+
+
+@dataclass
+class _TeacherPass:
+    features: Dict[str, torch.Tensor]
+    rpn: RPNOutputs
+    padded_shape: Tuple[int, int]
+
+
+@dataclass
+class TeacherROITargets:
+    """The teacher's verdict on the student's ROI boxes (rows in image order).
+
+    Attributes:
+        probs (Tensor): (P, K + 1) class probabilities (background last).
+        foreground (Tensor): (P,) bool, top class is not background.
+        classes (Tensor): (P,) the top foreground class.
+        boxes (Tensor): (P, 4) the teacher's refined box of that class, in the student view.
+    """
+
+    probs: torch.Tensor
+    foreground: torch.Tensor
+    classes: torch.Tensor
+    boxes: torch.Tensor
+
+
+@METHOD_REGISTRY.register("sed")
+class SED(SSODMethod):
+    """Scale-Equivalent Distillation; see the module docstring. ``timed_parts`` names the
+    methods that ``tools/benchmark_step.py`` times as their own parts of the step."""
+
+    timed_parts = {"teacher": ("teacher_roi_predictions",),
+                   "student": ("student_losses",),
+                   "scale": ("scale_branch",)}
+
+    def __init__(self, cfg, student, teacher):
+        super().__init__(cfg, student, teacher)
+        aug = cfg.SSOD.STRONG_AUG
+        if aug.GEOMETRIC or aug.INDEPENDENT_GEOMETRY:
+            raise ValueError(
+                "SSOD.METHOD='sed' distils the teacher's RPN anchor by anchor, so the strong view "
+                "must keep the weak view's geometry: set SSOD.STRONG_AUG.GEOMETRIC False and "
+                "SSOD.STRONG_AUG.INDEPENDENT_GEOMETRY False (photometric strong augmentation).")
+        if cfg.SSOD.STEP_MODE == "alternate" and comm.get_world_size() > 1:
+            raise ValueError(
+                "SSOD.METHOD='sed' with SSOD.STEP_MODE='alternate' on several processes: the "
+                "unsupervised-only steps run the student without DDP's forward, so gradients "
+                "would not be reduced across processes. Use SSOD.STEP_MODE 'joint'.")
+        model = _unwrap(student)
+        if not isinstance(model.proposal_generator, SEDRPN):
+            raise ValueError(
+                f"SSOD.METHOD='sed' needs MODEL.PROPOSAL_GENERATOR.NAME: SEDRPN (RPN with access "
+                f"to per-anchor outputs, same parameters); the student has "
+                f"{type(model.proposal_generator).__name__}.")
+        if cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE:
+            raise ValueError("SSOD.METHOD='sed' distils class distributions and background "
+                             "probabilities: set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE to False.")
+        c = cfg.SSOD.SED
+        self.scale = ScaleConsistency(cfg, model) if c.SCALE_CONSISTENCY else None
+        self.pad_multiple = (self.scale.pad_multiple if self.scale is not None
+                             else max(model.backbone.size_divisibility, 1))
+        per_image = c.ROI_SAMPLES_PER_IMAGE
+        self.samples_per_image = (cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE if per_image < 0
+                                  else per_image)
+        self.gamma = c.REWEIGHT_GAMMA
+        self.log_thresh = c.LOG_SCORE_THRESH
+        self.loss_weights = {
+            "loss_rpn_distill_cls": c.RPN_DISTILL_WEIGHT,
+            "loss_rpn_distill_loc": c.RPN_DISTILL_WEIGHT,
+            "loss_roi_distill_cls": c.ROI_DISTILL_WEIGHT,
+            "loss_roi_distill_loc": c.ROI_DISTILL_WEIGHT,
+        }
+        if self.scale is not None:
+            self.loss_weights.update({
+                "loss_rpn_scale_cls": c.RPN_SCALE_WEIGHT,
+                "loss_rpn_scale_loc": c.RPN_SCALE_WEIGHT,
+                "loss_roi_scale_cls": c.ROI_SCALE_WEIGHT,
+                "loss_roi_scale_loc": c.ROI_SCALE_WEIGHT,
+            })
+        # The teacher's pass on the current batch (set by teacher_detections, released at the
+        # end of student_losses).
+        self._teacher_pass = None
+
+    # ----------------------------------------------------------------------------- stage 1
+    @torch.no_grad()
+    def teacher_detections(self, unlabeled):
+        """The teacher on the weak views, padded like the student's x, run piecewise: keeps its
+        features and per-anchor RPN outputs, returns its normal detections (test-mode RPN and
+        ROI heads) in weak-view pixels."""
+        model = self.teacher.model
+        images = padded_image_list(model, [u["weak"] for u in unlabeled], self.pad_multiple)
+        features = model.backbone(images.tensor)
+        rpn = model.proposal_generator
+        outputs = rpn.head_outputs(features)
+        proposals = rpn.proposals_from(outputs, images.image_sizes)
+        detections, _ = model.roi_heads(images, features, proposals, None)
+        self._teacher_pass = _TeacherPass(features, outputs, tuple(images.tensor.shape[-2:]))
+        return detections
+
+    @torch.no_grad()
+    def pseudo_label(self, unlabeled):
+        """Teacher detections with score ≥ ``LOG_SCORE_THRESH``, for the logs only."""
+        return threshold_detections(self.teacher_detections(unlabeled), self.log_thresh)
+
+    # ----------------------------------------------------------------------------- stage 3
+    def student_losses(self, student, unlabeled, targets):
+        """SED's eight (four without scale consistency) unsupervised terms; ``targets`` (the
+        logged pseudo boxes) are not used."""
+        try:
+            return self._student_losses(_unwrap(student), unlabeled)
+        finally:
+            self._teacher_pass = None
+
+    def _student_losses(self, model, unlabeled):
+        teacher = self._teacher_pass
+        images = padded_image_list(model, [u["strong"] for u in unlabeled], self.pad_multiple)
+        if tuple(images.tensor.shape[-2:]) != teacher.padded_shape:
+            raise ValueError(
+                f"SED: the padded strong batch is {tuple(images.tensor.shape[-2:])} but the weak "
+                f"batch {teacher.padded_shape}; the strong view must keep the weak view's size "
+                f"(SSOD.STRONG_AUG.GEOMETRIC / INDEPENDENT_GEOMETRY False).")
+        features = model.backbone(images.tensor)
+        rpn = model.proposal_generator
+        outputs = rpn.head_outputs(features)
+        proposals = rpn.proposals_from(outputs, images.image_sizes)
+        losses = rpn_distill_losses(outputs, teacher.rpn, rpn.smooth_l1_beta)
+
+        features_down = proposals_down = None
+        if self.scale is not None:
+            features_down, proposals_down, scale_losses = self.scale_branch(
+                model, images, outputs)
+            losses.update(scale_losses)
+        boxes = roi_boxes(proposals, proposals_down, images.image_sizes, self.samples_per_image)
+        on_full, on_down = box_predictions(model.roi_heads, features, boxes, features_down)
+        targets = self.teacher_roi_predictions(unlabeled, boxes)
+        predictor = model.roi_heads.box_predictor
+        losses.update(roi_distill_losses(
+            on_full, cat(boxes, dim=0), targets, foreground_weights(targets.probs[:, -1],
+                                                                    self.gamma),
+            predictor.box2box_transform, predictor.smooth_l1_beta))
+        if self.scale is not None:
+            losses.update(self.scale.roi_losses(on_full, on_down))
+        return losses
+
+    def scale_branch(self, model, images, outputs):
+        """The student on x↓ and the RPN scale terms; returns (features of x↓, proposals of x↓
+        in x↓ coordinates, {loss_rpn_scale_cls, loss_rpn_scale_loc})."""
+        features_down, outputs_down, proposals_down = self.scale.down_branch(
+            model, images.tensor, images.image_sizes)
+        return features_down, proposals_down, self.scale.rpn_losses(outputs, outputs_down)
+
+    @torch.no_grad()
+    def teacher_roi_predictions(self, unlabeled, boxes):
+        """The teacher's class probabilities and refined boxes for the student's ROI boxes
+        (per image, strong-view pixels): mapped into the weak views, scored on the cached
+        features in one box-head call, refined with the class-specific deltas of the top
+        foreground class, clipped, mapped back into the strong views."""
+        model = self.teacher.model
+        counts = [len(b) for b in boxes]
+        flat = cat(boxes, dim=0)
+        strong = torch.stack([u["strong"]["matrix"] for u in unlabeled])
+        weak = torch.stack([u["weak"]["matrix"] for u in unlabeled])
+        weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
+        strong_sizes = torch.tensor([tuple(u["strong"]["image"].shape[-2:]) for u in unlabeled])
+        mapped = strong_to_weak_boxes(flat, strong, weak, weak_sizes, counts)
+        scores, deltas = pooled_box_predictions(model.roi_heads, self._teacher_pass.features,
+                                                list(mapped.split(counts)))
+        probs = F.softmax(scores, dim=-1)
+        num_classes = probs.shape[1] - 1
+        classes = probs[:, :-1].argmax(dim=1)
+        refined = class_specific_boxes(model.roi_heads.box_predictor, deltas, mapped, classes)
+        row_sizes = weak_sizes.to(flat.device).repeat_interleave(
+            torch.as_tensor(counts, device=flat.device), dim=0, output_size=flat.shape[0])
+        refined = clip_boxes_per_row(refined, row_sizes)
+        # weak → strong: the same mapping function with the views swapped
+        back = strong_to_weak_boxes(refined, weak, strong, strong_sizes, counts)
+        return TeacherROITargets(probs, probs.argmax(dim=1) != num_classes, classes, back)
+
+
+def rpn_distill_losses(student: RPNOutputs, teacher: RPNOutputs, beta):
+    """``loss_rpn_distill_cls``: mean over anchors of KL(Bern(p_teacher) ‖ Bern(p_student));
+    ``loss_rpn_distill_loc``: ``Σ p_t·ℓ(d_s − d_t) / max(Σ p_t, 1)``, ℓ smooth-L1 (``beta``)
+    summed over the four deltas. Anchors must correspond one to one (same grids)."""
+    if student.grids != teacher.grids:
+        raise ValueError(f"SED RPN distillation: student grids {student.grids} differ from the "
+                         f"teacher's {teacher.grids}; both views must have the same padded size.")
+    logits = cat(student.logits, dim=1)
+    deltas = cat(student.deltas, dim=1)
+    t_prob = torch.sigmoid(cat(teacher.logits, dim=1)).detach()
+    t_deltas = cat(teacher.deltas, dim=1).detach()
+    loss_cls = binary_kl_with_logits(logits, t_prob).mean()
+    reg = smooth_l1_loss(deltas, t_deltas, beta, reduction="none").sum(dim=-1)
+    loss_loc = (t_prob * reg).sum() / t_prob.sum().clamp(min=1)
+    return {"loss_rpn_distill_cls": loss_cls, "loss_rpn_distill_loc": loss_loc}
+
+
+def roi_distill_losses(student, proposals, targets: TeacherROITargets, weights,
+                       box2box_transform, beta):
+    """``loss_roi_distill_cls`` = ``Σ wᵢ·CE(p_teacher,i, s_i) / max(Σ wᵢ, 1)`` (soft cross
+    entropy); ``loss_roi_distill_loc`` = ``Σ_fg wᵢ·ℓ(δ_i − δ*_i) / max(Σ wᵢ, 1)``, δ the
+    student's deltas of the teacher's class, δ* the teacher's refined box encoded relative to
+    the proposal with ``box2box_transform``'s weights, ℓ smooth-L1 (``beta``) summed over
+    coordinates.
+
+    Args:
+        student: (scores (P, K + 1), deltas (P, 4K or 4)) of the student on x.
+        proposals (Tensor): (P, 4) the student's ROI boxes.
+        targets: the teacher's :class:`TeacherROITargets` for those rows.
+        weights (Tensor): (P,) detached per-proposal weights.
+    """
+    scores, deltas = student
+    norm = weights.sum().clamp(min=1)
+    loss_cls = (weights * soft_cross_entropy(scores, targets.probs)).sum() / norm
+    pred = class_deltas(deltas, targets.classes)
+    goal = encode_boxes(box2box_transform, proposals, targets.boxes)
+    # Degenerate boxes (a refined box clipped to nothing, a proposal of zero size) give no
+    # finite target: they do not regress, like background.
+    valid = targets.foreground & torch.isfinite(goal).all(dim=1)
+    goal = torch.where(valid[:, None], goal, pred.detach())
+    reg = smooth_l1_loss(pred, goal, beta, reduction="none").sum(dim=-1)
+    loss_loc = (weights * torch.where(valid, reg, torch.zeros_like(reg))).sum() / norm
+    return {"loss_roi_distill_cls": loss_cls, "loss_roi_distill_loc": loss_loc}
