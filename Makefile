@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.d2ssod-setup-stamp
-DEMO_METHOD ?= unbiased_teacher
+DEMO_METHOD ?= soft_teacher
 DEMO_OUT ?= output/demo
 # pytest workers: the suite is CPU bound; two processes match the CI machine's two cores.
 TEST_WORKERS ?= 2

@@ -16,10 +16,10 @@ evaluator:
 Writes ``summary.json`` (AP/AP50 of each, ``gap_closed = (ssod − sup) / (oracle − sup)``, wall
 time), ``summary.md`` and ``ap_curve.png`` (AP against iteration), each also kept as
 ``*_<method>.*``. Finished supervised/oracle runs in the same output folder are reused, so a
-second method costs only its own semi-supervised run. All three runs use one thread each
-and overlap: the supervised and oracle runs start together, and the SSOD run starts as soon as
-the supervised run has written its checkpoint at iteration ``N`` (a finished, reused
-supervised run lets it start at once).
+second method costs only its own semi-supervised run. The runs overlap: the supervised and
+oracle runs (one thread each) start together, and the SSOD run (one thread per core: it is the
+longest and runs alone at the end) starts as soon as the supervised run has written its
+checkpoint at iteration ``N`` (a finished, reused supervised run lets it start at once).
 """
 import argparse
 import json
@@ -129,7 +129,7 @@ def plot(curves, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="unbiased_teacher")
+    parser.add_argument("--method", default="soft_teacher")
     parser.add_argument("--output", default="output/demo")
     parser.add_argument("--burn-in", type=int, default=None,
                         help="N: supervised iterations before SSOD (default: the config's)")
@@ -180,7 +180,7 @@ def main():
     runs["ssod"] = (run_training(method_cfg, dirs["ssod"],
                                  common + ["SSOD.BURN_IN_ITERS", burn_in,
                                            "SOLVER.CHECKPOINT_PERIOD", burn_in],
-                                 threads=1, resume=True), dirs["ssod"])
+                                 threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
     wait_all(runs)
     for name in baselines:
         with open(os.path.join(dirs[name], "demo_opts.json"), "w") as f:

@@ -1,0 +1,48 @@
+"""tools/demo.py's orchestration pieces (the full demo is `make demo`, minutes long)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_tool():
+    spec = importlib.util.spec_from_file_location("demo_tool",
+                                                  os.path.join(REPO, "tools", "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wait_for_file_returns_once_written_and_fails_if_writer_dies(tmp_path):
+    tool = _demo_tool()
+    target = tmp_path / "model_0000299.pth"
+    writer = subprocess.Popen([sys.executable, "-c",
+                               f"import time; time.sleep(0.3); open({str(target)!r}, 'w')"])
+    tool.wait_for_file(str(target), writer, "supervised", str(tmp_path), poll=0.05)
+    assert target.exists()
+    writer.wait()
+
+    quitter = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match=r"supervised training ended \(exit 3\) without writing"):
+        tool.wait_for_file(str(tmp_path / "never.pth"), quitter, "supervised", str(tmp_path),
+                           poll=0.05)
+
+
+def test_warm_start_makes_teacher_and_student_the_supervised_model(tmp_path):
+    tool = _demo_tool()
+    sup, ssod = tmp_path / "sup", tmp_path / "ssod"
+    sup.mkdir()
+    weights = {"w": torch.arange(3.0)}
+    torch.save({"model": weights, "iteration": 299}, sup / "model_0000299.pth")
+    tool.warm_start_from_supervised(str(sup), str(ssod), 300)
+    ckpt = torch.load(ssod / "model_0000299.pth", weights_only=False)
+    assert torch.equal(ckpt["model"]["w"], weights["w"])
+    assert torch.equal(ckpt["student"]["w"], weights["w"])
+    assert (ssod / "last_checkpoint").read_text() == "model_0000299.pth"
+    with pytest.raises(SystemExit, match="CHECKPOINT_PERIOD"):
+        tool.warm_start_from_supervised(str(sup), str(tmp_path / "other"), 200)
