@@ -22,3 +22,16 @@ class RecordScalars(HookBase):
         self.rows[self.trainer.iter] = {
             k: v.latest() for k, v in self.trainer.storage.histories().items()
             if k.startswith(RECORDED_PREFIXES)}
+
+
+def train_recording(cfg):
+    """Build an ``SSODTrainer`` for ``cfg`` (weights from ``MODEL.WEIGHTS``), train it to the end
+    with a :class:`RecordScalars` hook; returns ``(trainer, rows)``."""
+    from d2ssod.engine import SSODTrainer
+
+    trainer = SSODTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    rec = RecordScalars()
+    trainer.register_hooks([rec])
+    trainer.train()
+    return trainer, rec.rows

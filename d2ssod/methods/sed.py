@@ -62,6 +62,7 @@ from d2ssod.modeling.scale_consistency import (
     foreground_weights,
     padded_image_list,
     roi_boxes,
+    roi_samples_per_image,
     soft_cross_entropy,
 )
 from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
@@ -135,9 +136,7 @@ class SED(SSODMethod):
         self.scale = ScaleConsistency(cfg, model) if c.SCALE_CONSISTENCY else None
         self.pad_multiple = (self.scale.pad_multiple if self.scale is not None
                              else max(model.backbone.size_divisibility, 1))
-        per_image = c.ROI_SAMPLES_PER_IMAGE
-        self.samples_per_image = (cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE if per_image < 0
-                                  else per_image)
+        self.samples_per_image = roi_samples_per_image(cfg)
         self.gamma = c.REWEIGHT_GAMMA
         self.log_thresh = c.LOG_SCORE_THRESH
         self.loss_weights = {
@@ -147,12 +146,7 @@ class SED(SSODMethod):
             "loss_roi_distill_loc": c.ROI_DISTILL_WEIGHT,
         }
         if self.scale is not None:
-            self.loss_weights.update({
-                "loss_rpn_scale_cls": c.RPN_SCALE_WEIGHT,
-                "loss_rpn_scale_loc": c.RPN_SCALE_WEIGHT,
-                "loss_roi_scale_cls": c.ROI_SCALE_WEIGHT,
-                "loss_roi_scale_loc": c.ROI_SCALE_WEIGHT,
-            })
+            self.loss_weights.update(self.scale.loss_weights)
         # The teacher's pass on the current batch (set by teacher_detections, released at the
         # end of student_losses).
         self._teacher_pass = None

@@ -122,11 +122,7 @@ class SoftTeacher(SSODMethod):
         if cfg.SSOD.SED.SCALE_CONSISTENCY:
             self.scale = ScaleConsistency(cfg, _unwrap(student))
             self.pixel_mean = cfg.MODEL.PIXEL_MEAN
-            sed = cfg.SSOD.SED
-            self.loss_weights = dict(
-                type(self).loss_weights,
-                loss_rpn_scale_cls=sed.RPN_SCALE_WEIGHT, loss_rpn_scale_loc=sed.RPN_SCALE_WEIGHT,
-                loss_roi_scale_cls=sed.ROI_SCALE_WEIGHT, loss_roi_scale_loc=sed.ROI_SCALE_WEIGHT)
+            self.loss_weights = dict(type(self).loss_weights, **self.scale.loss_weights)
             self.timed_parts = dict(type(self).timed_parts, scale=("scale_losses",))
         # The teacher's weak-view features of the current batch (set by teacher_detections,
         # released at the end of student_losses).

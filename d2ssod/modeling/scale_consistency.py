@@ -63,6 +63,7 @@ __all__ = [
     "encode_boxes",
     "class_deltas",
     "roi_boxes",
+    "roi_samples_per_image",
     "box_predictions",
     "ScaleConsistency",
 ]
@@ -228,6 +229,13 @@ class Captured:
     calls: Dict[str, int] = field(default_factory=dict)
 
 
+def roi_samples_per_image(cfg):
+    """Student proposals per image for SED's ROI terms: ``SSOD.SED.ROI_SAMPLES_PER_IMAGE``, with
+    -1 meaning ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE``."""
+    per_image = cfg.SSOD.SED.ROI_SAMPLES_PER_IMAGE
+    return cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE if per_image < 0 else per_image
+
+
 class ScaleConsistency:
     """SED's scale-consistency losses for a student detector (module docstring).
 
@@ -267,9 +275,13 @@ class ScaleConsistency:
         self.rpn_beta = rpn.smooth_l1_beta
         self.roi_beta = model.roi_heads.box_predictor.smooth_l1_beta
         self.num_classes = model.roi_heads.box_predictor.num_classes
-        per_image = cfg.SSOD.SED.ROI_SAMPLES_PER_IMAGE
-        self.samples_per_image = (cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE if per_image < 0
-                                  else per_image)
+        self.samples_per_image = roi_samples_per_image(cfg)
+        sed = cfg.SSOD.SED
+        # the four terms with their group weights (× λ_u by the method), as ``loss_weights``
+        self.loss_weights = {
+            "loss_rpn_scale_cls": sed.RPN_SCALE_WEIGHT, "loss_rpn_scale_loc": sed.RPN_SCALE_WEIGHT,
+            "loss_roi_scale_cls": sed.ROI_SCALE_WEIGHT, "loss_roi_scale_loc": sed.ROI_SCALE_WEIGHT,
+        }
 
     # -------------------------------------------------------------------------- RPN
     def rpn_losses(self, full: RPNOutputs, down: RPNOutputs):

@@ -23,7 +23,7 @@ from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import CorruptCheckpointError, SSODCheckpointer
 from d2ssod.engine.ema import EMATeacher
 from d2ssod.methods import build_method
-from training_helpers import RecordScalars
+from training_helpers import train_recording
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
@@ -218,13 +218,9 @@ def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_trainin
     assert all(w > 0 and h > 0 for bb in boxes.values() for _, _, w, h in bb)
     assert len(boxes[d]) == sum(x["image_id"] == d for x in anns) - 1
 
-    trainer = SSODTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    rec = RecordScalars()
-    trainer.register_hooks([rec])
-    trainer.train()
-    assert sorted(rec.rows) == list(range(4))
-    for it, row in rec.rows.items():
+    trainer, rows = train_recording(cfg)
+    assert sorted(rows) == list(range(4))
+    for it, row in rows.items():
         assert "unsup/loss_cls" in row and all(math.isfinite(v) for v in row.values()), (it, row)
     # 4 steps x 2 unlabeled images: the first 7 positions are one shuffled pass over the 7 files
     meter = trainer._trainer.skipped

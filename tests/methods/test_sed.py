@@ -15,7 +15,7 @@ from fvcore.transforms.transform import HFlipTransform
 
 import d2ssod  # noqa: F401
 from d2ssod.data.transforms import transform_matrix
-from d2ssod.engine import EMATeacher, SSODTrainer, build_cfg
+from d2ssod.engine import EMATeacher, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.sed import (
     SED,
@@ -24,7 +24,7 @@ from d2ssod.methods.sed import (
     rpn_distill_losses,
 )
 from d2ssod.modeling.sed_rpn import RPNOutputs
-from training_helpers import RecordScalars
+from training_helpers import train_recording
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs/demo/sed.yaml")
@@ -271,12 +271,7 @@ def test_30_iteration_demo_run_logs_finite_scale_and_distill_terms(tmp_path, con
                  "SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH", 1.0]
     else:
         opts += ["SSOD.SED.LOG_SCORE_THRESH", 0.05]
-    trainer = SSODTrainer(_cfg(config, *opts))
-    trainer.resume_or_load(resume=False)
-    rec = RecordScalars()
-    trainer.register_hooks([rec])
-    trainer.train()
-    rows = rec.rows
+    _, rows = train_recording(_cfg(config, *opts))
     assert sorted(rows) == list(range(30))
     assert not any(k.startswith("unsup/") for k in rows[9])
     expected = {"unsup/loss_rpn_scale_cls", "unsup/loss_rpn_scale_loc",

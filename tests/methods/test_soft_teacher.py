@@ -17,11 +17,11 @@ from fvcore.transforms.transform import HFlipTransform, TransformList
 import d2ssod  # noqa: F401
 from d2ssod.config import get_ssod_cfg
 from d2ssod.data.transforms import AffineTransform, map_points, transform_matrix, view_to_view
-from d2ssod.engine import EMATeacher, SSODTrainer, build_cfg
+from d2ssod.engine import EMATeacher, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.soft_teacher import SoftTeacher, strong_to_weak_boxes
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
-from training_helpers import RecordScalars
+from training_helpers import train_recording
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs/demo/soft_teacher.yaml")
@@ -266,12 +266,7 @@ def test_30_iteration_demo_run_has_finite_losses_and_unsup_terms(tmp_path):
         # both pseudo sets so the jitter, regression and weighting paths all carry boxes
         "SSOD.SOFT_TEACHER.CLS_THRESH", 0.0, "SSOD.SOFT_TEACHER.REG_THRESH", 0.0,
         "SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH", 1.0)])
-    trainer = SSODTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    rec = RecordScalars()
-    trainer.register_hooks([rec])
-    trainer.train()
-    rows = rec.rows
+    _, rows = train_recording(cfg)
     assert sorted(rows) == list(range(30))
     assert not any(k.startswith("unsup/") for k in rows[9])
     for it in range(10, 30):
