@@ -29,8 +29,9 @@ What this method contributes to the shared trainer:
 * **re-weighting**: each proposal's two distillation terms weigh ``wᵢ = (1 − p_bg,i)^γ`` from
   the teacher (γ = ``REWEIGHT_GAMMA``, 1; 0 = off), normalised to mean 1 over the batch, and
   each term is ``Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1)``;
-* **scale consistency** (``SCALE_CONSISTENCY``): x↓ = 2×2 average of the padded x, RPN and ROI
-  terms ``loss_*_scale_*`` of :class:`~d2ssod.modeling.scale_consistency.ScaleConsistency`;
+* **scale consistency** (``SCALE_CONSISTENCY``): x↓ = 2×2 average of x (both padded to the
+  backbone's size divisibility, as without the flag), RPN and ROI terms ``loss_*_scale_*`` of
+  :class:`~d2ssod.modeling.scale_consistency.ScaleConsistency`;
 * L_unsup = the eight terms, each group weighted by its ``*_WEIGHT`` and ``λ_u``; no
   hard-target student losses.
 
@@ -134,6 +135,8 @@ class SED(SSODMethod):
                              "probabilities: set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE to False.")
         c = cfg.SSOD.SED
         self.scale = ScaleConsistency(cfg, model) if c.SCALE_CONSISTENCY else None
+        # what the weak and strong batches are padded to (alike, for the per-anchor RPN terms):
+        # the backbone's size divisibility, made even with scale consistency (x↓ halves x)
         self.pad_multiple = (self.scale.pad_multiple if self.scale is not None
                              else max(model.backbone.size_divisibility, 1))
         self.samples_per_image = roi_samples_per_image(cfg)

@@ -24,11 +24,11 @@ What this method contributes to the shared trainer (SPEC.md §2):
 The student's ROI heads must be ``SoftTeacherROIHeads`` (``MODEL.ROI_HEADS.NAME``).
 
 With ``SSOD.SED.SCALE_CONSISTENCY`` the unlabeled step also returns SED's scale-consistency
-terms (Guo et al., CVPR 2022; :mod:`d2ssod.modeling.scale_consistency`): the strong images are
-padded (pixel mean, bottom/right) to a multiple of 2× the backbone's size divisibility before
-the student's forward, which is recorded with forward hooks, and only the 0.5× branch runs on
-top (:meth:`SoftTeacher.scale_losses`). The padding changes the image sizes the student sees
-(its proposals may cover the padding), so it happens only with that flag.
+terms (Guo et al., CVPR 2022; :mod:`d2ssod.modeling.scale_consistency`): the student's forward
+on the strong images is exactly the one without the flag (x is its own input, padded to the
+backbone's size divisibility by ``preprocess_image``, with the real image sizes); it is
+recorded with forward hooks, and only the 0.5× branch runs on top
+(:meth:`SoftTeacher.scale_losses`).
 """
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from d2ssod.modeling.box_jitter import (
     jitter_uncertainty,
     pooled_box_predictions,
 )
-from d2ssod.modeling.scale_consistency import ScaleConsistency, pad_to_multiple
+from d2ssod.modeling.scale_consistency import ScaleConsistency
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
 from .base import SSODMethod
@@ -121,7 +121,6 @@ class SoftTeacher(SSODMethod):
         self.scale = None
         if cfg.SSOD.SED.SCALE_CONSISTENCY:
             self.scale = ScaleConsistency(cfg, _unwrap(student))
-            self.pixel_mean = cfg.MODEL.PIXEL_MEAN
             self.loss_weights = dict(type(self).loss_weights, **self.scale.loss_weights)
             self.timed_parts = dict(type(self).timed_parts, scale=("scale_losses",))
         # The teacher's weak-view features of the current batch (set by teacher_detections,
@@ -184,9 +183,6 @@ class SoftTeacher(SSODMethod):
             if self.scale is None:
                 with model.roi_heads.pseudo_targets(reg_targets, scorer):
                     return student(inputs)
-            for i in inputs:
-                i["image"] = pad_to_multiple(i["image"], self.scale.pad_multiple,
-                                             self.pixel_mean)
             with model.roi_heads.pseudo_targets(reg_targets, scorer), \
                     self.scale.capture(model) as captured:
                 losses = student(inputs)

@@ -3,11 +3,21 @@
 SED (Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object Detection",
 CVPR 2022; no public code; SPEC.md §3) asks a detector to answer the same way about an image x
 and its copy x↓ downscaled by 0.5. With an FPN whose levels differ by stride 2, level k of x↓
-and level k+1 of x see the same image regions through the same grid: if x is padded to a
-multiple of twice the backbone's size divisibility and x↓ is the exact 2×2 average of the
-normalised, padded x, the two feature maps have identical shapes and cell (i, j) of one covers
-cell (i, j) of the other. So does every anchor, when the anchor sizes double from level to level
-(the anchors of x↓ level k, scaled ×2, *are* the anchors of x level k+1).
+and level k+1 of x see the same image regions through the same grid:
+
+* x is the normalised batch padded (0, i.e. ``PIXEL_MEAN`` in pixels, bottom/right) to the
+  backbone's own size divisibility D (32 for an FPN up to p5) — exactly what the student's
+  normal forward builds, so a method that already runs the student on x changes nothing there;
+* x↓ is the exact 2×2 average of that padded x (its sides are even since D is), padded with 0
+  to a multiple of D again (:func:`downscale_images`: Detectron2's FPN adds the ×2-upsampled
+  coarser level to each lateral, so its input must be divisible by D);
+* grids start at the top-left corner, so cell (i, j) of x↓ level k and cell (i, j) of x level
+  k+1 cover the same image region, and every anchor corresponds (the anchors of x↓ level k,
+  scaled ×2, *are* the anchors of x level k+1, when the anchor sizes double from level to
+  level). x↓'s grid can only be larger: its padding to D adds up to D/2 x↓ pixels, i.e.
+  ⌈D/2 / stride⌉ rows/columns of cells (4 on p2, 2 on p3, 1 on p4, none on p5 for D = 32),
+  whose anchors are centred in that padding and have no partner in x. :func:`align_levels`
+  crops x↓'s per-anchor outputs of each level to x's grid one level up, and nothing else.
 
 What this module computes (the loss forms are our choice where the paper is silent, marked so):
 
@@ -15,8 +25,9 @@ What this module computes (the loss forms are our choice where the paper is sile
   pairs of :func:`level_pairs`:
   ``loss_rpn_scale_cls`` = mean over anchors of
   ``0.5·[KL(sg(p_full) ‖ p_down) + KL(sg(p_down) ‖ p_full)]`` with binary KL on objectness
-  probabilities (ours: symmetric, each branch pulled toward the other's detached probability;
-  same gradient as binary cross entropy with soft targets, value 0 at agreement);
+  probabilities, over the anchor pairs of :func:`align_levels` (ours: symmetric, each branch
+  pulled toward the other's detached probability; same gradient as binary cross entropy with
+  soft targets, value 0 at agreement);
   ``loss_rpn_scale_loc`` = ``Σ w·0.5·[ℓ(d_down − sg(d_full)) + ℓ(d_full − sg(d_down))] /
   max(Σ w, 1)``, ℓ the smooth-L1 of ``MODEL.RPN.SMOOTH_L1_BETA`` (L1 at 0) summed over the four
   deltas, ``w = sg((p_down + p_full) / 2)`` (ours). Anchor deltas are relative to the anchor,
@@ -25,8 +36,10 @@ What this module computes (the loss forms are our choice where the paper is sile
   (:func:`roi_boxes`, subsampled per image) are pooled on x's features as they are and on x↓'s
   features at ×0.5 — Detectron2's ``ROIPooler`` then assigns each copy exactly one FPN level
   lower (except where the assignment is clamped at the lowest or highest pooled level) — with
-  one box-head call for both (:func:`box_predictions`). ``loss_roi_scale_cls`` = mean over
-  proposals of the symmetric KL of the two class distributions (as above, categorical);
+  one box-head call for both (:func:`box_predictions`). Both sets are clipped to the real image
+  sizes (``image_sizes``, never the padded ones), so the pooled boxes lie inside the content of
+  x and of x↓ whatever their padding. ``loss_roi_scale_cls`` = mean over proposals of the
+  symmetric KL of the two class distributions (as above, categorical);
   ``loss_roi_scale_loc`` = symmetric smooth-L1 (``MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA``) of the
   class-specific deltas of the class that the detached average of the two distributions ranks
   first, for proposals where that class is not background (ours), divided by the number of
@@ -39,6 +52,7 @@ normalised input, features, RPN head outputs and proposals with temporary forwar
 then calls :meth:`ScaleConsistency.losses_from_capture`, which runs only the x↓ branch.
 """
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -52,9 +66,10 @@ from .sed_rpn import RPNOutputs, SEDRPN
 
 __all__ = [
     "level_pairs",
-    "pad_to_multiple",
     "padded_image_list",
     "downscale_images",
+    "crop_anchor_grid",
+    "align_levels",
     "binary_kl_with_logits",
     "categorical_kl",
     "soft_cross_entropy",
@@ -81,23 +96,6 @@ def level_pairs(strides):
     return [(by_stride[s], by_stride[2 * s]) for s in sorted(by_stride) if 2 * s in by_stride]
 
 
-def pad_to_multiple(image, multiple, pad_value):
-    """Pad a C×H×W image at the bottom and right to H, W multiples of ``multiple``.
-
-    ``pad_value`` is one value per channel (the model's ``PIXEL_MEAN``, so that the normalised
-    padding is exactly 0, as ``ImageList`` pads normalised images). Returns a float32 tensor
-    (the image itself, as float, when no padding is needed)."""
-    h, w = image.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    image = image.to(torch.float32)
-    if ph == 0 and pw == 0:
-        return image
-    value = torch.as_tensor(pad_value, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    out = value.expand(image.shape[0], h + ph, w + pw).clone()
-    out[:, :h, :w] = image
-    return out
-
-
 def padded_image_list(model, views, multiple):
     """The ``ImageList`` that ``GeneralizedRCNN.preprocess_image`` builds for ``views`` (dicts
     with "image"), but padded to a multiple of ``multiple``; ``image_sizes`` stay the real
@@ -109,14 +107,90 @@ def padded_image_list(model, views, multiple):
     return ImageList.from_tensors(images, multiple, padding_constraints=constraints)
 
 
-def downscale_images(images):
-    """x↓: the 2×2 average pool of a normalised, padded batch (an exact 0.5 area resize) and
-    the image sizes halved (rounded up). ``images``: (N, C, H, W) tensor with even H, W."""
-    tensor, sizes = images
-    if tensor.shape[-2] % 2 or tensor.shape[-1] % 2:
-        raise ValueError(f"downscale_images: the padded batch is {tuple(tensor.shape[-2:])}; "
-                         f"pad it to a multiple of 2× the backbone's size divisibility first.")
-    return F.avg_pool2d(tensor, 2), [((h + 1) // 2, (w + 1) // 2) for h, w in sizes]
+def downscale_images(images, image_sizes, multiple):
+    """x↓ of a normalised, padded batch x: the 2×2 average pool of x (an exact 0.5 area resize),
+    padded with 0 (the normalised ``PIXEL_MEAN``) at the bottom and right to a multiple of
+    ``multiple`` (the backbone's size divisibility), and the image sizes halved (rounded up).
+
+    Args:
+        images (Tensor): (N, C, H, W) with even H, W.
+        image_sizes (list[(h, w)]): the real sizes of the images in x.
+        multiple (int): what x↓'s sides must be multiples of.
+    Returns:
+        (Tensor (N, C, H', W'), list[(h, w)])."""
+    if images.shape[-2] % 2 or images.shape[-1] % 2:
+        raise ValueError(f"downscale_images: the padded batch is {tuple(images.shape[-2:])}; "
+                         f"its sides must be even (pad x to the backbone's size divisibility, "
+                         f"which must be even, first).")
+    down = F.avg_pool2d(images, 2)
+    h, w = down.shape[-2:]
+    down = F.pad(down, (0, -w % multiple, 0, -h % multiple), value=0.0)
+    return down, [((h + 1) // 2, (w + 1) // 2) for h, w in image_sizes]
+
+
+def crop_anchor_grid(flat, grid, size, dim=1):
+    """Keep the anchors of the top-left ``size`` = (h, w) cells of a level's ``grid`` = (H, W).
+
+    ``flat`` holds one entry per anchor along ``dim`` in the layout of Detectron2's
+    ``RPN.forward`` and anchor generator: location-major, then cell anchor (entry
+    ``(y·W + x)·A + a``), e.g. objectness logits (N, H·W·A) and deltas (N, H·W·A, 4) with
+    ``dim=1``, anchors (H·W·A, 4) with ``dim=0``. Returns the same layout for the (h, w) grid
+    (the input itself when the grids are equal)."""
+    (H, W), (h, w) = tuple(grid), tuple(size)
+    if (h, w) == (H, W):
+        return flat
+    n = flat.shape[dim]
+    if h > H or w > W or H * W == 0 or n % (H * W):
+        raise ValueError(f"crop_anchor_grid: cannot crop {n} anchors on a {H}×{W} grid to "
+                         f"{h}×{w}.")
+    shape = flat.shape[:dim] + (H, W, n // (H * W)) + flat.shape[dim + 1:]
+    cells = flat.reshape(shape).narrow(dim, 0, h).narrow(dim + 1, 0, w)
+    return cells.flatten(dim, dim + 2)
+
+
+def align_levels(full, down, pairs, max_surplus=None):
+    """The per-anchor outputs of x and x↓ that correspond one to one, pair by pair.
+
+    Args:
+        full, down (RPNOutputs): the RPN's outputs on x and on x↓ (:func:`downscale_images`).
+        pairs (list[(str, str)]): ``(down_level, full_level)`` from :func:`level_pairs`.
+        max_surplus (dict[str, int] or None): the most rows/columns by which x↓'s grid of each
+            down level may exceed x's grid one level up (its padding); None: no limit.
+    Returns:
+        (RPNOutputs, RPNOutputs): x's paired levels as they are and x↓'s paired levels cropped
+        to those grids (:func:`crop_anchor_grid`), entry i of one matching entry i of the
+        other; anchors included, x↓'s in x↓ pixels (half of x's)."""
+    sel_full = RPNOutputs([], [], [], [], [])
+    sel_down = RPNOutputs([], [], [], [], [])
+    for d_name, f_name in pairs:
+        d_logits, d_deltas, d_grid = down.level(d_name)
+        f_logits, f_deltas, f_grid = full.level(f_name)
+        extra = (d_grid[0] - f_grid[0], d_grid[1] - f_grid[1])
+        if min(extra) < 0:
+            raise ValueError(
+                f"SED scale consistency: {d_name} of x↓ is {tuple(d_grid)}, smaller than "
+                f"{f_name} of x {tuple(f_grid)}; x↓ must be the 2×2 average of this x, padded to "
+                f"the backbone's size divisibility (downscale_images).")
+        if max_surplus is not None and max(extra) > max_surplus[d_name]:
+            raise ValueError(
+                f"SED scale consistency: {d_name} of x↓ is {tuple(d_grid)}, more than "
+                f"{max_surplus[d_name]} rows/columns larger than {f_name} of x {tuple(f_grid)} "
+                f"(what padding x↓ to the backbone's size divisibility can add); x↓ was not "
+                f"made from this x by downscale_images.")
+        i = down.levels.index(d_name)
+        sel_down.levels.append(d_name)
+        sel_down.grids.append(tuple(f_grid))
+        sel_down.anchors.append(Boxes(crop_anchor_grid(down.anchors[i].tensor, d_grid, f_grid,
+                                                       dim=0)))
+        sel_down.logits.append(crop_anchor_grid(d_logits, d_grid, f_grid))
+        sel_down.deltas.append(crop_anchor_grid(d_deltas, d_grid, f_grid))
+        j = full.levels.index(f_name)
+        sel_full.levels.append(f_name)
+        sel_full.grids.append(tuple(f_grid))
+        sel_full.anchors.append(full.anchors[j])
+        sel_full.logits.append(f_logits)
+        sel_full.deltas.append(f_deltas)
+    return sel_full, sel_down
 
 
 # ------------------------------------------------------------------------------ losses
@@ -241,7 +315,8 @@ class ScaleConsistency:
 
     Built with ``ScaleConsistency(cfg, model)`` from the unwrapped student (a
     ``GeneralizedRCNN`` with an FPN backbone, :class:`~d2ssod.modeling.sed_rpn.SEDRPN` and
-    standard ROI heads). ``pad_multiple`` is what x must be padded to."""
+    standard ROI heads). ``pad_multiple`` is what x and x↓ are padded to: the backbone's size
+    divisibility (made even: x↓ halves x)."""
 
     def __init__(self, cfg, model):
         rpn = model.proposal_generator
@@ -267,11 +342,16 @@ class ScaleConsistency:
                     f"scaled ×2 (MODEL.ANCHOR_GENERATOR.SIZES doubling from level to level, the "
                     f"same ASPECT_RATIOS on each); got {cell[down].tolist()} and "
                     f"{cell[full].tolist()}.")
-        self.pad_multiple = 2 * max(model.backbone.size_divisibility, 1)
+        self.pad_multiple = math.lcm(max(model.backbone.size_divisibility, 1), 2)
         square = (model.backbone.padding_constraints or {}).get("square_size", 0)
         if square and square % self.pad_multiple:
             raise ValueError(f"SED scale consistency: the backbone pads to squares of {square}, "
                              f"not a multiple of {self.pad_multiple}.")
+        # x / 2 is a multiple of pad_multiple / 2, so x↓'s padding adds at most pad_multiple / 2
+        # pixels: at most ⌈(pad_multiple / 2) / stride⌉ cells per down level over x's grid one
+        # level up (align_levels refuses more)
+        self.max_surplus = {d: math.ceil(self.pad_multiple // 2 / strides[d])
+                            for d, _ in self.pairs}
         self.rpn_beta = rpn.smooth_l1_beta
         self.roi_beta = model.roi_heads.box_predictor.smooth_l1_beta
         self.num_classes = model.roi_heads.box_predictor.num_classes
@@ -285,21 +365,10 @@ class ScaleConsistency:
 
     # -------------------------------------------------------------------------- RPN
     def rpn_losses(self, full: RPNOutputs, down: RPNOutputs):
-        """``loss_rpn_scale_cls`` / ``_loc`` between x↓ level k and x level k+1 for every
-        pair (module docstring)."""
-        ld, lf, dd, df = [], [], [], []
-        for d_name, f_name in self.pairs:
-            d_logits, d_deltas, d_grid = down.level(d_name)
-            f_logits, f_deltas, f_grid = full.level(f_name)
-            if d_grid != f_grid:
-                raise ValueError(
-                    f"SED scale consistency: {d_name} of x↓ is {d_grid} but {f_name} of x is "
-                    f"{f_grid}; x must be padded to a multiple of {self.pad_multiple} (2× the "
-                    f"backbone's size divisibility) before downscaling.")
-            ld.append(d_logits)
-            lf.append(f_logits)
-            dd.append(d_deltas)
-            df.append(f_deltas)
+        """``loss_rpn_scale_cls`` / ``_loc`` between x↓ level k (cropped to x's grid,
+        :func:`align_levels`) and x level k+1 for every pair (module docstring)."""
+        sel_full, sel_down = align_levels(full, down, self.pairs, self.max_surplus)
+        ld, lf, dd, df = sel_down.logits, sel_full.logits, sel_down.deltas, sel_full.deltas
         ld, lf, dd, df = cat(ld, dim=1), cat(lf, dim=1), cat(dd, dim=1), cat(df, dim=1)
         pd, pf = torch.sigmoid(ld), torch.sigmoid(lf)
         loss_cls = 0.5 * (binary_kl_with_logits(ld, pf.detach())
@@ -330,15 +399,18 @@ class ScaleConsistency:
 
         Args:
             model: the unwrapped student.
-            x (Tensor): the normalised batch padded to :attr:`pad_multiple`.
-            image_sizes (list[(h, w)]): sizes of the images in x.
+            x (Tensor): the normalised batch padded to :attr:`pad_multiple` (the student's own
+                ``preprocess_image`` output).
+            image_sizes (list[(h, w)]): the real sizes of the images in x.
 
         Returns:
             (features, RPNOutputs, proposals) of x↓ (proposals in x↓ coordinates)."""
         if x.shape[-2] % self.pad_multiple or x.shape[-1] % self.pad_multiple:
             raise ValueError(f"SED scale consistency: x is {tuple(x.shape[-2:])}, not padded to "
-                             f"a multiple of {self.pad_multiple}.")
-        x_down, sizes_down = downscale_images((x, image_sizes))
+                             f"a multiple of {self.pad_multiple} (the backbone's size "
+                             f"divisibility); build it with the student's preprocess_image or "
+                             f"padded_image_list.")
+        x_down, sizes_down = downscale_images(x, image_sizes, self.pad_multiple)
         features = model.backbone(x_down)
         rpn = model.proposal_generator
         outputs = rpn.head_outputs(features)

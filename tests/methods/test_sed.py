@@ -228,15 +228,19 @@ def test_construction_errors():
         _cfg(DEMO, "SSOD.SED.REWEIGHT_GAMMA", -1.0)
 
 
-def test_soft_teacher_pads_strong_images_only_with_scale_consistency():
-    shapes = {}
+def test_soft_teacher_student_forward_is_unchanged_by_scale_consistency():
+    """With SSOD.SED.SCALE_CONSISTENCY the student sees the strong images as they are (no
+    padding beforehand; its preprocess_image pads x to 32 with the real image sizes), so with
+    the same weights and random state its Soft Teacher losses equal those without the flag;
+    the scale terms come on top."""
+    runs = {}
     for name, path in (("off", ST), ("on", ST_SED)):
         cfg = _cfg(path, "SSOD.SOFT_TEACHER.CLS_THRESH", 1.0, "SSOD.SOFT_TEACHER.REG_THRESH",
                    1.0, "SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT", False)
         torch.manual_seed(0)
         student = build_model(cfg).train()
         method = METHOD_REGISTRY.get("soft_teacher")(cfg, student, EMATeacher(student))
-        seen = []
+        seen, captured = [], []
         forward = student.forward
 
         def recording(inputs, forward=forward, seen=seen):
@@ -244,14 +248,28 @@ def test_soft_teacher_pads_strong_images_only_with_scale_consistency():
             return forward(inputs)
 
         student.forward = recording
+        if method.scale is not None:
+            scale_losses = method.scale_losses
+
+            def recording_scale(model, cap, scale_losses=scale_losses, captured=captured):
+                captured.append((tuple(cap.x.shape[-2:]), cap.image_sizes))
+                return scale_losses(model, cap)
+
+            method.scale_losses = recording_scale
+        torch.manual_seed(1)
         with EventStorage(0):
             losses = method.unsupervised_losses(student, _unlabeled())
-        shapes[name] = (seen, set(losses))
-    assert shapes["off"][0] == [(97, 131), (120, 90)]
-    assert shapes["on"][0] == [(128, 192), (128, 128)]
+        runs[name] = (seen, captured, {k: v.item() for k, v in losses.items()}, student)
+    off, on = runs["off"], runs["on"]
+    assert off[0] == on[0] == [(97, 131), (120, 90)]
+    # x padded to 32 (120 → 128, 131 → 160) by the student itself, real sizes kept
+    assert on[1] == [((128, 160), [(97, 131), (120, 90)])]
+    assert all(torch.equal(a, b) for a, b in zip(off[3].state_dict().values(),
+                                                 on[3].state_dict().values()))
     scale = {"unsup/loss_rpn_scale_cls", "unsup/loss_rpn_scale_loc", "unsup/loss_roi_scale_cls",
              "unsup/loss_roi_scale_loc"}
-    assert not scale & shapes["off"][1] and scale <= shapes["on"][1]
+    assert not scale & off[2].keys() and on[2].keys() == off[2].keys() | scale
+    assert {k: on[2][k] for k in off[2]} == off[2]
 
 
 # ------------------------------------------------------------------ short real trainings

@@ -1,8 +1,10 @@
 """SED's scale consistency (d2ssod/modeling/scale_consistency.py) and SEDRPN (sed_rpn.py).
 
 Golden values are written out with plain torch formulas in the tests; the scale-equivariant
-inputs are feature dicts built so that level k of x↓ *is* level k+1 of x, run through the real
-RPN head / box head of the demo detector."""
+inputs are feature dicts built so that level k of x↓ *is* level k+1 of x (plus, where x↓ is
+padded further, zero cells that the crop must drop), run through the real RPN head / box head
+of the demo detector. The grid and anchor correspondence after padding x and x↓ to the
+backbone's size divisibility (32) is checked on the real MobileNetV2-FPN."""
 import copy
 import math
 import os
@@ -23,10 +25,12 @@ from d2ssod.modeling.scale_consistency import (
     ScaleConsistency,
     binary_kl_with_logits,
     box_predictions,
+    align_levels,
     categorical_kl,
+    crop_anchor_grid,
+    downscale_images,
     foreground_weights,
     level_pairs,
-    pad_to_multiple,
     padded_image_list,
     roi_boxes,
     soft_cross_entropy,
@@ -85,38 +89,180 @@ def test_plain_rpn_is_refused():
         ScaleConsistency(cfg, build_model(cfg))
 
 
-# ------------------------------------------------------------------ padding
-def test_pad_to_multiple_pads_bottom_right_with_the_mean():
-    mean = [123.675, 116.28, 103.53]
-    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
-    out = pad_to_multiple(image, 4, mean)
-    assert out.dtype == torch.float32 and out.shape == (3, 8, 8)
-    assert torch.equal(out[:, :5, :7], image.float())
-    for c in range(3):
-        assert (out[c, 5:, :] == mean[c]).all() and (out[c, :, 7:] == mean[c]).all()
-        assert ((out[c, 5:, :] - mean[c]) / 57.0 == 0).all()  # normalised padding is exactly 0
-    assert torch.equal(pad_to_multiple(out, 4, mean), out)
+# ------------------------------------------------------------------ padding and cropping
+def test_downscale_images_averages_2x2_and_pads_with_zero_to_the_multiple():
+    x = torch.arange(32, dtype=torch.float32).view(1, 1, 4, 8)  # value = 8·row + column
+    down, sizes = downscale_images(x, [(3, 7)], 4)
+    # 2×2 means of rows {0,1}, {2,3} and column pairs: 4.5 + 2·j and 20.5 + 2·j; x↓ is 2×4,
+    # padded with zero rows to 4×4
+    expected = torch.tensor([[4.5, 6.5, 8.5, 10.5], [20.5, 22.5, 24.5, 26.5],
+                             [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(down, expected.view(1, 1, 4, 4))
+    assert sizes == [(2, 4)]  # real sizes halved, rounded up
+    same, _ = downscale_images(x, [(4, 8)], 2)  # already a multiple: no padding
+    assert same.shape == (1, 1, 2, 4) and torch.equal(same[0, 0], expected[:2])
+    with pytest.raises(ValueError, match="must be even"):
+        downscale_images(torch.zeros(1, 1, 4, 7), [(4, 7)], 4)
 
 
-@pytest.mark.parametrize("sizes", [[(97, 131), (83, 150)], [(161, 65)]])
-def test_padding_makes_down_level_k_grid_equal_full_level_k_plus_1(model, sizes):
+def test_crop_anchor_grid_keeps_the_top_left_cells_in_rpn_layout():
+    # a 3×4 grid with A = 2 anchors per cell, entry (y·4 + x)·2 + a; crop to 2×3: rows y < 2,
+    # columns x < 3, both anchors of each cell, in the same order
+    kept = [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]
+    logits = torch.arange(24.0).view(1, 24) + torch.tensor([[0.0], [100.0]])  # (N=2, 24)
+    got = crop_anchor_grid(logits, (3, 4), (2, 3))
+    assert torch.equal(got, torch.tensor([kept, [100 + k for k in kept]], dtype=torch.float32))
+    deltas = torch.arange(2 * 24 * 4.0).view(2, 24, 4)
+    assert torch.equal(crop_anchor_grid(deltas, (3, 4), (2, 3)), deltas[:, kept])
+    anchors = torch.arange(24 * 4.0).view(24, 4)
+    assert torch.equal(crop_anchor_grid(anchors, (3, 4), (2, 3), dim=0), anchors[kept])
+    assert crop_anchor_grid(anchors, (3, 4), (3, 4), dim=0) is anchors
+    with pytest.raises(ValueError, match="cannot crop 24 anchors on a 3×4 grid to 4×4"):
+        crop_anchor_grid(anchors, (3, 4), (4, 4), dim=0)
+    with pytest.raises(ValueError, match="cannot crop 23 anchors"):
+        crop_anchor_grid(anchors[:23], (3, 4), (2, 3), dim=0)
+
+
+def test_crop_of_flattened_rpn_outputs_equals_flattening_the_cropped_maps(model):
+    """The crop in SEDRPN's flat layout is the spatial crop of the head's (N, A, H, W) maps."""
+    rpn = model.proposal_generator
+    g = torch.Generator().manual_seed(0)
+    n, a, (H, W), (h, w) = 2, 3, (6, 8), (5, 7)
+    raw_logits = [torch.randn(n, a, H, W, generator=g)]
+    raw_deltas = [torch.randn(n, 4 * a, H, W, generator=g)]
+    feats = [torch.zeros(n, 1, H, W)]
+    flat = rpn.outputs_from_head(feats, raw_logits, raw_deltas)
+    ref = rpn.outputs_from_head([f[..., :h, :w] for f in feats],
+                                [x[..., :h, :w] for x in raw_logits],
+                                [x[..., :h, :w] for x in raw_deltas])
+    assert torch.equal(crop_anchor_grid(flat.logits[0], (H, W), (h, w)), ref.logits[0])
+    assert torch.equal(crop_anchor_grid(flat.deltas[0], (H, W), (h, w)), ref.deltas[0])
+
+
+# padded x sizes that are multiples of 32 but not of 64: x↓ (x / 2) needs its own padding
+@pytest.mark.parametrize("sizes,padded", [
+    ([(150, 200), (97, 131)], (160, 224)),
+    ([(90, 140)], (96, 160)),
+    ([(224, 270)], (224, 288)),
+])
+def test_padded_x_down_level_k_matches_x_level_k_plus_1_after_cropping(model, sizes, padded):
+    """On the real MobileNetV2-FPN and SEDRPN: x padded to 32 as the student's own forward
+    does, x↓ = 2×2 average padded to 32 again. x↓'s grids exceed x's one level up by exactly
+    the 16 padding pixels over the stride (none at p5 vs p6: p6 is a stride-2 max pool of p5,
+    ⌈n/2⌉ cells), the crop leaves identical grids and anchors exactly half of x's."""
     sc = ScaleConsistency(_cfg(), model)
-    assert sc.pad_multiple == 64 and sc.pairs == level_pairs(STRIDES)
+    assert sc.pad_multiple == 32 == model.backbone.size_divisibility
+    assert sc.pairs == level_pairs(STRIDES)
+    assert sc.max_surplus == {"p2": 4, "p3": 2, "p4": 1, "p5": 1}
     views = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8)} for h, w in sizes]
     images = padded_image_list(model, views, sc.pad_multiple)
     assert images.image_sizes == [tuple(s) for s in sizes]  # real sizes kept
     x = images.tensor
-    assert x.shape[-2] % 64 == 0 and x.shape[-1] % 64 == 0
-    h, w = x.shape[-2:]
-    for i, (hi, wi) in enumerate(sizes):  # padding is the normalised mean: exactly 0
-        assert (x[i, :, hi:, :] == 0).all() and (x[i, :, :, wi:] == 0).all()
+    assert tuple(x.shape[-2:]) == padded
+    # the same batch as the student's own preprocess_image
+    assert torch.equal(x, model.preprocess_image(views).tensor)
+    H, W = padded
+    x_down, sizes_down = downscale_images(x, images.image_sizes, sc.pad_multiple)
+    hd, wd = H // 2 + 16, W // 2 + 16  # H / 2, W / 2 are odd multiples of 16
+    assert tuple(x_down.shape[-2:]) == (hd, wd) and hd % 32 == 0 and wd % 32 == 0
+    assert sizes_down == [((h + 1) // 2, (w + 1) // 2) for h, w in sizes]
+    assert torch.equal(x_down[..., : H // 2, : W // 2], F.avg_pool2d(x, 2))
+    assert not x_down[..., H // 2:, :].any() and not x_down[..., W // 2:].any()
+    rpn = model.proposal_generator
     with torch.no_grad():
-        full = model.backbone(x)
-        down = model.backbone(F.avg_pool2d(x, 2))
-    for d, f in sc.pairs:
-        assert down[d].shape == full[f].shape, (d, f)
-        # whole cells only: every level's grid is exactly the image size over its stride
-        assert down[d].shape[-2:] == (h // 2 // STRIDES[d], w // 2 // STRIDES[d])
+        # why x↓ is padded: Detectron2's FPN cannot add the upsampled p5 (⌈H/64⌉ cells, ×2)
+        # to the p4 lateral (H/32 cells) of an input that is not a multiple of 32
+        with pytest.raises(RuntimeError):
+            model.backbone(F.avg_pool2d(x, 2))
+        out_full = rpn.head_outputs(model.backbone(x))
+        out_down = rpn.head_outputs(model.backbone(x_down))
+    for name, grid, s in zip(out_full.levels, out_full.grids, STRIDES.values()):
+        assert grid == (-(-H // s), -(-W // s)), name
+    for (d, f), extra in zip(sc.pairs, (4, 2, 1, 0)):
+        d_grid, f_grid = out_down.grids[out_down.levels.index(d)], out_full.grids[
+            out_full.levels.index(f)]
+        assert d_grid == (f_grid[0] + extra, f_grid[1] + extra), (d, f)
+    sel_full, sel_down = align_levels(out_full, out_down, sc.pairs, sc.max_surplus)
+    assert sel_down.levels == ["p2", "p3", "p4", "p5"]
+    assert sel_full.levels == ["p3", "p4", "p5", "p6"]
+    assert sel_down.grids == sel_full.grids == [(H // 8, W // 8), (H // 16, W // 16),
+                                                (H // 32, W // 32), (-(-H // 64), -(-W // 64))]
+    n = len(sizes)
+    for k in range(4):
+        assert torch.equal(sel_down.anchors[k].tensor, 0.5 * sel_full.anchors[k].tensor), k
+        assert sel_down.logits[k].shape == sel_full.logits[k].shape
+        assert sel_down.deltas[k].shape == sel_full.deltas[k].shape
+        assert sel_down.logits[k].shape[0] == n
+        # the cells cropped away are centred (anchor offset 0) in x↓'s padding
+        d = sc.pairs[k][0]
+        i = out_down.levels.index(d)
+        gh, gw = out_down.grids[i]
+        centres = out_down.anchors[i].get_centers().view(gh, gw, -1, 2)
+        fh, fw = sel_full.grids[k]
+        assert (centres[fh:, :, :, 1] >= H // 2).all() and (centres[:, fw:, :, 0] >= W // 2).all()
+    # the RPN terms run on those pairs
+    losses = sc.rpn_losses(out_full, out_down)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def _padded_toy_features(n=1, c=64, h=160, w=224, seed=0):
+    """x's features (p2..p6 of an h × w input, h, w multiples of 32 but not 64) and x↓'s for the
+    input x / 2 padded by 16 pixels: x↓[level k] = x[level k+1] in its top-left cells, zero in
+    the cells of the padding (as many as 16 / stride(level k)); x↓'s p6 is random."""
+    g = torch.Generator().manual_seed(seed)
+    names = list(STRIDES)
+    full = {name: torch.randn(n, c, -(-h // s), -(-w // s), generator=g)
+            for name, s in STRIDES.items()}
+    down = {}
+    for k, name in enumerate(names[:-1]):
+        s = STRIDES[name]
+        grid = ((h // 2 + 16) // s, (w // 2 + 16) // s)
+        up = full[names[k + 1]]
+        down[name] = torch.zeros(n, c, *grid)
+        down[name][..., : up.shape[-2], : up.shape[-1]] = up
+    down["p6"] = torch.randn(n, c, 2, 2, generator=g)
+    return full, down
+
+
+def test_rpn_scale_loss_is_zero_when_x_down_equals_x_one_level_up_apart_from_its_padding(
+        model):
+    """Cropping must drop exactly the zero cells and keep every other anchor aligned: the RPN
+    head (a 3×3 conv with zero padding) gives the same outputs on the kept cells, so the loss
+    is 0; shifting x↓ by one cell breaks it."""
+    sc = ScaleConsistency(_cfg(), model)
+    rpn = copy.deepcopy(model.proposal_generator)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in rpn.rpn_head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        full, down = _padded_toy_features()
+        out_full, out_down = rpn.head_outputs(full), rpn.head_outputs(down)
+        assert out_down.grids[0] == (24, 32) and out_full.grids[1] == (20, 28)
+        zero = sc.rpn_losses(out_full, out_down)
+        assert abs(zero["loss_rpn_scale_cls"].item()) < 1e-6
+        assert zero["loss_rpn_scale_loc"].item() < 1e-6
+        down["p3"] = torch.roll(down["p3"], 1, dims=-1)
+        shifted = sc.rpn_losses(out_full, rpn.head_outputs(down))
+    assert shifted["loss_rpn_scale_cls"].item() > 1e-3
+
+
+def test_align_levels_refuses_grids_that_padding_cannot_explain(model):
+    sc = ScaleConsistency(_cfg(), model)
+    rpn = model.proposal_generator
+    full, down = _padded_toy_features()
+    with torch.no_grad():
+        out_full, out_down = rpn.head_outputs(full), rpn.head_outputs(down)
+        # x↓ smaller than x one level up
+        small = dict(down, p3=down["p3"][..., :9, :])
+        with pytest.raises(ValueError, match=r"p3 of x↓ is \(9, 16\), smaller than p4 of x "
+                                             r"\(10, 14\)"):
+            sc.rpn_losses(out_full, rpn.head_outputs(small))
+        # x↓ larger than its padding allows (3 columns more at p3: at most 2)
+        big = dict(down, p3=F.pad(down["p3"], (0, 1)))
+        with pytest.raises(ValueError, match="more than 2 rows/columns larger than p4"):
+            sc.rpn_losses(out_full, rpn.head_outputs(big))
+    with pytest.raises(ValueError, match="not padded to a multiple of 32"):
+        sc.down_branch(model, torch.zeros(1, 3, 160, 208 + 8), [(160, 216)])
 
 
 # ------------------------------------------------------------------ elementwise losses
@@ -251,8 +397,9 @@ def test_rpn_scale_gradient_is_symmetric_with_stop_gradient(model):
         assert torch.allclose(ld[k].grad, expected, atol=1e-7)
         assert torch.allclose(lf[k + 1].grad, -expected, atol=1e-7)
     assert ld[4].grad is None or not ld[4].grad.any()  # x↓ p6 has no partner
-    with pytest.raises(ValueError, match="padded to a multiple of 64"):
-        sc.rpn_losses(full, RPNOutputs(list(STRIDES), full_grids, anchors, lf, deltas))
+    small = RPNOutputs(list(STRIDES), grids[1:] + [(1, 1)], anchors, ld, deltas)
+    with pytest.raises(ValueError, match=r"p2 of x↓ is \(2, 2\), smaller than p3 of x"):
+        sc.rpn_losses(full, small)
 
 
 # ------------------------------------------------------------------ ROI consistency
@@ -365,8 +512,7 @@ def test_sedrpn_has_rpn_parameters_and_forward_and_its_helpers_match():
 # ------------------------------------------------------------------ capture
 def test_capture_records_one_forward_and_removes_its_hooks(model):
     sc = ScaleConsistency(_cfg(), model)
-    image = pad_to_multiple(torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8), 64,
-                            model.pixel_mean.view(-1).tolist())
+    image = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)  # not padded beforehand
     inst = Instances((70, 90), gt_boxes=Boxes(torch.tensor([[10.0, 10.0, 40.0, 50.0]])),
                      gt_classes=torch.tensor([1]))
     from detectron2.utils.events import EventStorage
@@ -376,7 +522,8 @@ def test_capture_records_one_forward_and_removes_its_hooks(model):
             model([{"image": image, "instances": inst}])
         losses = sc.losses_from_capture(model, cap)
     assert cap.calls == {"backbone": 1, "rpn_head": 1, "roi_heads": 1}
-    assert cap.x.shape[-2:] == (128, 128) and cap.image_sizes == [(128, 128)]
+    # x is the student's own input, padded to 32; the real size is kept
+    assert cap.x.shape[-2:] == (96, 96) and cap.image_sizes == [(70, 90)]
     assert set(losses) == {"loss_rpn_scale_cls", "loss_rpn_scale_loc", "loss_roi_scale_cls",
                            "loss_roi_scale_loc"}
     assert all(torch.isfinite(v) for v in losses.values())
