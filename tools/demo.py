@@ -6,7 +6,7 @@
 Three trainings of the same detector, all evaluated on ``demo_val`` with Detectron2's COCO
 evaluator:
 
-* **supervised**: the labeled ~10 % only (``configs/demo/supervised.yaml``), ``N + M`` iterations;
+* **supervised**: the labeled part only (``configs/demo/supervised.yaml``), ``N + M`` iterations;
 * **ssod**: the method's config; its first ``N`` iterations are the supervised burn-in, which is
   exactly the supervised run's first ``N`` iterations (same seed and schedule), so the SSOD run
   starts from the supervised run's checkpoint at iteration ``N`` (converted to an SSOD checkpoint
@@ -142,6 +142,7 @@ def main():
     sys.path.insert(0, REPO)
     from d2ssod.engine import build_cfg
     from d2ssod.data.demo import ensure_demo_data
+    from detectron2.data import DatasetCatalog
 
     t0 = time.time()
     ensure_demo_data()
@@ -210,11 +211,15 @@ def main():
     shutil.copyfile(os.path.join(out, f"summary_{args.method}.json"),
                     os.path.join(out, "summary.json"))
     gap = "n/a" if summary["gap_closed"] is None else f"{summary['gap_closed']:.2f}"
+    labeled, unlabeled = (sum(len(DatasetCatalog.get(d)) for d in names)
+                          for names in (cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_UNLABELED))
+    share = 100.0 * labeled / max(labeled + unlabeled, 1)
     table = "\n".join([
         f"| run ({total} iterations, demo_val) | AP | AP50 |",
         "|---|---|---|",
         *(f"| {name} | {final[key]['AP']:.2f} | {final[key]['AP50']:.2f} |" for name, key in
-          (("supervised (10% labeled)", "supervised"), (f"{args.method} (+90% unlabeled)", "ssod"),
+          ((f"supervised ({labeled} labeled, {share:.0f} %)", "supervised"),
+           (f"{args.method} (+{unlabeled} unlabeled)", "ssod"),
            ("oracle (100% labeled)", "oracle"))),
         "",
         f"gap closed: {gap} — wall time {summary['wall_seconds'] / 60:.1f} min",

@@ -32,6 +32,9 @@ Config (``d2ssod/config.py``, ``MODEL.MOBILENETV2.*``):
   not installed); "" for random init. **Skipped when ``MODEL.WEIGHTS`` is set**: the detector
   checkpoint named there is loaded after the model is built and provides the backbone weights
   (this is also the case when resuming), so reading the ImageNet file would be wasted work.
+* ``CHANNELS_LAST``: convolutions in NHWC memory format (outputs are returned as contiguous
+  NCHW, so FPN, ROIAlign and checkpoints see ordinary tensors; loading a checkpoint copies into
+  the NHWC parameters).
 """
 import hashlib
 import importlib.util
@@ -161,7 +164,8 @@ class MobileNetV2Backbone(Backbone):
     """torchvision MobileNetV2 as a Detectron2 ``Backbone`` with outputs res2..res5."""
 
     def __init__(self, out_features=("res2", "res3", "res4", "res5"), width_mult=1.0,
-                 norm="FrozenBN", freeze_at=1, pretrained="", in_channels=3):
+                 norm="FrozenBN", freeze_at=1, pretrained="", in_channels=3,
+                 channels_last=False):
         """
         Args:
             out_features (list[str]): subset of res2..res5.
@@ -170,6 +174,10 @@ class MobileNetV2Backbone(Backbone):
             freeze_at (int): number of leading stages (stem = 1, ..., res5 = 5) to freeze.
             pretrained (str): path of torchvision's ImageNet file, or "" for random init.
             in_channels (int): must be 3 (torchvision's stem).
+            channels_last (bool): run the convolutions in channels-last (NHWC) memory format:
+                the input is converted on entry, the outputs back to contiguous NCHW. Same
+                numbers up to float rounding; faster where oneDNN/cuDNN have NHWC kernels (on
+                CPU the 1×1 convolutions otherwise take a slow im2col path).
         """
         super().__init__()
         out_features = list(out_features)
@@ -213,6 +221,9 @@ class MobileNetV2Backbone(Backbone):
         elif norm == "":
             _fold_batchnorms(self.features)
         self.freeze(freeze_at)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.features.to(memory_format=torch.channels_last)
 
     def freeze(self, freeze_at):
         """Freeze stages 1..freeze_at (parameters and BatchNorm statistics)."""
@@ -225,12 +236,14 @@ class MobileNetV2Backbone(Backbone):
         return self
 
     def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         outputs = {}
         for name, (start, end) in zip(STAGE_NAMES, self._stage_ranges):
             for i in range(start, end):
                 x = self.features[i](x)
             if name in self._out_features:
-                outputs[name] = x
+                outputs[name] = x.contiguous() if self.channels_last else x
         return outputs
 
     def output_shape(self):
@@ -274,6 +287,7 @@ def build_mobilenetv2_backbone(cfg, input_shape):
         freeze_at=c.FREEZE_AT,
         pretrained=_pretrained_path(cfg),
         in_channels=input_shape.channels,
+        channels_last=c.CHANNELS_LAST,
     )
 
 

@@ -95,7 +95,7 @@ def test_full_generation_meets_the_spec(tmp_path):
     assert demo.ensure_demo_data(root) == root
 
     lab, unl, val = (_read(root, f) for f in ("labeled.json", "unlabeled.json", "val.json"))
-    assert [len(d["images"]) for d in (lab, unl, val)] == [100, 900, 200]
+    assert [len(d["images"]) for d in (lab, unl, val)] == [50, 950, 200]
     ids = [{im["id"] for im in d["images"]} for d in (lab, unl, val)]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert [c["id"] for c in val["categories"]] == [1, 2, 3, 4, 5]
@@ -138,7 +138,7 @@ def test_full_generation_meets_the_spec(tmp_path):
     demo.ensure_demo_data(root)
     assert os.path.getmtime(marker) == mtime and time.perf_counter() - start < 1.0
     stats = demo.dataset_statistics(os.path.join(root, "labeled.json"))
-    assert stats["images"] == 100 and sum(stats["per_class"].values()) == stats["instances"] == len(lab["annotations"])
+    assert stats["images"] == 50 and sum(stats["per_class"].values()) == stats["instances"] == len(lab["annotations"])
 
 
 def test_outdated_folder_is_regenerated_and_foreign_folder_refused(tmp_path):

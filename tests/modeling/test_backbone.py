@@ -131,3 +131,27 @@ def test_bad_config_values_raise():
         build_backbone(_cfg(FREEZE_AT=6))
     with pytest.raises(ValueError, match="WIDTH_MULT"):
         build_backbone(_cfg(WIDTH_MULT=0.5, PRETRAINED="auto"))
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = build_backbone(_cfg(CHANNELS_LAST=False, NORM="FrozenBN", FREEZE_AT=1))
+    nhwc = build_backbone(_cfg(CHANNELS_LAST=True, NORM="FrozenBN", FREEZE_AT=1))
+    nhwc.load_state_dict(plain.state_dict())  # copies into the NHWC parameters
+    convs = [m for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    x = torch.randn(2, 3, 96, 64)
+    a, b = plain(x), nhwc(x)
+    for name in a:
+        assert b[name].is_contiguous()  # NCHW again for FPN / ROIAlign
+        assert torch.allclose(a[name], b[name], atol=1e-4, rtol=1e-4), name
+    sum(v.square().sum() for v in a.values()).backward()
+    sum(v.square().sum() for v in b.values()).backward()
+    for (name, p), q in zip(plain.named_parameters(), nhwc.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, atol=1e-3, rtol=1e-3), name
+    # a state dict saved from the NHWC model loads into a plain one with the same values
+    back = build_backbone(_cfg(CHANNELS_LAST=False))
+    back.load_state_dict(nhwc.state_dict())
+    assert all(torch.equal(u, v) for u, v in zip(back.state_dict().values(),
+                                                   plain.state_dict().values()))
