@@ -58,7 +58,7 @@ def main():
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
-    from detectron2.structures import Boxes, BoxMode
+    from detectron2.data.detection_utils import annotations_to_instances
 
     from d2ssod.engine import build_cfg
 
@@ -81,11 +81,8 @@ def main():
             for d, out in zip(chunk, model([mapper(d) for d in chunk])):
                 inst = out["instances"].to("cpu")  # in the original image's coordinates
                 detections.append((inst.pred_boxes, inst.scores, inst.pred_classes))
-                anns = d.get("annotations", [])
-                boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                                      for a in anns], dtype=torch.float32).reshape(-1, 4)
-                truths.append((Boxes(boxes),
-                               torch.tensor([a["category_id"] for a in anns], dtype=torch.long)))
+                gt = annotations_to_instances(d.get("annotations", []), (d["height"], d["width"]))
+                truths.append((gt.gt_boxes, gt.gt_classes))
     n_gt = sum(len(t[0]) for t in truths)
     print(f"{name}: {len(dicts)} images, {n_gt / max(len(dicts), 1):.2f} ground-truth boxes per image")
     print("| threshold | boxes / image | precision | recall |\n|---|---|---|---|")
