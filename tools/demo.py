@@ -10,7 +10,9 @@ evaluator:
 * **ssod**: the method's config; its first ``N`` iterations are the supervised burn-in, which is
   exactly the supervised run's first ``N`` iterations (same seed and schedule), so the SSOD run
   starts from the supervised run's checkpoint at iteration ``N`` (converted to an SSOD checkpoint
-  whose teacher and student are that model) and trains ``M`` semi-supervised iterations;
+  whose teacher and student are that model) and trains ``M`` semi-supervised iterations (a
+  method whose detector differs from the baseline's, as Unbiased Teacher's focal loss, uses its
+  own from the hand-over on);
 * **oracle**: all training images with their labels (``configs/demo/oracle.yaml``), ``N + M``.
 
 Writes ``summary.json`` (AP/AP50 of each, ``gap_closed = (ssod − sup) / (oracle − sup)``, wall
