@@ -1,19 +1,20 @@
 """Configuration keys of d2ssod.
 
 ``add_ssod_config(cfg)`` adds every key d2ssod reads to a Detectron2 ``CfgNode``, each with a
-default and a comment. Detectron2's own keys keep their meaning; in particular
-``SOLVER.IMS_PER_BATCH`` is the *labeled* batch size summed over all GPUs and
-``SSOD.UNLABELED_RATIO`` sets the unlabeled batch relative to it.
+default and a comment: here the keys every method shares (trainer, strong augmentation,
+datasets) and those of d2ssod's model components; each registered method then adds its own
+through its ``add_config`` classmethod (``d2ssod/methods/<name>.py``). Detectron2's own keys
+keep their meaning; in particular ``SOLVER.IMS_PER_BATCH`` is the *labeled* batch size summed
+over all GPUs and ``SSOD.UNLABELED_RATIO`` sets the unlabeled batch relative to it.
 
-``validate_ssod_config(cfg)`` checks choices and gives errors that name the key and list the
-valid values. Unknown keys are rejected by Detectron2's ``merge_from_file/list`` already; the
+``validate_ssod_config(cfg)`` checks the shared choices, then asks the selected method to check
+its own keys (``validate_config``); errors name the key and list the valid values. Unknown keys are rejected by Detectron2's ``merge_from_file/list`` already; the
 trainer wraps that error so it names the offending key and the closest known one.
 """
 import difflib
 
 from detectron2.config import CfgNode as CN
 
-STEP_MODES = ("joint", "alternate")
 EMA_BUFFER_MODES = ("average", "copy")
 
 
@@ -25,7 +26,8 @@ def add_ssod_config(cfg):
     # Semi-supervised training
     # ---------------------------------------------------------------------------------------
     _C.SSOD = CN()
-    # Method, a name in d2ssod.methods.METHOD_REGISTRY: "supervised", "unbiased_teacher", ...
+    # Method, a name in d2ssod.methods.METHOD_REGISTRY (every module of d2ssod/methods/
+    # registers one; the registry's error lists them).
     _C.SSOD.METHOD = "unbiased_teacher"
     # "joint": each iteration takes a labeled and an unlabeled batch and does one backward on
     # L_sup + λ_u·L_unsup (as the official implementations do). "alternate": even iterations
@@ -54,57 +56,6 @@ def add_ssod_config(cfg):
     _C.SSOD.PSEUDO_EVAL_PERIOD = 20
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
-
-    # Unbiased Teacher (Liu et al., ICLR 2021; facebookresearch's unbiased-teacher repo).
-    _C.SSOD.UNBIASED_TEACHER = CN()
-    # Teacher detections with score >= this become pseudo boxes (after the teacher's NMS).
-    _C.SSOD.UNBIASED_TEACHER.SCORE_THRESH = 0.7
-
-    # Soft Teacher (Xu et al., ICCV 2021; microsoft/SoftTeacher), SPEC.md §2.
-    _C.SSOD.SOFT_TEACHER = CN()
-    # Teacher detections with score >= this are the RPN (objectness + deltas) and ROI
-    # classification pseudo boxes.
-    _C.SSOD.SOFT_TEACHER.CLS_THRESH = 0.9
-    # Candidates for ROI box regression: score >= this and jitter uncertainty below
-    # UNCERTAINTY_THRESH.
-    _C.SSOD.SOFT_TEACHER.REG_THRESH = 0.5
-    # Box jitter: copies per candidate box and the std of the noise as a fraction of the box
-    # width (x) / height (y).
-    _C.SSOD.SOFT_TEACHER.JITTER_TIMES = 10
-    _C.SSOD.SOFT_TEACHER.JITTER_SCALE = 0.06
-    # Boxes whose jitter uncertainty (mean relative std of the refined copies) is below this keep
-    # regression targets.
-    _C.SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH = 0.02
-    # Weight background proposals of the ROI classification loss by the teacher's background
-    # probability (False: every proposal weighs 1).
-    _C.SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT = True
-
-    # SED, Scale-Equivalent Distillation (Guo et al., CVPR 2022; no public code), SPEC.md §3.
-    # Every constant below is ours (the paper gives none of them); see the README's deviation
-    # table.
-    _C.SSOD.SED = CN()
-    # Scale consistency (student on x vs the 0.5x copy x↓, RPN every anchor + ROI). Read by
-    # SSOD.METHOD "sed" (False there = distillation only, an ablation) and "soft_teacher" (True
-    # adds the scale terms to Soft Teacher's losses; needs MODEL.PROPOSAL_GENERATOR.NAME
-    # SEDRPN). Off by default so that configs of other methods are unchanged; the sed configs
-    # set it True. Other methods refuse True.
-    _C.SSOD.SED.SCALE_CONSISTENCY = False
-    # γ of the re-weighting wᵢ = (1 − p_bg,i)^γ of each proposal's distillation terms (teacher's
-    # background probability), normalised to mean 1 over the batch; 0 turns it off (ours: 1).
-    _C.SSOD.SED.REWEIGHT_GAMMA = 1.0
-    # Weights (× λ_u) of the four loss groups: scale consistency of RPN / ROI and distillation
-    # into RPN / ROI (each applies to both its _cls and _loc term; ours: 1).
-    _C.SSOD.SED.RPN_SCALE_WEIGHT = 1.0
-    _C.SSOD.SED.ROI_SCALE_WEIGHT = 1.0
-    _C.SSOD.SED.RPN_DISTILL_WEIGHT = 1.0
-    _C.SSOD.SED.ROI_DISTILL_WEIGHT = 1.0
-    # Student proposals per image (of x and of x↓ ×2 together, drawn uniformly) for the ROI
-    # scale and distillation terms; -1 = MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, 0 = all (ours:
-    # bounds the box-head cost).
-    _C.SSOD.SED.ROI_SAMPLES_PER_IMAGE = -1
-    # SED learns from soft targets only; teacher detections with score >= this are counted as
-    # pseudo boxes for the logs only (pseudo/num_boxes, precision, recall; ours: UT's 0.7).
-    _C.SSOD.SED.LOG_SCORE_THRESH = 0.7
 
     # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
     _C.SSOD.STRONG_AUG = CN()
@@ -163,6 +114,25 @@ def add_ssod_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Model components registered by d2ssod
     # ---------------------------------------------------------------------------------------
+    # SED's scale consistency (d2ssod.modeling.scale_consistency; Guo et al., CVPR 2022, no
+    # public code; every constant is ours, docs/methods.md, "SED"). The SED method adds its
+    # distillation keys to the same node.
+    _C.SSOD.SED = CN()
+    # Scale consistency (student on x vs the 0.5x copy x↓, RPN every anchor + ROI), for the
+    # methods that support it (SSOD.METHOD "sed": False there = distillation only, an ablation;
+    # "soft_teacher": True adds the scale terms, needs MODEL.PROPOSAL_GENERATOR.NAME SEDRPN).
+    # Off by default so that configs of other methods are unchanged; the sed configs set it
+    # True. Other methods refuse True.
+    _C.SSOD.SED.SCALE_CONSISTENCY = False
+    # Weights (× λ_u) of the scale-consistency terms of RPN / ROI (each applies to both its _cls
+    # and _loc term; ours: 1).
+    _C.SSOD.SED.RPN_SCALE_WEIGHT = 1.0
+    _C.SSOD.SED.ROI_SCALE_WEIGHT = 1.0
+    # Student proposals per image (of x and of x↓ ×2 together, drawn uniformly) for SED's ROI
+    # scale and distillation terms; -1 = MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, 0 = all (ours:
+    # bounds the box-head cost).
+    _C.SSOD.SED.ROI_SAMPLES_PER_IMAGE = -1
+
     # MobileNetV2 (+ FPN) backbone, "build_mobilenetv2_fpn_backbone".
     _C.MODEL.MOBILENETV2 = CN()
     # Output features, named by their stride: "res2".."res5" (strides 4..32).
@@ -184,6 +154,14 @@ def add_ssod_config(cfg):
     # ROI box predictor of d2ssod ("SSODROIHeads"): focal loss and per-proposal weights.
     # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).
     _C.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA = 0.0
+
+    # ---------------------------------------------------------------------------------------
+    # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)
+    # ---------------------------------------------------------------------------------------
+    from d2ssod.methods import METHOD_REGISTRY
+
+    for _, method in sorted(METHOD_REGISTRY):
+        method.add_config(cfg)
     return cfg
 
 
@@ -196,7 +174,9 @@ def _check_choice(key, value, choices):
 
 
 def validate_ssod_config(cfg):
-    """Raise ``ValueError`` naming the key and its valid values for a bad choice."""
+    """Raise ``ValueError`` naming the key and its valid values for a bad choice: the shared
+    keys here, the selected method's keys by its ``validate_config``."""
+    from d2ssod.engine.schedule import STEP_MODES
     from d2ssod.methods import METHOD_REGISTRY
 
     _check_choice("SSOD.METHOD", cfg.SSOD.METHOD, [k for k, _ in METHOD_REGISTRY])
@@ -211,20 +191,15 @@ def validate_ssod_config(cfg):
                          "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
-    _validate_sed(cfg)
+    _validate_scale_consistency(cfg)
+    METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
 
 
-def _validate_sed(cfg):
+def _validate_scale_consistency(cfg):
     sed = cfg.SSOD.SED
-    if sed.SCALE_CONSISTENCY and cfg.SSOD.METHOD not in ("sed", "soft_teacher"):
-        raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is implemented for SSOD.METHOD 'sed' "
-                         f"and 'soft_teacher', not {cfg.SSOD.METHOD!r}; set it False.")
-    for key in ("REWEIGHT_GAMMA", "RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT", "RPN_DISTILL_WEIGHT",
-                "ROI_DISTILL_WEIGHT"):
+    for key in ("RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT"):
         if sed[key] < 0:
             raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
-    if not 0.0 <= sed.LOG_SCORE_THRESH <= 1.0:
-        raise ValueError(f"SSOD.SED.LOG_SCORE_THRESH={sed.LOG_SCORE_THRESH} must lie in [0, 1].")
     if sed.ROI_SAMPLES_PER_IMAGE < -1:
         raise ValueError(f"SSOD.SED.ROI_SAMPLES_PER_IMAGE={sed.ROI_SAMPLES_PER_IMAGE}: use -1 "
                          f"(MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE), 0 (all) or a positive count.")

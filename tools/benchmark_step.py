@@ -154,7 +154,7 @@ def main():
             storage.step()
 
     names = ["data", "teacher", "student", "ema"]
-    names += [p for p in getattr(trainer._trainer.method, "timed_parts", {}) if p not in names]
+    names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
     med = {n: statistics.median(r.get(n, 0.0) for r in records) for n in names + ["step"]}
     explained = [sum(r.get(n, 0.0) for n in names) for r in records]
     med["other"] = statistics.median(r["step"] - e for r, e in zip(records, explained))

@@ -39,8 +39,7 @@ from torch.utils.data import Dataset
 from .mappers import UnlabeledDatasetMapper
 from .sampler import ResumableSampler, aspect_ratio_groups, position_seed
 
-__all__ = ["SeededMapDataset", "TwoStreamLoader", "build_ssod_train_loader", "consumed_batches",
-           "stream_batch_sizes"]
+__all__ = ["SeededMapDataset", "TwoStreamLoader", "build_ssod_train_loader", "stream_batch_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,21 +147,6 @@ def stream_batch_sizes(cfg):
     return labeled // world, unlabeled // world
 
 
-def consumed_batches(cfg, start_iter, with_unlabeled=True):
-    """How many (labeled, unlabeled) batches the trainer has read before iteration
-    ``start_iter``, following ``SSODStep.parts``: burn-in iterations (``SSOD.BURN_IN_ITERS``)
-    read labeled batches only; afterwards ``joint`` steps read one of each and ``alternate``
-    steps read a labeled batch on even and an unlabeled batch on odd iterations (counted from
-    the end of burn-in)."""
-    if not with_unlabeled:
-        return start_iter, 0
-    burn_in = cfg.SSOD.BURN_IN_ITERS
-    after = max(0, start_iter - burn_in)
-    if cfg.SSOD.STEP_MODE == "alternate":
-        return min(start_iter, burn_in) + (after + 1) // 2, after // 2
-    return start_iter, after
-
-
 def _shuffle_seed(cfg):
     return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
@@ -199,23 +183,20 @@ def _stream(cfg, dataset_dicts, mapper, base_sampler, *, seed, stream, batch_siz
         num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
-def build_ssod_train_loader(cfg, with_unlabeled=True, start_iter=0, *, labeled_mapper=None,
-                            unlabeled_mapper=None, labeled_start=None, unlabeled_start=None):
+def build_ssod_train_loader(cfg, with_unlabeled=True, *, labeled_start=0, unlabeled_start=0,
+                            labeled_mapper=None, unlabeled_mapper=None):
     """Build the :class:`TwoStreamLoader` of this rank.
 
     Args:
         cfg: config with d2ssod keys.
         with_unlabeled: build the unlabeled stream (``False`` for the supervised baseline).
-        start_iter: iteration the training (re)starts at; each stream skips the batches the
-            trainer consumed before it (:func:`consumed_batches`) without decoding them.
+        labeled_start, unlabeled_start: batches each stream skips without decoding them (a
+            resumed run passes what its iterations so far consumed,
+            :meth:`d2ssod.engine.schedule.StepSchedule.consumed`).
         labeled_mapper, unlabeled_mapper: override ``DatasetMapper(cfg, True)`` /
             ``UnlabeledDatasetMapper(cfg, True)``.
-        labeled_start, unlabeled_start: override the number of batches each stream skips.
     """
     labeled_bs, unlabeled_bs = stream_batch_sizes(cfg)
-    skip_l, skip_u = consumed_batches(cfg, start_iter, with_unlabeled)
-    skip_l = skip_l if labeled_start is None else labeled_start
-    skip_u = skip_u if unlabeled_start is None else unlabeled_start
     seed = _shuffle_seed(cfg)
 
     labeled_dicts = get_detection_dataset_dicts(
@@ -228,7 +209,7 @@ def build_ssod_train_loader(cfg, with_unlabeled=True, start_iter=0, *, labeled_m
     labeled = _stream(
         cfg, labeled_dicts, labeled_mapper or DatasetMapper(cfg, True),
         _labeled_base_sampler(cfg, labeled_dicts, seed),
-        seed=seed, stream=LABELED, batch_size=labeled_bs, start_batch=skip_l,
+        seed=seed, stream=LABELED, batch_size=labeled_bs, start_batch=labeled_start,
         name="labeled stream (DATASETS.TRAIN)")
     unlabeled = None
     if with_unlabeled:
@@ -242,6 +223,6 @@ def build_ssod_train_loader(cfg, with_unlabeled=True, start_iter=0, *, labeled_m
             # A different shuffle seed than the labeled stream, so that the same dataset used
             # in both streams is not read in lockstep.
             TrainingSampler(len(unlabeled_dicts), seed=seed + 1),
-            seed=seed, stream=UNLABELED, batch_size=unlabeled_bs, start_batch=skip_u,
+            seed=seed, stream=UNLABELED, batch_size=unlabeled_bs, start_batch=unlabeled_start,
             name="unlabeled stream (DATASETS.TRAIN_UNLABELED)")
     return TwoStreamLoader(labeled, unlabeled)

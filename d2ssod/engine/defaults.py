@@ -3,6 +3,7 @@ from detectron2.data import DatasetCatalog
 
 from d2ssod.config import get_ssod_cfg, unknown_key_message, validate_ssod_config
 from d2ssod.data.datasets import apply_custom_datasets
+from d2ssod.methods import METHOD_REGISTRY
 
 __all__ = ["build_cfg"]
 
@@ -31,7 +32,7 @@ def _check_datasets(cfg):
                     f"{key} names dataset {name!r}, which is not registered. Registered: "
                     f"{sorted(registered)}. Register it with DatasetCatalog, or set "
                     f"DATASETS.CUSTOM.LABELED_JSON/IMAGE_ROOT/UNLABELED_DIR/VAL_JSON.")
-    if cfg.SSOD.METHOD != "supervised" and not cfg.DATASETS.TRAIN_UNLABELED:
+    if METHOD_REGISTRY.get(cfg.SSOD.METHOD).uses_teacher and not cfg.DATASETS.TRAIN_UNLABELED:
         raise ValueError(f"SSOD.METHOD={cfg.SSOD.METHOD!r} needs unlabeled data: set "
                          f"DATASETS.TRAIN_UNLABELED (or DATASETS.CUSTOM.UNLABELED_DIR).")
 

@@ -1,9 +1,9 @@
 """Training hooks of d2ssod (cross-cutting work stays out of ``run_step``)."""
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 
 from .ema import ema_momentum
 
-__all__ = ["EMAHook"]
+__all__ = ["EMAHook", "TrainerCheckpointHook"]
 
 
 class EMAHook(HookBase):
@@ -29,3 +29,14 @@ class EMAHook(HookBase):
 
     def after_step(self):
         self.trainer.teacher.update(self.momentum_at(self.trainer.iter))
+
+
+class TrainerCheckpointHook(hooks.PeriodicCheckpointer):
+    """Detectron2's periodic checkpointer hook, saving through ``trainer.checkpointer`` as it is
+    when training starts rather than the checkpointer it was built with: the SSOD trainer builds
+    its checkpointer (teacher + student) after ``DefaultTrainer`` has built the hooks."""
+
+    def before_train(self):
+        self.checkpointer = self.trainer.checkpointer
+        self.path_manager = self.checkpointer.path_manager
+        super().before_train()

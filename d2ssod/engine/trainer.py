@@ -8,6 +8,13 @@ checkpoints, evaluation, writers, DDP through ``launch()``) and changes four thi
 * a frozen EMA teacher (:class:`~d2ssod.engine.ema.EMATeacher`) is kept by :class:`EMAHook`
   and checkpointed as the file's ``"model"`` entry, with the student beside it;
 * evaluation reports teacher and student (``teacher/bbox/AP``, ``student/bbox/AP``).
+
+Construction: ``DefaultTrainer.__init__`` builds the student, optimizer, loader, DDP wrapper,
+LR scheduler and hooks; ``SSODTrainer.__init__`` then builds the SSOD parts from them (teacher,
+method, step object, checkpointer). The hooks that need those parts read them from the trainer
+when training starts (:class:`~d2ssod.engine.hooks.EMAHook`,
+:class:`~d2ssod.engine.hooks.TrainerCheckpointHook`), so nothing depends on the order of the
+steps inside Detectron2's constructor.
 """
 import contextlib
 import functools
@@ -22,24 +29,21 @@ from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from torch.nn.parallel import DistributedDataParallel
 
 from d2ssod.data.bad_input import SkippedFilesMeter
 from d2ssod.data.loader import build_ssod_train_loader
+from d2ssod.ddp import unwrap_model
 from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
-from .hooks import EMAHook
+from .hooks import EMAHook, TrainerCheckpointHook
+from .schedule import StepSchedule
 
 __all__ = ["SSODTrainer", "SSODStep"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _rng_state():
@@ -80,32 +84,23 @@ def _as_tuple(x):
 class SSODStep(SimpleTrainer):
     """One semi-supervised iteration (``run_step``) on top of Detectron2's ``SimpleTrainer``.
 
-    ``joint`` mode (default, as the official methods): a labeled and an unlabeled batch, one
-    backward on ``L_sup + λ_u·L_unsup``. ``alternate`` mode: supervised-only steps on even
-    iterations, unsupervised-only steps on odd ones. During burn-in, supervised only; the
+    What an iteration reads follows ``schedule`` (:class:`~d2ssod.engine.schedule.StepSchedule`):
+    ``joint`` mode (default, as the official methods) takes a labeled and an unlabeled batch and
+    does one backward on ``L_sup + λ_u·L_unsup``; ``alternate`` mode does supervised-only steps
+    on even and unsupervised-only steps on odd iterations. During burn-in, supervised only; the
     unlabeled stream is not read.
     """
 
-    def __init__(self, model, data_loader, optimizer, method, burn_in_iters, step_mode):
+    def __init__(self, model, data_loader, optimizer, method, schedule):
         super().__init__(model, data_loader, optimizer)
         self.method = method
-        self.burn_in_iters = burn_in_iters
-        self.step_mode = step_mode
+        self.schedule = schedule
         self.skipped = SkippedFilesMeter()
         self._labeled_it = self._unlabeled_it = None
 
     def reset_data_loader(self, data_loader_builder):
         super().reset_data_loader(data_loader_builder)
         self._labeled_it = self._unlabeled_it = None
-
-    def parts(self, iteration):
-        """(uses labeled batch, uses unlabeled batch) at ``iteration``."""
-        if not self.method.uses_teacher or iteration < self.burn_in_iters:
-            return True, False
-        if self.step_mode == "alternate":
-            odd = (iteration - self.burn_in_iters) % 2 == 1
-            return not odd, odd
-        return True, True
 
     def next_labeled(self):
         if self._labeled_it is None:
@@ -124,7 +119,7 @@ class SSODStep(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "the student was switched to eval mode"
         start = time.perf_counter()
-        use_labeled, use_unlabeled = self.parts(self.iter)
+        use_labeled, use_unlabeled = self.schedule.batches_at(self.iter)
         labeled = self.next_labeled() if use_labeled else None
         unlabeled = self.next_unlabeled() if use_unlabeled else None
         data_time = time.perf_counter() - start
@@ -160,12 +155,14 @@ class SSODStep(SimpleTrainer):
 
 
 @contextlib.contextmanager
-def _ddp_for_device(cfg):
-    """``DefaultTrainer.__init__`` wraps the student with Detectron2's
-    ``create_ddp_model(model, broadcast_buffers=False)``, which passes
-    ``device_ids=[local rank]``; torch's DDP accepts ``device_ids`` for CUDA modules only. For
-    processes on the CPU (gloo, e.g. ``launch`` without GPUs) the wrapper is called with
-    ``device_ids=None`` while the constructor runs; CUDA runs are not touched."""
+def _cpu_ddp(cfg):
+    """Inside: Detectron2's ``create_ddp_model`` gets ``device_ids=None`` on CPU processes.
+
+    Why this one patch stays: ``DefaultTrainer.__init__`` wraps the student with
+    ``create_ddp_model(model, broadcast_buffers=False)``, which passes ``device_ids=[local
+    rank]``, and torch's DDP accepts ``device_ids`` for CUDA modules only; Detectron2 offers no
+    override for that call, so CPU processes under ``launch()`` (gloo) could not train at all.
+    CUDA runs and single processes are not touched."""
     if comm.get_world_size() == 1 or torch.device(cfg.MODEL.DEVICE).type != "cpu":
         yield
         return
@@ -179,55 +176,67 @@ def _ddp_for_device(cfg):
 
 class SSODTrainer(DefaultTrainer):
     """``DefaultTrainer`` for semi-supervised detection; ``trainer.teacher`` is the EMA teacher
-    (``None`` for the supervised baseline) and ``trainer.student`` the unwrapped student."""
+    (``None`` for the supervised baseline), ``trainer.student`` the unwrapped student and
+    ``trainer.method`` the SSOD method (``METHOD_REGISTRY[cfg.SSOD.METHOD]``)."""
 
     def __init__(self, cfg):
-        with _ddp_for_device(cfg):
+        with _cpu_ddp(cfg):
             super().__init__(cfg)
+        # The SSOD parts, built from what DefaultTrainer built: the student (DDP-wrapped under
+        # several processes), its loader and optimizer.
+        self.student = unwrap_model(self.model)
+        self.teacher = (EMATeacher(self.student, cfg.SSOD.EMA_BUFFERS)
+                        if self.uses_teacher(cfg) else None)
+        self.method = build_method(cfg, student=self.model, teacher=self.teacher)
+        self._trainer = SSODStep(self.model, self.data_loader, self.optimizer, self.method,
+                                 self.build_schedule(cfg))
+        extra = {"student": self.student} if self.teacher is not None else {}
+        self.checkpointer = SSODCheckpointer(
+            self.teacher.model if self.teacher is not None else self.student,
+            cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
 
     @classmethod
     def uses_teacher(cls, cfg):
         return METHOD_REGISTRY.get(cfg.SSOD.METHOD).uses_teacher
 
     @classmethod
+    def build_schedule(cls, cfg):
+        """The :class:`~d2ssod.engine.schedule.StepSchedule` of ``cfg``."""
+        return StepSchedule.from_config(cfg, reads_unlabeled=cls.uses_teacher(cfg))
+
+    @classmethod
     def build_train_loader(cls, cfg, start_iter=0):
+        """The two-stream loader; a run (re)starting at ``start_iter`` skips the batches that
+        the iterations before it consumed."""
+        labeled_start, unlabeled_start = cls.build_schedule(cfg).consumed(start_iter)
         return build_ssod_train_loader(cfg, with_unlabeled=cls.uses_teacher(cfg),
-                                       start_iter=start_iter)
+                                       labeled_start=labeled_start,
+                                       unlabeled_start=unlabeled_start)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ calls build_hooks() once, after the student, optimizer, loader
-        # and scheduler exist: the first point where the teacher can be copied from the student.
-        self._attach_ssod_parts()
+        """Detectron2's hooks with three changes: evaluation reports teacher and student, the
+        periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
+        starts (the SSOD one, built after DefaultTrainer's constructor), and an
+        :class:`EMAHook` runs right after the LR scheduler, before checkpointing and evaluation,
+        when the method keeps a teacher."""
         ret = super().build_hooks()
+        cfg = self.cfg
         for i, h in enumerate(ret):
             if isinstance(h, hooks.EvalHook):
-                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
-        if self.teacher is not None:
-            ssod = self.cfg.SSOD
+                ret[i] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
+            elif isinstance(h, hooks.PeriodicCheckpointer):
+                ret[i] = TrainerCheckpointHook(h.checkpointer, h.period, max_to_keep=h.max_to_keep)
+        if self.uses_teacher(cfg):
+            ssod = cfg.SSOD
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
                           ssod.EMA_RAMP)
-            # Right after the LR scheduler, before checkpointing and evaluation.
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
             ret.insert(at, ema)
         return ret
-
-    def _attach_ssod_parts(self):
-        cfg = self.cfg
-        model, loader, optimizer = self._trainer.model, self._trainer.data_loader, self._trainer.optimizer
-        self.student = _unwrap(model)
-        self.teacher = (EMATeacher(self.student, cfg.SSOD.EMA_BUFFERS)
-                        if self.uses_teacher(cfg) else None)
-        method = build_method(cfg, student=model, teacher=self.teacher)
-        self._trainer = SSODStep(model, loader, optimizer, method,
-                                 cfg.SSOD.BURN_IN_ITERS, cfg.SSOD.STEP_MODE)
-        extra = {"student": self.student} if self.teacher is not None else {}
-        self.checkpointer = SSODCheckpointer(
-            self.teacher.model if self.teacher is not None else self.student,
-            cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
 
     def resume_or_load(self, resume=True):
         """Resume teacher, student, optimizer, scheduler and iteration from the last checkpoint

@@ -3,7 +3,9 @@
 Following MMDetection 3's ``SemiBaseDetector``, an unsupervised step has four stages that a
 method overrides one at a time:
 
-1. :meth:`SSODMethod.pseudo_label`: the teacher labels the weak views (one batched forward);
+1. :meth:`SSODMethod.pseudo_label`: the teacher labels the weak views (one batched forward) and
+   returns the pseudo-labels together with ``batch_info``, a dict of whatever else the teacher
+   computed that later stages need (its features, its per-anchor outputs, ...);
 2. :meth:`SSODMethod.project`: pseudo boxes move into the strong views with the recorded
    transform matrices;
 3. :meth:`SSODMethod.student_losses`: the student's losses on the strong views with those
@@ -11,27 +13,94 @@ method overrides one at a time:
 4. :meth:`SSODMethod.weight_losses`: each term is weighted (``loss_weights`` × ``λ_u``) and named
    ``unsup/<term>``.
 
-The trainer calls :meth:`unsupervised_losses`, which runs the four stages and logs pseudo-label
-counts (and, where the unlabeled images have hidden ground truth, precision/recall).
-"""
-import abc
+State flows only through these arguments: a method object holds its configuration and the
+teacher, never anything about the current batch, so each stage can be called (and tested) on
+its own. The trainer calls :meth:`SSODMethod.unsupervised_losses`, which runs the four stages,
+logs pseudo-label counts (and, where the unlabeled images have hidden ground truth,
+precision/recall), and runs the student's unlabeled forward inside the event storage's
+``unsup`` name scope, so its statistics (``unsup/rpn/*``, ``unsup/roi_head/*``,
+``unsup/fast_rcnn/*``) stay apart from the labeled pass's.
 
+A method declares its own config keys (:meth:`SSODMethod.add_config`, called for every
+registered method by :func:`d2ssod.config.add_ssod_config`) and checks them
+(:meth:`SSODMethod.validate_config`). Methods are found through ``METHOD_REGISTRY``; adding one
+means adding a module to :mod:`d2ssod.methods` (imported automatically), a config file and
+tests.
+"""
 import torch
+from detectron2.layers import cat
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from d2ssod.data.transforms import map_boxes, view_to_view
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
+from d2ssod.modeling.box_jitter import clip_boxes_per_row
 
-__all__ = ["SSODMethod"]
+__all__ = ["SSODMethod", "clip_to_view", "map_view_boxes", "threshold_detections"]
 
 
-class SSODMethod(abc.ABC):
+def _stack_views(batch, view):
+    """(B, 3, 3) original → view matrices and (B, 2) view sizes (h, w) of a batch of
+    two-view dicts."""
+    matrices = torch.stack([u[view]["matrix"] for u in batch])
+    sizes = torch.tensor([tuple(u[view]["image"].shape[-2:]) for u in batch])
+    return matrices, sizes
+
+
+def clip_to_view(boxes, counts, batch, view):
+    """Clip boxes (P, 4), ``counts[i]`` of them on image ``i`` of ``batch`` (image-major), to
+    the size of that image's ``view`` ("weak" / "strong")."""
+    _, sizes = _stack_views(batch, view)
+    device = boxes.device
+    row_sizes = sizes.to(device).repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
+                                                   output_size=boxes.shape[0])
+    return clip_boxes_per_row(boxes, row_sizes)
+
+
+def map_view_boxes(boxes, counts, batch, src, dst):
+    """Map boxes from view ``src`` into view ``dst`` ("weak" / "strong") of their images, for a
+    whole batch at once.
+
+    Args:
+        boxes (Tensor): (P, 4) XYXY boxes in ``src`` pixels, image 0's first, then image 1's...
+        counts (list[int]): boxes per image (sum P).
+        batch (list[dict]): the unlabeled batch (each item has the two views with "matrix" and
+            "image").
+        src, dst (str): view names.
+
+    Returns:
+        Tensor: (P, 4), the enclosing boxes of the mapped corners, clipped to the ``dst`` view
+        of each box's image (:func:`clip_to_view`).
+    """
+    device = boxes.device
+    src_matrices, _ = _stack_views(batch, src)
+    dst_matrices, _ = _stack_views(batch, dst)
+    to_dst = view_to_view(src_matrices.to(device), dst_matrices.to(device))  # (B, 3, 3)
+    row_matrix = to_dst.repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
+                                          output_size=boxes.shape[0])
+    mapped = map_boxes(boxes[:, None, :], row_matrix)[:, 0]
+    return clip_to_view(mapped, counts, batch, dst)
+
+
+def threshold_detections(detections, score_thresh):
+    """Hard pseudo-labels: detections with ``scores >= score_thresh`` as ``Instances`` with
+    ``gt_boxes``, ``gt_classes`` and ``gt_scores`` (same image size)."""
+    out = []
+    for det in detections:
+        keep = det.scores >= score_thresh
+        out.append(Instances(det.image_size, gt_boxes=det.pred_boxes[keep],
+                             gt_classes=det.pred_classes[keep], gt_scores=det.scores[keep]))
+    return out
+
+
+class SSODMethod:
     """Base class of teacher–student methods; see the module docstring for the stages.
 
     Attributes:
         uses_teacher (bool): whether the trainer must keep an EMA teacher and read the
             unlabeled stream.
+        supports_scale_consistency (bool): whether the method adds SED's scale-consistency terms
+            when ``SSOD.SED.SCALE_CONSISTENCY`` is True (other methods refuse the flag).
         loss_weights (dict[str, float]): the student losses the method learns from on unlabeled
             data, each with a weight relative to ``λ_u``. A weight of 0 keeps the term in the
             graph (every parameter stays used, as DDP requires) without learning from it; terms
@@ -39,18 +108,34 @@ class SSODMethod(abc.ABC):
     """
 
     uses_teacher = True
+    supports_scale_consistency = False
     loss_weights = {}
 
     def __init__(self, cfg, student, teacher):
+        type(self).validate_config(cfg)
         self.teacher = teacher
         self.unsup_weight = cfg.SSOD.UNSUP_WEIGHT
         self.pseudo_eval_period = cfg.SSOD.PSEUDO_EVAL_PERIOD
 
+    # ----------------------------------------------------------------------------- config
+    @classmethod
+    def add_config(cls, cfg):
+        """Add the method's own keys (with defaults and comments) to ``cfg``; none here."""
+
+    @classmethod
+    def validate_config(cls, cfg):
+        """Raise ``ValueError`` naming the key and the fix for a bad value of the method's keys
+        (or of shared keys the method cannot work with). Subclasses call ``super()``."""
+        if cfg.SSOD.SED.SCALE_CONSISTENCY and not cls.supports_scale_consistency:
+            raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is not implemented for SSOD.METHOD "
+                             f"{cfg.SSOD.METHOD!r}; set it False.")
+
     # ----------------------------------------------------------------------------- stage 1
-    @abc.abstractmethod
     def pseudo_label(self, unlabeled):
-        """Return one ``Instances`` per image in weak-view coordinates, with ``gt_boxes``,
-        ``gt_classes`` and any per-box fields (``gt_*``) the method's losses read."""
+        """Return ``(pseudo, batch_info)``: one ``Instances`` per image in weak-view coordinates
+        with ``gt_boxes``, ``gt_classes`` and any per-box fields (``gt_*``) the method's losses
+        read, and a dict of the teacher's other results for the later stages."""
+        raise NotImplementedError(f"{type(self).__name__} must implement pseudo_label")
 
     def teacher_detections(self, unlabeled):
         """The teacher's normal inference (NMS, score threshold) on the weak views, in weak-view
@@ -60,25 +145,26 @@ class SSODMethod(abc.ABC):
             return self.teacher.model.inference(weak, do_postprocess=False)
 
     # ----------------------------------------------------------------------------- stage 2
-    def project(self, pseudo, unlabeled):
-        """Map each image's pseudo boxes from its weak view into its strong view, clip them to
-        the strong image and drop boxes that become empty (e.g. warped outside)."""
+    def project(self, pseudo, unlabeled, batch_info):
+        """Map each image's pseudo boxes from its weak view into its strong view
+        (:func:`map_view_boxes`, clipped to the strong image) and drop boxes that become empty
+        (e.g. warped outside)."""
+        counts = [len(p) for p in pseudo]
+        boxes = cat([p.gt_boxes.tensor for p in pseudo], dim=0)
+        moved = Boxes(map_view_boxes(boxes, counts, unlabeled, "weak", "strong"))
+        keep = moved.nonempty()
         out = []
-        for inst, u in zip(pseudo, unlabeled):
-            strong = u["strong"]
-            size = tuple(strong["image"].shape[-2:])
-            matrix = view_to_view(u["weak"]["matrix"], strong["matrix"]).to(inst.gt_boxes.device)
-            boxes = Boxes(map_boxes(inst.gt_boxes.tensor, matrix))
-            boxes.clip(size)
-            keep = boxes.nonempty()
-            moved = Instances(size, **{k: v[keep] for k, v in inst.get_fields().items()
-                                       if k != "gt_boxes"})
-            moved.gt_boxes = boxes[keep]
-            out.append(moved)
+        for inst, u, boxes_i, keep_i in zip(pseudo, unlabeled, moved.tensor.split(counts),
+                                            keep.split(counts)):
+            target = Instances(tuple(u["strong"]["image"].shape[-2:]),
+                               **{k: v[keep_i] for k, v in inst.get_fields().items()
+                                  if k != "gt_boxes"})
+            target.gt_boxes = Boxes(boxes_i[keep_i])
+            out.append(target)
         return out
 
     # ----------------------------------------------------------------------------- stage 3
-    def student_losses(self, student, unlabeled, targets):
+    def student_losses(self, student, unlabeled, targets, batch_info):
         """The student's own training losses on the strong views with ``targets``."""
         inputs = [dict(u["strong"], instances=t) for u, t in zip(unlabeled, targets)]
         return student(inputs)
@@ -92,10 +178,12 @@ class SSODMethod(abc.ABC):
 
     def unsupervised_losses(self, student, unlabeled):
         """Run the four stages on an unlabeled batch; returns the weighted, named losses."""
-        pseudo = self.pseudo_label(unlabeled)
+        pseudo, batch_info = self.pseudo_label(unlabeled)
         self.log_pseudo_labels(pseudo, unlabeled)
-        targets = self.project(pseudo, unlabeled)
-        return self.weight_losses(self.student_losses(student, unlabeled, targets))
+        targets = self.project(pseudo, unlabeled, batch_info)
+        with get_event_storage().name_scope("unsup"):
+            losses = self.student_losses(student, unlabeled, targets, batch_info)
+        return self.weight_losses(losses)
 
     # ----------------------------------------------------------------------------- logging
     def log_pseudo_labels(self, pseudo, unlabeled):

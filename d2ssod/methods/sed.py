@@ -1,5 +1,5 @@
 """SED (Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object Detection",
-CVPR 2022; no public code: every constant here is ours, see SPEC.md §3 and the README's
+CVPR 2022; no public code: every constant here is ours, see docs/methods.md, "SED", and its
 deviation table).
 
 What this method contributes to the shared trainer:
@@ -9,10 +9,10 @@ What this method contributes to the shared trainer:
   probabilities and refined boxes for the student's ROI head. There are no hard pseudo boxes in
   any loss; teacher detections with score ≥ ``SSOD.SED.LOG_SCORE_THRESH`` (0.7) are only
   counted for the ``pseudo/*`` logs;
-* **one teacher pass per batch** (:meth:`SED.teacher_detections`): backbone, RPN head and ROI
+* **one teacher pass per batch** (:meth:`SED.teacher_pass`): backbone, RPN head and ROI
   heads run piecewise on the weak views so that the per-anchor outputs and the features stay
-  available; the student's proposals are scored later on those features in one box-head call
-  (:meth:`SED.teacher_roi_predictions`);
+  available (handed to the student stage in ``batch_info["teacher"]``); the student's proposals
+  are scored later on those features in one box-head call (:meth:`SED.teacher_roi_predictions`);
 * **RPN distillation** (``loss_rpn_distill_cls`` / ``_loc``): student objectness on x against
   the teacher's per anchor — binary KL (BCE − target entropy), mean over anchors — and the
   student's deltas toward the teacher's, smooth-L1 weighted by the teacher's objectness
@@ -21,7 +21,7 @@ What this method contributes to the shared trainer:
   at construction) and both are padded alike;
 * **ROI distillation** (``loss_roi_distill_cls`` / ``_loc``): the student's proposals of x and
   of x↓ (×2), up to ``ROI_SAMPLES_PER_IMAGE`` per image drawn uniformly, are mapped into the weak
-  view (``strong_to_weak_boxes``) and scored by the teacher. Its class probabilities are soft
+  view (:func:`~d2ssod.methods.base.map_view_boxes`) and scored by the teacher. Its class probabilities are soft
   targets of the student's class logits on x (soft cross entropy); where its top class is not
   background, the student's deltas of that class regress (smooth-L1) toward the teacher's
   refined box (its class-specific deltas on the mapped proposal, mapped back into the student
@@ -49,11 +49,8 @@ from detectron2.layers import cat
 from detectron2.utils import comm
 from fvcore.nn import smooth_l1_loss
 
-from d2ssod.modeling.box_jitter import (
-    class_specific_boxes,
-    clip_boxes_per_row,
-    pooled_box_predictions,
-)
+from d2ssod.ddp import unwrap_model
+from d2ssod.modeling.box_jitter import class_specific_boxes, pooled_box_predictions
 from d2ssod.modeling.scale_consistency import (
     ScaleConsistency,
     binary_kl_with_logits,
@@ -68,18 +65,22 @@ from d2ssod.modeling.scale_consistency import (
 )
 from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
 
-from .base import SSODMethod
+from .base import SSODMethod, clip_to_view, map_view_boxes, threshold_detections
 from .build import METHOD_REGISTRY
-from .soft_teacher import _unwrap, strong_to_weak_boxes
-from .unbiased_teacher import threshold_detections
 
-__all__ = ["SED", "TeacherROITargets",
-           "rpn_distill_losses", "roi_distill_losses"]
-
+__all__ = ["SED", "TeacherPass", "TeacherROITargets", "rpn_distill_losses", "roi_distill_losses"]
 
 
 @dataclass
-class _TeacherPass:
+class TeacherPass:
+    """What the teacher computed on the weak views of a batch, for the student stage.
+
+    Attributes:
+        features (dict[str, Tensor]): its backbone features.
+        rpn (RPNOutputs): its per-anchor RPN outputs.
+        padded_shape (tuple[int, int]): the padded size of the weak batch.
+    """
+
     features: Dict[str, torch.Tensor]
     rpn: RPNOutputs
     padded_shape: Tuple[int, int]
@@ -107,32 +108,62 @@ class SED(SSODMethod):
     """Scale-Equivalent Distillation; see the module docstring. ``timed_parts`` names the
     methods that ``tools/benchmark_step.py`` times as their own parts of the step."""
 
-    timed_parts = {"teacher": ("teacher_roi_predictions",),
+    supports_scale_consistency = True
+    timed_parts = {"teacher": ("teacher_pass", "teacher_roi_predictions"),
                    "student": ("student_losses",),
                    "scale": ("scale_branch",)}
 
-    def __init__(self, cfg, student, teacher):
-        super().__init__(cfg, student, teacher)
+    @classmethod
+    def add_config(cls, cfg):
+        # Every constant below is ours (the paper gives none of them); see docs/methods.md,
+        # "SED". The scale-consistency keys of the same node (SCALE_CONSISTENCY, *_SCALE_WEIGHT,
+        # ROI_SAMPLES_PER_IMAGE) belong to the scale-consistency component.
+        _C = cfg.SSOD.SED
+        # γ of the re-weighting wᵢ = (1 − p_bg,i)^γ of each proposal's distillation terms
+        # (teacher's background probability), normalised to mean 1 over the batch; 0 turns it
+        # off (ours: 1).
+        _C.REWEIGHT_GAMMA = 1.0
+        # Weights (× λ_u) of the distillation into RPN / ROI (each applies to both its _cls and
+        # _loc term; ours: 1).
+        _C.RPN_DISTILL_WEIGHT = 1.0
+        _C.ROI_DISTILL_WEIGHT = 1.0
+        # SED learns from soft targets only; teacher detections with score >= this are counted
+        # as pseudo boxes for the logs only (pseudo/num_boxes, precision, recall; ours: UT's 0.7).
+        _C.LOG_SCORE_THRESH = 0.7
+
+    @classmethod
+    def validate_config(cls, cfg):
+        super().validate_config(cfg)
+        sed = cfg.SSOD.SED
+        for key in ("REWEIGHT_GAMMA", "RPN_DISTILL_WEIGHT", "ROI_DISTILL_WEIGHT"):
+            if sed[key] < 0:
+                raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
+        if not 0.0 <= sed.LOG_SCORE_THRESH <= 1.0:
+            raise ValueError(f"SSOD.SED.LOG_SCORE_THRESH={sed.LOG_SCORE_THRESH} must lie in "
+                             f"[0, 1].")
         aug = cfg.SSOD.STRONG_AUG
         if aug.GEOMETRIC or aug.INDEPENDENT_GEOMETRY:
             raise ValueError(
                 "SSOD.METHOD='sed' distils the teacher's RPN anchor by anchor, so the strong view "
                 "must keep the weak view's geometry: set SSOD.STRONG_AUG.GEOMETRIC False and "
                 "SSOD.STRONG_AUG.INDEPENDENT_GEOMETRY False (photometric strong augmentation).")
+        if cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE:
+            raise ValueError("SSOD.METHOD='sed' distils class distributions and background "
+                             "probabilities: set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE to False.")
+
+    def __init__(self, cfg, student, teacher):
+        super().__init__(cfg, student, teacher)
         if cfg.SSOD.STEP_MODE == "alternate" and comm.get_world_size() > 1:
             raise ValueError(
                 "SSOD.METHOD='sed' with SSOD.STEP_MODE='alternate' on several processes: the "
                 "unsupervised-only steps run the student without DDP's forward, so gradients "
                 "would not be reduced across processes. Use SSOD.STEP_MODE 'joint'.")
-        model = _unwrap(student)
+        model = unwrap_model(student)
         if not isinstance(model.proposal_generator, SEDRPN):
             raise ValueError(
                 f"SSOD.METHOD='sed' needs MODEL.PROPOSAL_GENERATOR.NAME: SEDRPN (RPN with access "
                 f"to per-anchor outputs, same parameters); the student has "
                 f"{type(model.proposal_generator).__name__}.")
-        if cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE:
-            raise ValueError("SSOD.METHOD='sed' distils class distributions and background "
-                             "probabilities: set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE to False.")
         c = cfg.SSOD.SED
         self.scale = ScaleConsistency(cfg, model) if c.SCALE_CONSISTENCY else None
         # what the weak and strong batches are padded to (alike, for the per-anchor RPN terms):
@@ -150,16 +181,13 @@ class SED(SSODMethod):
         }
         if self.scale is not None:
             self.loss_weights.update(self.scale.loss_weights)
-        # The teacher's pass on the current batch (set by teacher_detections, released at the
-        # end of student_losses).
-        self._teacher_pass = None
 
     # ----------------------------------------------------------------------------- stage 1
     @torch.no_grad()
-    def teacher_detections(self, unlabeled):
-        """The teacher on the weak views, padded like the student's x, run piecewise: keeps its
-        features and per-anchor RPN outputs, returns its normal detections (test-mode RPN and
-        ROI heads) in weak-view pixels."""
+    def teacher_pass(self, unlabeled):
+        """The teacher on the weak views, padded like the student's x, run piecewise: returns
+        its normal detections (test-mode RPN and ROI heads) in weak-view pixels and a
+        :class:`TeacherPass` with its features and per-anchor RPN outputs."""
         model = self.teacher.model
         images = padded_image_list(model, [u["weak"] for u in unlabeled], self.pad_multiple)
         features = model.backbone(images.tensor)
@@ -167,25 +195,21 @@ class SED(SSODMethod):
         outputs = rpn.head_outputs(features)
         proposals = rpn.proposals_from(outputs, images.image_sizes)
         detections, _ = model.roi_heads(images, features, proposals, None)
-        self._teacher_pass = _TeacherPass(features, outputs, tuple(images.tensor.shape[-2:]))
-        return detections
+        return detections, TeacherPass(features, outputs, tuple(images.tensor.shape[-2:]))
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        """Teacher detections with score ≥ ``LOG_SCORE_THRESH``, for the logs only."""
-        return threshold_detections(self.teacher_detections(unlabeled), self.log_thresh)
+        """Teacher detections with score ≥ ``LOG_SCORE_THRESH``, for the logs only;
+        ``batch_info["teacher"]`` is the :class:`TeacherPass` the losses learn from."""
+        detections, teacher = self.teacher_pass(unlabeled)
+        return threshold_detections(detections, self.log_thresh), {"teacher": teacher}
 
     # ----------------------------------------------------------------------------- stage 3
-    def student_losses(self, student, unlabeled, targets):
-        """SED's eight (four without scale consistency) unsupervised terms; ``targets`` (the
-        logged pseudo boxes) are not used."""
-        try:
-            return self._student_losses(_unwrap(student), unlabeled)
-        finally:
-            self._teacher_pass = None
-
-    def _student_losses(self, model, unlabeled):
-        teacher = self._teacher_pass
+    def student_losses(self, student, unlabeled, targets, batch_info):
+        """SED's eight (four without scale consistency) unsupervised terms against
+        ``batch_info["teacher"]``; ``targets`` (the logged pseudo boxes) are not used."""
+        model = unwrap_model(student)
+        teacher = batch_info["teacher"]
         images = padded_image_list(model, [u["strong"] for u in unlabeled], self.pad_multiple)
         if tuple(images.tensor.shape[-2:]) != teacher.padded_shape:
             raise ValueError(
@@ -205,7 +229,7 @@ class SED(SSODMethod):
             losses.update(scale_losses)
         boxes = roi_boxes(proposals, proposals_down, images.image_sizes, self.samples_per_image)
         on_full, on_down = box_predictions(model.roi_heads, features, boxes, features_down)
-        targets = self.teacher_roi_predictions(unlabeled, boxes)
+        targets = self.teacher_roi_predictions(unlabeled, boxes, teacher.features)
         predictor = model.roi_heads.box_predictor
         losses.update(roi_distill_losses(
             on_full, cat(boxes, dim=0), targets, foreground_weights(targets.probs[:, -1],
@@ -223,30 +247,23 @@ class SED(SSODMethod):
         return features_down, proposals_down, self.scale.rpn_losses(outputs, outputs_down)
 
     @torch.no_grad()
-    def teacher_roi_predictions(self, unlabeled, boxes):
+    def teacher_roi_predictions(self, unlabeled, boxes, features):
         """The teacher's class probabilities and refined boxes for the student's ROI boxes
-        (per image, strong-view pixels): mapped into the weak views, scored on the cached
-        features in one box-head call, refined with the class-specific deltas of the top
-        foreground class, clipped, mapped back into the strong views."""
+        (per image, strong-view pixels): mapped into the weak views, scored on the teacher's
+        weak-view ``features`` in one box-head call, refined with the class-specific deltas of
+        the top foreground class, clipped, mapped back into the strong views."""
         model = self.teacher.model
         counts = [len(b) for b in boxes]
         flat = cat(boxes, dim=0)
-        strong = torch.stack([u["strong"]["matrix"] for u in unlabeled])
-        weak = torch.stack([u["weak"]["matrix"] for u in unlabeled])
-        weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
-        strong_sizes = torch.tensor([tuple(u["strong"]["image"].shape[-2:]) for u in unlabeled])
-        mapped = strong_to_weak_boxes(flat, strong, weak, weak_sizes, counts)
-        scores, deltas = pooled_box_predictions(model.roi_heads, self._teacher_pass.features,
+        mapped = map_view_boxes(flat, counts, unlabeled, "strong", "weak")
+        scores, deltas = pooled_box_predictions(model.roi_heads, features,
                                                 list(mapped.split(counts)))
         probs = F.softmax(scores, dim=-1)
         num_classes = probs.shape[1] - 1
         classes = probs[:, :-1].argmax(dim=1)
         refined = class_specific_boxes(model.roi_heads.box_predictor, deltas, mapped, classes)
-        row_sizes = weak_sizes.to(flat.device).repeat_interleave(
-            torch.as_tensor(counts, device=flat.device), dim=0, output_size=flat.shape[0])
-        refined = clip_boxes_per_row(refined, row_sizes)
-        # weak → strong: the same mapping function with the views swapped
-        back = strong_to_weak_boxes(refined, weak, strong, strong_sizes, counts)
+        refined = clip_to_view(refined, counts, unlabeled, "weak")
+        back = map_view_boxes(refined, counts, unlabeled, "weak", "strong")
         return TeacherROITargets(probs, probs.argmax(dim=1) != num_classes, classes, back)
 
 

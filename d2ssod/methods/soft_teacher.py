@@ -1,10 +1,12 @@
 """Soft Teacher (Xu et al., "End-to-End Semi-Supervised Object Detection with Soft Teacher",
 ICCV 2021; official code: github.com/microsoft/SoftTeacher, ``ssod/models/soft_teacher.py``).
 
-What this method contributes to the shared trainer (SPEC.md §2):
+What this method contributes to the shared trainer (in our words, with its defaults and our
+deviations: docs/methods.md, "Soft Teacher"):
 
 * **one teacher pass per batch**: the teacher's backbone features of the weak views are computed
-  once (:meth:`SoftTeacher.teacher_detections`) and reused for detection, box jitter and
+  once (:meth:`SoftTeacher.teacher_pass`), passed to the later stages in ``batch_info``
+  and reused for detection, box jitter and
   background scoring;
 * **pseudo boxes** (:meth:`SoftTeacher.pseudo_label`): the teacher's detections (its test-time
   NMS 0.5 and score ≥ 0.05) with score ≥ ``min(CLS_THRESH, REG_THRESH)``, each with its
@@ -19,7 +21,7 @@ What this method contributes to the shared trainer (SPEC.md §2):
   (:meth:`SoftTeacher.background_probabilities`: student proposals mapped back into the weak
   view with the inverse of the weak→strong matrix, scored by the teacher's box head in one call);
 * all four student losses count on unlabeled data with weight ``λ_u`` (4 on partially labeled
-  COCO, 2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp of SPEC.md §0.
+  COCO, 2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp (docs/methods.md, "Shared trainer").
 
 The student's ROI heads must be ``SoftTeacherROIHeads`` (``MODEL.ROI_HEADS.NAME``).
 
@@ -32,51 +34,20 @@ recorded with forward hooks, and only the 0.5× branch runs on top
 """
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.layers import cat
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
-from torch.nn.parallel import DistributedDataParallel
 
-from d2ssod.data.transforms import map_boxes, view_to_view
-from d2ssod.modeling.box_jitter import (
-    clip_boxes_per_row,
-    jitter_uncertainty,
-    pooled_box_predictions,
-)
+from d2ssod.ddp import unwrap_model
+from d2ssod.modeling.box_jitter import jitter_uncertainty, pooled_box_predictions
 from d2ssod.modeling.scale_consistency import ScaleConsistency
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
-from .base import SSODMethod
+from .base import SSODMethod, map_view_boxes, threshold_detections
 from .build import METHOD_REGISTRY
-from .unbiased_teacher import threshold_detections
 
-__all__ = ["SoftTeacher", "strong_to_weak_boxes"]
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def strong_to_weak_boxes(boxes, strong_matrices, weak_matrices, weak_sizes, counts):
-    """Map boxes of the strong views back into the weak views, for a whole batch at once.
-
-    Args:
-        boxes (Tensor): (P, 4) XYXY boxes, image 0's first, then image 1's, ...
-        strong_matrices, weak_matrices (Tensor): (B, 3, 3) original → view matrices per image.
-        weak_sizes (Tensor): (B, 2) (h, w) of each weak view; mapped boxes are clipped to it.
-        counts (list[int]): boxes per image (sum P).
-
-    Returns:
-        Tensor: (P, 4), the enclosing boxes of the mapped corners, clipped.
-    """
-    device = boxes.device
-    to_weak = view_to_view(strong_matrices.to(device), weak_matrices.to(device))  # (B, 3, 3)
-    repeats = torch.as_tensor(counts, device=device)
-    row_matrix = to_weak.repeat_interleave(repeats, dim=0, output_size=boxes.shape[0])
-    mapped = map_boxes(boxes[:, None, :], row_matrix)[:, 0]
-    row_sizes = weak_sizes.to(device).repeat_interleave(repeats, dim=0,
-                                                        output_size=boxes.shape[0])
-    return clip_boxes_per_row(mapped, row_sizes)
+__all__ = ["SoftTeacher"]
 
 
 @METHOD_REGISTRY.register("soft_teacher")
@@ -84,14 +55,37 @@ class SoftTeacher(SSODMethod):
     """Soft Teacher; see the module docstring. ``timed_parts`` names the methods that
     ``tools/benchmark_step.py`` times as their own parts of the step."""
 
+    supports_scale_consistency = True
     loss_weights = {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0, "loss_cls": 1.0,
                     "loss_box_reg": 1.0}
-    timed_parts = {"teacher": ("teacher_detections",),
+    timed_parts = {"teacher": ("teacher_pass",),
                    "jitter": ("jitter_uncertainty",),
                    "bg_score": ("background_probabilities",)}
 
-    def __init__(self, cfg, student, teacher):
-        super().__init__(cfg, student, teacher)
+    @classmethod
+    def add_config(cls, cfg):
+        # Soft Teacher (Xu et al., ICCV 2021; microsoft/SoftTeacher), docs/methods.md.
+        _C = cfg.SSOD.SOFT_TEACHER = CN()
+        # Teacher detections with score >= this are the RPN (objectness + deltas) and ROI
+        # classification pseudo boxes.
+        _C.CLS_THRESH = 0.9
+        # Candidates for ROI box regression: score >= this and jitter uncertainty below
+        # UNCERTAINTY_THRESH.
+        _C.REG_THRESH = 0.5
+        # Box jitter: copies per candidate box and the std of the noise as a fraction of the box
+        # width (x) / height (y).
+        _C.JITTER_TIMES = 10
+        _C.JITTER_SCALE = 0.06
+        # Boxes whose jitter uncertainty (mean relative std of the refined copies) is below this
+        # keep regression targets.
+        _C.UNCERTAINTY_THRESH = 0.02
+        # Weight background proposals of the ROI classification loss by the teacher's
+        # background probability (False: every proposal weighs 1).
+        _C.SOFT_BG_WEIGHT = True
+
+    @classmethod
+    def validate_config(cls, cfg):
+        super().validate_config(cfg)
         c = cfg.SSOD.SOFT_TEACHER
         for key in ("CLS_THRESH", "REG_THRESH"):
             if not 0.0 <= c[key] <= 1.0:
@@ -101,16 +95,20 @@ class SoftTeacher(SSODMethod):
                              f"uncertainty is a standard deviation and needs at least 2 copies.")
         if c.JITTER_SCALE <= 0:
             raise ValueError(f"SSOD.SOFT_TEACHER.JITTER_SCALE={c.JITTER_SCALE} must be > 0.")
-        heads = _unwrap(student).roi_heads
-        if not isinstance(heads, SoftTeacherROIHeads):
-            raise ValueError(
-                f"SSOD.METHOD='soft_teacher' needs MODEL.ROI_HEADS.NAME: SoftTeacherROIHeads "
-                f"(separate regression targets and soft background weights); the student has "
-                f"{type(heads).__name__}.")
         if c.SOFT_BG_WEIGHT and cfg.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE:
             raise ValueError("SSOD.SOFT_TEACHER.SOFT_BG_WEIGHT needs the softmax classifier "
                              "(a background probability): set MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE "
                              "to False or SOFT_BG_WEIGHT to False.")
+
+    def __init__(self, cfg, student, teacher):
+        super().__init__(cfg, student, teacher)
+        model = unwrap_model(student)
+        if not isinstance(model.roi_heads, SoftTeacherROIHeads):
+            raise ValueError(
+                f"SSOD.METHOD='soft_teacher' needs MODEL.ROI_HEADS.NAME: SoftTeacherROIHeads "
+                f"(separate regression targets and soft background weights); the student has "
+                f"{type(model.roi_heads).__name__}.")
+        c = cfg.SSOD.SOFT_TEACHER
         self.cls_thresh = c.CLS_THRESH
         self.reg_thresh = c.REG_THRESH
         self.jitter_times = c.JITTER_TIMES
@@ -120,51 +118,52 @@ class SoftTeacher(SSODMethod):
         # SED's scale consistency on top (SSOD.SED.SCALE_CONSISTENCY), None when off.
         self.scale = None
         if cfg.SSOD.SED.SCALE_CONSISTENCY:
-            self.scale = ScaleConsistency(cfg, _unwrap(student))
+            self.scale = ScaleConsistency(cfg, model)
             self.loss_weights = dict(type(self).loss_weights, **self.scale.loss_weights)
             self.timed_parts = dict(type(self).timed_parts, scale=("scale_losses",))
-        # The teacher's weak-view features of the current batch (set by teacher_detections,
-        # released at the end of student_losses).
-        self._teacher_features = None
 
     # ----------------------------------------------------------------------------- stage 1
     @torch.no_grad()
-    def teacher_detections(self, unlabeled):
-        """The teacher's normal inference on the weak views (as the base class), run piece by
-        piece so that its backbone features stay available for jitter and background scoring."""
+    def teacher_pass(self, unlabeled):
+        """The teacher's normal inference on the weak views (as the base class's
+        ``teacher_detections``), run piece by piece so that its backbone features stay
+        available for jitter and background scoring. Returns (detections, features)."""
         model = self.teacher.model
         images = model.preprocess_image([u["weak"] for u in unlabeled])
         features = model.backbone(images.tensor)
         proposals, _ = model.proposal_generator(images, features, None)
         detections, _ = model.roi_heads(images, features, proposals, None)
-        self._teacher_features = features
-        return detections
+        return detections, features
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        candidates = threshold_detections(self.teacher_detections(unlabeled),
-                                          min(self.cls_thresh, self.reg_thresh))
-        uncertainty = self.jitter_uncertainty(candidates)
+        """Candidates (score ≥ ``min(CLS_THRESH, REG_THRESH)``) with ``gt_uncertainty`` and
+        ``gt_reg_valid``; ``batch_info["features"]`` = the teacher's weak-view features."""
+        detections, features = self.teacher_pass(unlabeled)
+        candidates = threshold_detections(detections, min(self.cls_thresh, self.reg_thresh))
+        uncertainty = self.jitter_uncertainty(candidates, features)
         for inst, unc in zip(candidates, uncertainty):
             inst.gt_uncertainty = unc
             inst.gt_reg_valid = (inst.gt_scores >= self.reg_thresh) & (
                 unc < self.uncertainty_thresh)
-        return candidates
+        return candidates, {"features": features}
 
     @torch.no_grad()
-    def jitter_uncertainty(self, candidates):
+    def jitter_uncertainty(self, candidates, features):
         """Box-jitter uncertainty of every candidate (weak-view ``Instances`` with ``gt_boxes``
-        and ``gt_classes``), one teacher head call for the batch; list of (n_i,) tensors."""
+        and ``gt_classes``), one teacher head call on the teacher's weak-view ``features`` for
+        the batch; list of (n_i,) tensors."""
         return jitter_uncertainty(
-            self.teacher.model.roi_heads, self._teacher_features,
+            self.teacher.model.roi_heads, features,
             [c.gt_boxes.tensor for c in candidates], [c.gt_classes for c in candidates],
             [c.image_size for c in candidates], self.jitter_times, self.jitter_scale)
 
     # ----------------------------------------------------------------------------- stage 3
-    def student_losses(self, student, unlabeled, targets):
+    def student_losses(self, student, unlabeled, targets, batch_info):
         """The student's losses on the strong views: ``instances`` = boxes with score ≥
         ``CLS_THRESH`` (RPN + ROI classification), regression targets = ``gt_reg_valid``
-        boxes, background weights from :meth:`background_probabilities`."""
+        boxes, background weights from :meth:`background_probabilities` on
+        ``batch_info["features"]``."""
         cls_targets, reg_targets = [], []
         for t in targets:
             cls = t[t.gt_scores >= self.cls_thresh]
@@ -176,20 +175,17 @@ class SoftTeacher(SSODMethod):
         scorer = None
         if self.soft_bg_weight:
             def scorer(samples):
-                return self.background_probabilities(unlabeled, samples)
+                return self.background_probabilities(unlabeled, samples, batch_info["features"])
         inputs = [dict(u["strong"], instances=t) for u, t in zip(unlabeled, cls_targets)]
-        model = _unwrap(student)
-        try:
-            if self.scale is None:
-                with model.roi_heads.pseudo_targets(reg_targets, scorer):
-                    return student(inputs)
-            with model.roi_heads.pseudo_targets(reg_targets, scorer), \
-                    self.scale.capture(model) as captured:
-                losses = student(inputs)
-            losses.update(self.scale_losses(model, captured))
-            return losses
-        finally:
-            self._teacher_features = None
+        model = unwrap_model(student)
+        if self.scale is None:
+            with model.roi_heads.pseudo_targets(reg_targets, scorer):
+                return student(inputs)
+        with model.roi_heads.pseudo_targets(reg_targets, scorer), \
+                self.scale.capture(model) as captured:
+            losses = student(inputs)
+        losses.update(self.scale_losses(model, captured))
+        return losses
 
     def scale_losses(self, model, captured):
         """SED's scale-consistency terms from the recorded student forward on x (only the
@@ -197,19 +193,15 @@ class SoftTeacher(SSODMethod):
         return self.scale.losses_from_capture(model, captured)
 
     @torch.no_grad()
-    def background_probabilities(self, unlabeled, samples):
+    def background_probabilities(self, unlabeled, samples, features):
         """The teacher's background probability of each sampled student proposal: proposals
-        (strong view) are mapped into the weak view (``view_to_view(strong, weak)``, the
-        inverse of the pseudo-box projection), clipped, and scored by the teacher's box head
-        on the cached weak-view features, all images in one call. Returns (Σ len(samples_i),)
-        in image order."""
+        (strong view) are mapped into the weak view (:func:`map_view_boxes`, the inverse of the
+        pseudo-box projection), clipped, and scored by the teacher's box head on its weak-view
+        ``features``, all images in one call. Returns (Σ len(samples_i),) in image order."""
         counts = [len(s) for s in samples]
         boxes = cat([s.proposal_boxes.tensor for s in samples], dim=0)
-        strong = torch.stack([u["strong"]["matrix"] for u in unlabeled])
-        weak = torch.stack([u["weak"]["matrix"] for u in unlabeled])
-        weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
-        mapped = strong_to_weak_boxes(boxes, strong, weak, weak_sizes, counts)
-        scores, _ = pooled_box_predictions(self.teacher.model.roi_heads, self._teacher_features,
+        mapped = map_view_boxes(boxes, counts, unlabeled, "strong", "weak")
+        scores, _ = pooled_box_predictions(self.teacher.model.roi_heads, features,
                                            mapped.split(counts))
         return F.softmax(scores, dim=-1)[:, -1]
 

@@ -1,7 +1,8 @@
 """Unbiased Teacher (Liu et al., "Unbiased Teacher for Semi-Supervised Object Detection",
-ICLR 2021; official code: github.com/facebookresearch (repo unbiased-teacher)).
+ICLR 2021; official code: github.com/facebookresearch (repo unbiased-teacher)); the method in
+our words, with its defaults and our deviations: docs/methods.md, "Unbiased Teacher".
 
-What this method contributes to the shared trainer (SPEC.md §1):
+What this method contributes to the shared trainer:
 
 * pseudo boxes are the teacher's detections on the weak view (its usual per-class NMS) with
   score ≥ ``SSOD.UNBIASED_TEACHER.SCORE_THRESH`` (0.7), as hard class labels;
@@ -14,28 +15,23 @@ What this method contributes to the shared trainer (SPEC.md §1):
 * burn-in then teacher ← student, EMA 0.9996, λ_u = 4 (trainer keys ``SSOD.*``).
 """
 import torch
-from detectron2.structures import Instances
+from detectron2.config import CfgNode as CN
 
-from .base import SSODMethod
+from .base import SSODMethod, threshold_detections
 from .build import METHOD_REGISTRY
 
-__all__ = ["UnbiasedTeacher", "threshold_detections"]
-
-
-def threshold_detections(detections, score_thresh):
-    """Hard pseudo-labels: detections with ``scores >= score_thresh`` as ``Instances`` with
-    ``gt_boxes``, ``gt_classes`` and ``gt_scores`` (same image size)."""
-    out = []
-    for det in detections:
-        keep = det.scores >= score_thresh
-        out.append(Instances(det.image_size, gt_boxes=det.pred_boxes[keep],
-                             gt_classes=det.pred_classes[keep], gt_scores=det.scores[keep]))
-    return out
+__all__ = ["UnbiasedTeacher"]
 
 
 @METHOD_REGISTRY.register("unbiased_teacher")
 class UnbiasedTeacher(SSODMethod):
     loss_weights = {"loss_rpn_cls": 1.0, "loss_cls": 1.0, "loss_rpn_loc": 0.0, "loss_box_reg": 0.0}
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.SSOD.UNBIASED_TEACHER = CN()
+        # Teacher detections with score >= this become pseudo boxes (after the teacher's NMS).
+        cfg.SSOD.UNBIASED_TEACHER.SCORE_THRESH = 0.7
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
@@ -43,4 +39,4 @@ class UnbiasedTeacher(SSODMethod):
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        return threshold_detections(self.teacher_detections(unlabeled), self.score_thresh)
+        return threshold_detections(self.teacher_detections(unlabeled), self.score_thresh), {}

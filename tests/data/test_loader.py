@@ -17,7 +17,6 @@ from d2ssod.data.bad_input import SkippedFilesMeter
 from d2ssod.data.loader import (
     TwoStreamLoader,
     build_ssod_train_loader,
-    consumed_batches,
     stream_batch_sizes,
 )
 
@@ -156,9 +155,8 @@ def test_resume_matches_uninterrupted_run(datasets):
     _assert_same_batches(_take(resumed.labeled, 3), ref_l[3:6])
     _assert_same_batches(_take(resumed.unlabeled, 3), ref_u[3:6])
 
-    # start_iter with a burn-in: labeled read every iteration, unlabeled only after burn-in.
-    burn = _cfg(datasets, **{"SSOD.BURN_IN_ITERS": 2})
-    resumed = build_ssod_train_loader(burn, start_iter=5)
+    # The streams skip independently (a burn-in reads labeled batches only).
+    resumed = build_ssod_train_loader(cfg, labeled_start=5, unlabeled_start=3)
     _assert_same_batches(_take(resumed.labeled, 1), ref_l[5:6])
     _assert_same_batches(_take(resumed.unlabeled, 1), ref_u[3:4])
 
@@ -185,7 +183,7 @@ def test_ranks_shard_the_stream(datasets, monkeypatch):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 6
 
 
-def test_batch_size_errors_and_consumed_batches(datasets, monkeypatch):
+def test_batch_size_errors(datasets, monkeypatch):
     cfg = _cfg(datasets)
     monkeypatch.setattr(comm, "get_world_size", lambda: 4)
     cfg.SOLVER.IMS_PER_BATCH = 6
@@ -197,12 +195,3 @@ def test_batch_size_errors_and_consumed_batches(datasets, monkeypatch):
         stream_batch_sizes(cfg)
     cfg.SSOD.UNLABELED_RATIO = 4.0
     assert stream_batch_sizes(cfg) == (1, 4)
-
-    cfg.SSOD.BURN_IN_ITERS = 10
-    assert consumed_batches(cfg, 4) == (4, 0)
-    assert consumed_batches(cfg, 15) == (15, 5)
-    assert consumed_batches(cfg, 15, with_unlabeled=False) == (15, 0)
-    cfg.SSOD.STEP_MODE = "alternate"
-    # Iterations 10..14 after burn-in read L, U, L, U, L.
-    assert consumed_batches(cfg, 15) == (13, 2)
-    assert consumed_batches(cfg, 16) == (13, 3)

@@ -63,7 +63,7 @@ def _worker(out_dir, config, opts, extra):
     cfg = build_cfg_for(config, out_dir, opts)
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    method = trainer._trainer.method
+    method = trainer.method
     unsupervised_losses = method.unsupervised_losses
     losses = {}
 

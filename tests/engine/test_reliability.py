@@ -308,16 +308,23 @@ def test_no_pseudo_boxes_in_the_whole_batch_gives_finite_losses_and_zero_box_ter
     method = build_method(cfg, student=student, teacher=teacher)
     batch = _unlabeled(cfg, files)
     with EventStorage(0) as storage:
-        pseudo = method.pseudo_label(batch)
+        pseudo, batch_info = method.pseudo_label(batch)
         assert [len(p) for p in pseudo] == [0, 0]
-        targets = method.project(pseudo, batch)
-        raw = method.student_losses(student, batch, targets)
+        targets = method.project(pseudo, batch, batch_info)
+        raw = method.student_losses(student, batch, targets, batch_info)
         # nothing to regress: both box terms are exactly 0; classification learns "background"
         assert raw["loss_rpn_loc"].item() == 0 and raw["loss_box_reg"].item() == 0
         assert raw["loss_cls"].item() > 0 and raw["loss_rpn_cls"].item() > 0
         losses = method.unsupervised_losses(student, batch)
         assert storage.history("pseudo/num_boxes").latest() == 0
     assert set(losses) == {"unsup/loss_rpn_cls", "unsup/loss_cls", "unsup/loss_rpn_loc", "unsup/loss_box_reg"}
+    # the student's statistics of the unlabeled pass are logged apart from the labeled pass's
+    with EventStorage(0) as storage:
+        method.unsupervised_losses(student, batch)
+        keys = set(storage.latest())
+    assert {"unsup/roi_head/num_fg_samples", "unsup/fast_rcnn/cls_accuracy",
+            "unsup/rpn/num_pos_anchors"} <= keys
+    assert not any(k.startswith(("roi_head/", "fast_rcnn/", "rpn/")) for k in keys)
     _check_finite_and_all_params_reached(student, losses)
 
 

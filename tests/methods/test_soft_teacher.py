@@ -19,7 +19,8 @@ from d2ssod.config import get_ssod_cfg
 from d2ssod.data.transforms import AffineTransform, map_points, transform_matrix, view_to_view
 from d2ssod.engine import EMATeacher, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
-from d2ssod.methods.soft_teacher import SoftTeacher, strong_to_weak_boxes
+from d2ssod.methods.base import map_view_boxes
+from d2ssod.methods.soft_teacher import SoftTeacher
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 from training_helpers import train_recording
 
@@ -141,8 +142,9 @@ def _views(deg):
 def test_proposal_strong_to_weak_by_hand_and_back_under_flip_scale_rotate():
     weak_m, strong_m = _views(90.0)
     box = torch.tensor([[160.0, 100.0, 200.0, 150.0]])  # student (strong) view
-    to_weak = strong_to_weak_boxes(box, strong_m[None], weak_m[None], torch.tensor([[100, 150]]),
-                                   [1])
+    u = {"weak": {"matrix": weak_m, "image": torch.zeros(3, 100, 150)},
+         "strong": {"matrix": strong_m, "image": torch.zeros(3, 240, 360)}}
+    to_weak = map_view_boxes(box, [1], [u], "strong", "weak")
     # by hand: undo the 90° rotation about (180, 120): x = 180 − (y' − 120), y = 120 + (x' − 180)
     xs = sorted(180 - (y - 120) for y in (100.0, 150.0))
     ys = sorted(120 + (x - 180) for x in (160.0, 200.0))
@@ -154,9 +156,7 @@ def test_proposal_strong_to_weak_by_hand_and_back_under_flip_scale_rotate():
     # and back into the student view with the pseudo-box projection of the base class
     method = SoftTeacher.__new__(SoftTeacher)
     inst = Instances((100, 150), gt_boxes=Boxes(to_weak), gt_classes=torch.tensor([0]))
-    u = {"weak": {"matrix": weak_m}, "strong": {"matrix": strong_m,
-                                                "image": torch.zeros(3, 240, 360)}}
-    (back,) = method.project([inst], [u])
+    (back,) = method.project([inst], [u], {})
     assert torch.allclose(back.gt_boxes.tensor, box, atol=1e-3)
 
 

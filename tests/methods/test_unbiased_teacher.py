@@ -2,7 +2,8 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from d2ssod.methods import METHOD_REGISTRY
-from d2ssod.methods.unbiased_teacher import UnbiasedTeacher, threshold_detections
+from d2ssod.methods.base import threshold_detections
+from d2ssod.methods.unbiased_teacher import UnbiasedTeacher
 
 
 def _detections(scores):
