@@ -24,7 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
-from d2ssod.data.bad_input import SkippedFilesMeter
+from d2ssod.data.skipped_files import SkippedFilesMeter
 from d2ssod.data.loader import build_ssod_train_loader
 from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method

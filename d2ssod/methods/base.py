@@ -20,7 +20,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from d2ssod.data.transforms import map_boxes, view_to_view
+from d2ssod.data.view_geometry import map_boxes, view_to_view
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 
 __all__ = ["SSODMethod"]

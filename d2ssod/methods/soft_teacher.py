@@ -37,7 +37,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
-from d2ssod.data.transforms import map_boxes, view_to_view
+from d2ssod.data.view_geometry import map_boxes, view_to_view
 from d2ssod.modeling.box_jitter import (
     clip_boxes_per_row,
     jitter_uncertainty,
