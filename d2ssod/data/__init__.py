@@ -1,6 +1,3 @@
-"""Data of d2ssod: built-in datasets (registered on import), splits and the demo generator."""
-from . import datasets  # noqa: F401  (registers the built-in datasets; generates nothing)
-from .datasets import apply_custom_datasets, register_custom_datasets, register_demo_datasets
-from .demo import ensure_demo_data
-
-__all__ = ["apply_custom_datasets", "register_custom_datasets", "register_demo_datasets", "ensure_demo_data"]
+"""Data of d2ssod. Importing the package registers the built-in datasets (:mod:`.builtin`);
+nothing is read or generated until one of them is loaded."""
+from . import builtin  # noqa: F401

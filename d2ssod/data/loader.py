@@ -152,6 +152,7 @@ def _shuffle_seed(cfg):
 
 
 def _labeled_base_sampler(cfg, dataset_dicts, seed):
+    # Detectron2's choice is private (_train_loader_from_config) and does not pass the shuffle seed.
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name == "TrainingSampler":
         return TrainingSampler(len(dataset_dicts), seed=seed)

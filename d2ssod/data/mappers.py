@@ -7,7 +7,7 @@ two views share one geometry, as in Unbiased Teacher (Liu et al., ICLR 2021); wi
 ``SSOD.STRONG_AUG.INDEPENDENT_GEOMETRY`` it draws its own resize and flip from the decoded image,
 as in Soft Teacher (Xu et al., ICCV 2021). Either way each view carries its ``TransformList`` and
 the 3×3 matrix from original-image coordinates into the view, so boxes move between the views
-exactly with :func:`d2ssod.data.transforms.view_to_view`.
+exactly with :func:`d2ssod.data.view_geometry.view_to_view`.
 """
 import logging
 
@@ -20,16 +20,15 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from PIL import Image
 
-from .transforms import (
-    FastRandomFlip,
+from .geometric import FastRandomFlip, RandomTranslateRotateShear
+from .photometric import (
     RandomColorJitter,
     RandomCutout,
     RandomCutoutPatches,
     RandomGaussianBlur,
     RandomGrayscale,
-    RandomTranslateRotateShear,
-    transform_matrix,
 )
+from .view_geometry import transform_matrix
 
 __all__ = ["build_weak_augmentation", "build_strong_augmentation", "UnlabeledDatasetMapper",
            "read_image"]
@@ -47,7 +46,7 @@ def build_weak_augmentation(cfg, is_train=True):
     training (``detection_utils.build_augmentation``: ``ResizeShortestEdge`` from
     ``INPUT.MIN_SIZE_TRAIN/MAX_SIZE_TRAIN/MIN_SIZE_TRAIN_SAMPLING`` and ``RandomFlip`` from
     ``INPUT.RANDOM_FLIP``), preceded by ``RandomCrop`` when ``INPUT.CROP.ENABLED``. The flip is
-    :class:`~d2ssod.data.transforms.FastRandomFlip`: same draws, contiguous flipped images."""
+    :class:`~d2ssod.data.geometric.FastRandomFlip`: same draws, contiguous flipped images."""
     augs = [FastRandomFlip(prob=a.prob, horizontal=a.horizontal, vertical=a.vertical)
             if type(a) is T.RandomFlip else a for a in utils.build_augmentation(cfg, is_train)]
     if is_train and cfg.INPUT.CROP.ENABLED:
@@ -130,7 +129,7 @@ class UnlabeledDatasetMapper:
 
     A file that cannot be decoded makes the mapper return ``None`` (the dataset wrapper then
     draws another image) and its path is reported once per process through
-    ``"skipped_files"``; see :mod:`d2ssod.data.bad_input`.
+    ``"skipped_files"``; see :mod:`d2ssod.data.skipped_files`.
     """
 
     @configurable

@@ -2,7 +2,7 @@
 from detectron2.data import DatasetCatalog
 
 from d2ssod.config import get_ssod_cfg, unknown_key_message, validate_ssod_config
-from d2ssod.data.datasets import apply_custom_datasets
+from d2ssod.data.custom import apply_custom_datasets
 from d2ssod.methods import METHOD_REGISTRY
 
 __all__ = ["build_cfg"]

@@ -30,8 +30,8 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from d2ssod.data.bad_input import SkippedFilesMeter
 from d2ssod.data.loader import build_ssod_train_loader
+from d2ssod.data.skipped_files import SkippedFilesMeter
 from d2ssod.ddp import unwrap_model
 from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method

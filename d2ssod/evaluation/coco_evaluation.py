@@ -11,7 +11,9 @@ ranks, ``instances_predictions.pth`` / ``coco_instances_results.json`` outputs, 
 evaluation, per-category AP tables) and replaces only the AP computation, by calling
 faster-coco-eval's ``COCO`` / ``COCOeval_faster`` classes explicitly. Nothing is installed
 into ``sys.modules``: ``faster_coco_eval.init_as_pycocotools()`` would replace pycocotools for
-the whole process and break other importers of it (see the project's ENVIRONMENT notes).
+the whole process and break other importers of it; ``import detectron2.evaluation`` itself then
+fails, because its ``rotated_coco_evaluation`` imports ``maskUtils`` from ``pycocotools.cocoeval``,
+which faster-coco-eval's replacement module does not have.
 
 Box results take a faster route to the same C++ matching/accumulation (see
 :class:`_BoxCOCOeval`). Profiled on the 5,000-image / 500,000-detection benchmark
@@ -325,6 +327,7 @@ class FastCOCOEvaluator(COCOEvaluator):
         with _gc_paused():
             self._eval_predictions_impl(predictions, img_ids)
 
+    # Not COCOEvaluator's: it hard-wires pycocotools' COCOeval, replaceable only by patching its module.
     def _eval_predictions_impl(self, predictions, img_ids=None):
         coco_results = self._to_dataset_category_ids(
             itertools.chain.from_iterable(p["instances"] for p in predictions))

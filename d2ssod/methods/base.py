@@ -32,27 +32,18 @@ from detectron2.layers import cat
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from d2ssod.data.transforms import map_boxes, view_to_view
+from d2ssod.data.view_geometry import map_boxes, view_matrices, view_sizes, view_to_view
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.modeling.box_jitter import clip_boxes_per_row
 
 __all__ = ["SSODMethod", "clip_to_view", "map_view_boxes", "threshold_detections"]
 
 
-def _stack_views(batch, view):
-    """(B, 3, 3) original → view matrices and (B, 2) view sizes (h, w) of a batch of
-    two-view dicts."""
-    matrices = torch.stack([u[view]["matrix"] for u in batch])
-    sizes = torch.tensor([tuple(u[view]["image"].shape[-2:]) for u in batch])
-    return matrices, sizes
-
-
 def clip_to_view(boxes, counts, batch, view):
     """Clip boxes (P, 4), ``counts[i]`` of them on image ``i`` of ``batch`` (image-major), to
     the size of that image's ``view`` ("weak" / "strong")."""
-    _, sizes = _stack_views(batch, view)
     device = boxes.device
-    row_sizes = sizes.to(device).repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
+    row_sizes = view_sizes(batch, view).to(device).repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
                                                    output_size=boxes.shape[0])
     return clip_boxes_per_row(boxes, row_sizes)
 
@@ -73,9 +64,8 @@ def map_view_boxes(boxes, counts, batch, src, dst):
         of each box's image (:func:`clip_to_view`).
     """
     device = boxes.device
-    src_matrices, _ = _stack_views(batch, src)
-    dst_matrices, _ = _stack_views(batch, dst)
-    to_dst = view_to_view(src_matrices.to(device), dst_matrices.to(device))  # (B, 3, 3)
+    to_dst = view_to_view(view_matrices(batch, src).to(device),
+                          view_matrices(batch, dst).to(device))  # (B, 3, 3)
     row_matrix = to_dst.repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
                                           output_size=boxes.shape[0])
     mapped = map_boxes(boxes[:, None, :], row_matrix)[:, 0]

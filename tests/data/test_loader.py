@@ -13,7 +13,7 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 
 from d2ssod.config import get_ssod_cfg
-from d2ssod.data.bad_input import SkippedFilesMeter
+from d2ssod.data.skipped_files import SkippedFilesMeter
 from d2ssod.data.loader import (
     TwoStreamLoader,
     build_ssod_train_loader,

@@ -9,13 +9,14 @@ from detectron2.structures import BoxMode, Instances
 from fvcore.transforms.transform import HFlipTransform, TransformList
 
 from d2ssod.config import get_ssod_cfg
-from d2ssod.data.bad_input import SkippedFilesMeter
+from d2ssod.data.geometric import AffineTransform
 from d2ssod.data.mappers import (
     UnlabeledDatasetMapper,
     build_strong_augmentation,
     build_weak_augmentation,
 )
-from d2ssod.data.transforms import AffineTransform, map_boxes, transform_matrix, view_to_view
+from d2ssod.data.skipped_files import SkippedFilesMeter
+from d2ssod.data.view_geometry import map_boxes, transform_matrix, view_to_view
 
 BG = np.array([60, 60, 60], np.uint8)
 FILL = np.array([200, 30, 90], np.uint8)
@@ -188,7 +189,7 @@ def test_corrupt_files_are_skipped_and_reported(tmp_path, caplog):
     assert mapper({"file_name": str(good), "image_id": 2})["skipped_files"] == []
 
     meter = SkippedFilesMeter()
-    with caplog.at_level(logging.WARNING, logger="d2ssod.data.bad_input"):
+    with caplog.at_level(logging.WARNING, logger="d2ssod.data.skipped_files"):
         assert meter.update([out, {"skipped_files": []}]) == bad
         meter.update([{"skipped_files": [bad[1]]}])
     assert meter.count == 3 and meter.paths == bad and meter.events == 4

@@ -53,10 +53,7 @@ def test_faster_coco_eval_gives_the_12_stats_of_pycocotools(synthetic):
     assert len(results) == 3600 and len(gt["annotations"]) > 1500
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(MetadataCatalog.get(name).json_file)
-        reference = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
-        reference.evaluate()
-        reference.accumulate()
-        reference.summarize()
+        reference = _summarized(COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox"))
     fast = FastCOCOEvaluator(name, distributed=False).evaluate_coco_results(results, "bbox")
     assert len(reference.stats) == 12
     # the same 12 numbers; C++ and NumPy may round the last bit of a mean differently
@@ -100,17 +97,23 @@ def hard_synthetic(tmp_path_factory):
     return name, gt, predictions
 
 
+def _summarized(coco_eval, max_dets=None, img_ids=None):
+    """``coco_eval`` (pycocotools' or faster-coco-eval's) run through the COCO API's three steps,
+    restricted to ``max_dets`` / ``img_ids`` where given."""
+    if max_dets is not None:
+        coco_eval.params.maxDets = list(max_dets)
+    if img_ids is not None:
+        coco_eval.params.imgIds = list(img_ids)
+    for step in (coco_eval.evaluate, coco_eval.accumulate, coco_eval.summarize):
+        step()
+    return coco_eval
+
+
 def _pycocotools_eval(json_file, results, max_dets, img_ids=None):
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(json_file)
-        ev = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
-        ev.params.maxDets = list(max_dets)
-        if img_ids is not None:
-            ev.params.imgIds = list(img_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
+        return _summarized(COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox"),
+                           max_dets, img_ids)
 
 
 @pytest.mark.parametrize("max_dets,subset", [(None, False), (5, True)])
@@ -141,14 +144,9 @@ def test_box_fast_path_matches_pycocotools_and_the_dict_path(hard_synthetic, max
     assert per_group.max() > evaluator._max_dets_per_image[-1] or max_dets is None
 
     gt_api = evaluator._faster_coco_gt()
-    stock = COCOeval_faster(gt_api, gt_api.loadRes([dict(r) for r in results]), "bbox",
-                            print_function=lambda *a: None)
-    stock.params.maxDets = list(evaluator._max_dets_per_image)
-    if img_ids is not None:
-        stock.params.imgIds = list(img_ids)
-    stock.evaluate()
-    stock.accumulate()
-    stock.summarize()
+    stock = _summarized(COCOeval_faster(gt_api, gt_api.loadRes([dict(r) for r in results]), "bbox",
+                                        print_function=lambda *a: None),
+                        evaluator._max_dets_per_image, img_ids)
     for key in ("precision", "recall", "scores"):
         np.testing.assert_array_equal(fast.eval[key], stock.eval[key], err_msg=key)
     np.testing.assert_array_equal(fast.stats, stock.stats)

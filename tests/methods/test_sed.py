@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.transforms.transform import HFlipTransform
 
 import d2ssod  # noqa: F401
-from d2ssod.data.transforms import transform_matrix
+from d2ssod.data.view_geometry import transform_matrix
 from d2ssod.engine import EMATeacher, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.sed import (

@@ -16,7 +16,8 @@ from fvcore.transforms.transform import HFlipTransform, TransformList
 
 import d2ssod  # noqa: F401
 from d2ssod.config import get_ssod_cfg
-from d2ssod.data.transforms import AffineTransform, map_points, transform_matrix, view_to_view
+from d2ssod.data.geometric import AffineTransform
+from d2ssod.data.view_geometry import map_points, transform_matrix, view_to_view
 from d2ssod.engine import EMATeacher, build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.base import map_view_boxes
