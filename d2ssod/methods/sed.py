@@ -1,6 +1,6 @@
 """SED (Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object Detection",
-CVPR 2022; no public code: every constant here is ours, see docs/methods.md, "SED", and its
-deviation table).
+CVPR 2022; no public code: every constant here is ours, see docs/methods.md, "SED" and
+"Deviations from the official implementations").
 
 What this method contributes to the shared trainer:
 
