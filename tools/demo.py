@@ -27,106 +27,22 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
-
-
-def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt"):
-    """Start tools/train_net.py in a subprocess; returns the Popen."""
-    os.makedirs(out_dir, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin
-    cmd = [sys.executable, TRAIN_NET, "--config-file", config]
-    if resume:
-        cmd.append("--resume")
-    cmd += ["OUTPUT_DIR", out_dir, *[str(o) for o in opts]]
-    log = open(os.path.join(out_dir, log_name), "w")
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_all(procs):
-    for name, (p, out_dir) in procs.items():
-        if p.wait() != 0:
-            raise SystemExit(f"{name} training failed (exit {p.returncode}); see "
-                             f"{os.path.join(out_dir, 'log.txt')}")
-
-
-def wait_for_file(path, proc, name, out_dir, poll=2.0):
-    """Block until ``path`` exists (checkpoints are renamed into place when complete) or the
-    process that should write it ends without it."""
-    while not os.path.exists(path):
-        if proc is not None and proc.poll() is not None and not os.path.exists(path):
-            raise SystemExit(f"{name} training ended (exit {proc.returncode}) without writing "
-                             f"{path}; see {os.path.join(out_dir, 'log.txt')}")
-        time.sleep(poll)
-
-
-def ap_curve(out_dir, prefix, total):
-    """[(iterations trained, AP, AP50)] from a run's metrics.json, for evaluations under
-    ``prefix``. Periodic evaluations are logged at the last finished iteration (i − 1), the
-    final one after the loop (at ``total``)."""
-    points = []
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if f"{prefix}/bbox/AP" in rec:
-                it = rec["iteration"]
-                points.append((it if it == total else it + 1, rec[f"{prefix}/bbox/AP"],
-                               rec[f"{prefix}/bbox/AP50"]))
-    if not points:
-        raise SystemExit(f"no {prefix}/bbox/AP in {out_dir}/metrics.json")
-    return points
-
-
-def finished(out_dir, opts, needed_file):
-    """Whether ``out_dir`` holds a completed run made with these overrides and ``needed_file``."""
-    try:
-        with open(os.path.join(out_dir, "demo_opts.json")) as f:
-            same = json.load(f) == [str(o) for o in opts]
-    except (OSError, ValueError):
-        return False
-    return same and all(os.path.exists(os.path.join(out_dir, f))
-                        for f in ("model_final.pth", needed_file))
-
-
-def warm_start_from_supervised(sup_dir, ssod_dir, burn_in):
-    """Turn the supervised run's checkpoint after ``burn_in`` iterations into the SSOD run's
-    resume point: its model becomes both teacher ("model") and student."""
-    src = os.path.join(sup_dir, f"model_{burn_in - 1:07d}.pth")
-    if not os.path.exists(src):
-        raise SystemExit(f"{src} missing: the supervised run must checkpoint at iteration "
-                         f"{burn_in} (SOLVER.CHECKPOINT_PERIOD must divide it)")
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    ckpt["student"] = ckpt["model"]
-    os.makedirs(ssod_dir, exist_ok=True)
-    name = os.path.basename(src)
-    torch.save(ckpt, os.path.join(ssod_dir, name))
-    with open(os.path.join(ssod_dir, "last_checkpoint"), "w") as f:
-        f.write(name)
-
-
-def plot(curves, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("COCO AP on demo_val")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training_runs import (  # noqa: E402  (tools/ is not a package)
+    REPO,
+    ap_curve,
+    finished,
+    hand_over_name,
+    mark_finished,
+    plot,
+    run_training,
+    wait_all,
+    wait_for_file,
+    warm_start_from_supervised,
+)
 
 
 def main():
@@ -157,7 +73,7 @@ def main():
     if not 0 < burn_in < total:
         raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total})")
     common = ["SOLVER.MAX_ITER", total, *args.opts]
-    hand_over = f"model_{burn_in - 1:07d}.pth"  # the supervised checkpoint SSOD starts from
+    hand_over = hand_over_name(burn_in)  # the supervised checkpoint SSOD starts from
     out = os.path.abspath(args.output)
     dirs = {"supervised": os.path.join(out, "supervised"), "ssod": os.path.join(out, args.method),
             "oracle": os.path.join(out, "oracle")}
@@ -186,8 +102,7 @@ def main():
                                  threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
     wait_all(runs)
     for name in baselines:
-        with open(os.path.join(dirs[name], "demo_opts.json"), "w") as f:
-            json.dump([str(o) for o in common], f)
+        mark_finished(dirs[name], common)
 
     sup_curve = ap_curve(dirs["supervised"], "student", total)
     curves = {

@@ -1,0 +1,144 @@
+"""Running d2ssod trainings as subprocesses and reading their results: the machinery shared by
+``tools/demo.py`` (one seed, one method) and ``tools/benchmark_methods.py`` (several seeds and
+methods).
+
+A *hand-over* is the supervised run's checkpoint after ``N`` iterations: an SSOD run with
+burn-in ``N`` would train exactly those iterations first (same seed, schedule and data), so it
+starts from that checkpoint instead (:func:`warm_start_from_supervised`) and only its
+semi-supervised iterations are new.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+__all__ = ["REPO", "run_training", "wait_all", "wait_for_file", "ap_curve", "finished",
+           "mark_finished", "warm_start_from_supervised", "hand_over_name", "last_iteration",
+           "plot"]
+
+
+def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt"):
+    """Start tools/train_net.py in a subprocess; returns the Popen."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin
+    cmd = [sys.executable, TRAIN_NET, "--config-file", config]
+    if resume:
+        cmd.append("--resume")
+    cmd += ["OUTPUT_DIR", out_dir, *[str(o) for o in opts]]
+    log = open(os.path.join(out_dir, log_name), "w")
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs):
+    for name, (p, out_dir) in procs.items():
+        if p.wait() != 0:
+            raise SystemExit(f"{name} training failed (exit {p.returncode}); see "
+                             f"{os.path.join(out_dir, 'log.txt')}")
+
+
+def wait_for_file(path, proc, name, out_dir, poll=2.0):
+    """Block until ``path`` exists (checkpoints are renamed into place when complete) or the
+    process that should write it ends without it."""
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None and not os.path.exists(path):
+            raise SystemExit(f"{name} training ended (exit {proc.returncode}) without writing "
+                             f"{path}; see {os.path.join(out_dir, 'log.txt')}")
+        time.sleep(poll)
+
+
+def ap_curve(out_dir, prefix, total):
+    """[(iterations trained, AP, AP50)] from a run's metrics.json, for evaluations under
+    ``prefix``. Periodic evaluations are logged at the last finished iteration (i − 1), the
+    final one after the loop (at ``total``)."""
+    points = []
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if f"{prefix}/bbox/AP" in rec:
+                it = rec["iteration"]
+                points.append((it if it == total else it + 1, rec[f"{prefix}/bbox/AP"],
+                               rec[f"{prefix}/bbox/AP50"]))
+    if not points:
+        raise SystemExit(f"no {prefix}/bbox/AP in {out_dir}/metrics.json")
+    return points
+
+
+def last_iteration(out_dir):
+    """The last iteration logged in ``out_dir``'s metrics.json (-1 before the first write)."""
+    last = -1
+    try:
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    last = max(last, json.loads(line).get("iteration", -1))
+                except ValueError:  # a line being written
+                    pass
+    except OSError:
+        pass
+    return last
+
+
+def finished(out_dir, opts, needed_file):
+    """Whether ``out_dir`` holds a completed run made with these overrides and ``needed_file``
+    (written by :func:`mark_finished`)."""
+    try:
+        with open(os.path.join(out_dir, "demo_opts.json")) as f:
+            same = json.load(f) == [str(o) for o in opts]
+    except (OSError, ValueError):
+        return False
+    return same and all(os.path.exists(os.path.join(out_dir, f))
+                        for f in ("model_final.pth", needed_file))
+
+
+def mark_finished(out_dir, opts):
+    """Record the overrides of a completed run in ``out_dir`` (see :func:`finished`)."""
+    with open(os.path.join(out_dir, "demo_opts.json"), "w") as f:
+        json.dump([str(o) for o in opts], f)
+
+
+def hand_over_name(burn_in):
+    """File name of the checkpoint written after ``burn_in`` iterations."""
+    return f"model_{burn_in - 1:07d}.pth"
+
+
+def warm_start_from_supervised(sup_dir, ssod_dir, burn_in):
+    """Turn the supervised run's checkpoint after ``burn_in`` iterations into the SSOD run's
+    resume point: its model becomes both teacher ("model") and student."""
+    src = os.path.join(sup_dir, hand_over_name(burn_in))
+    if not os.path.exists(src):
+        raise SystemExit(f"{src} missing: the supervised run must checkpoint at iteration "
+                         f"{burn_in} (SOLVER.CHECKPOINT_PERIOD must divide it)")
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["student"] = ckpt["model"]
+    os.makedirs(ssod_dir, exist_ok=True)
+    name = os.path.basename(src)
+    torch.save(ckpt, os.path.join(ssod_dir, name))
+    with open(os.path.join(ssod_dir, "last_checkpoint"), "w") as f:
+        f.write(name)
+
+
+def plot(curves, path, ylabel="COCO AP on demo_val"):
+    """Line plot of ``{label: [(iteration, AP, ...)]}`` to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
