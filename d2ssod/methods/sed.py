@@ -49,23 +49,16 @@ from detectron2.layers import cat
 from detectron2.utils import comm
 from fvcore.nn import smooth_l1_loss
 
-from d2ssod.modeling.box_jitter import (
-    class_specific_boxes,
-    clip_boxes_per_row,
-    pooled_box_predictions,
-)
+from d2ssod.modeling.box_head import box_predictions
+from d2ssod.modeling.box_ops import clip_boxes, decode_class_boxes, encode_boxes, gather_class
+from d2ssod.modeling.losses import binary_kl_with_logits, foreground_weights, soft_cross_entropy
 from d2ssod.modeling.scale_consistency import (
     ScaleConsistency,
-    binary_kl_with_logits,
-    box_predictions,
-    class_deltas,
-    encode_boxes,
-    foreground_weights,
-    padded_image_list,
     roi_boxes,
+    roi_predictions,
     roi_samples_per_image,
-    soft_cross_entropy,
 )
+from d2ssod.modeling.scale_levels import padded_image_list
 from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
 
 from .base import SSODMethod
@@ -204,7 +197,7 @@ class SED(SSODMethod):
                 model, images, outputs)
             losses.update(scale_losses)
         boxes = roi_boxes(proposals, proposals_down, images.image_sizes, self.samples_per_image)
-        on_full, on_down = box_predictions(model.roi_heads, features, boxes, features_down)
+        on_full, on_down = roi_predictions(model.roi_heads, features, boxes, features_down)
         targets = self.teacher_roi_predictions(unlabeled, boxes)
         predictor = model.roi_heads.box_predictor
         losses.update(roi_distill_losses(
@@ -236,15 +229,16 @@ class SED(SSODMethod):
         weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
         strong_sizes = torch.tensor([tuple(u["strong"]["image"].shape[-2:]) for u in unlabeled])
         mapped = strong_to_weak_boxes(flat, strong, weak, weak_sizes, counts)
-        scores, deltas = pooled_box_predictions(model.roi_heads, self._teacher_pass.features,
-                                                list(mapped.split(counts)))
+        [(scores, deltas)] = box_predictions(
+            model.roi_heads, [(self._teacher_pass.features, list(mapped.split(counts)))])
         probs = F.softmax(scores, dim=-1)
         num_classes = probs.shape[1] - 1
         classes = probs[:, :-1].argmax(dim=1)
-        refined = class_specific_boxes(model.roi_heads.box_predictor, deltas, mapped, classes)
+        refined = decode_class_boxes(model.roi_heads.box_predictor.box2box_transform, deltas,
+                                     mapped, classes)
         row_sizes = weak_sizes.to(flat.device).repeat_interleave(
             torch.as_tensor(counts, device=flat.device), dim=0, output_size=flat.shape[0])
-        refined = clip_boxes_per_row(refined, row_sizes)
+        refined = clip_boxes(refined, row_sizes)
         # weak → strong: the same mapping function with the views swapped
         back = strong_to_weak_boxes(refined, weak, strong, strong_sizes, counts)
         return TeacherROITargets(probs, probs.argmax(dim=1) != num_classes, classes, back)
@@ -284,7 +278,7 @@ def roi_distill_losses(student, proposals, targets: TeacherROITargets, weights,
     scores, deltas = student
     norm = weights.sum().clamp(min=1)
     loss_cls = (weights * soft_cross_entropy(scores, targets.probs)).sum() / norm
-    pred = class_deltas(deltas, targets.classes)
+    pred = gather_class(deltas, targets.classes)
     goal = encode_boxes(box2box_transform, proposals, targets.boxes)
     # Degenerate boxes (a refined box clipped to nothing, a proposal of zero size) give no
     # finite target: they do not regress, like background.

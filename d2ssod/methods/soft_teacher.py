@@ -38,11 +38,9 @@ from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from d2ssod.data.transforms import map_boxes, view_to_view
-from d2ssod.modeling.box_jitter import (
-    clip_boxes_per_row,
-    jitter_uncertainty,
-    pooled_box_predictions,
-)
+from d2ssod.modeling.box_head import box_predictions
+from d2ssod.modeling.box_jitter import jitter_uncertainty
+from d2ssod.modeling.box_ops import clip_boxes
 from d2ssod.modeling.scale_consistency import ScaleConsistency
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
@@ -76,7 +74,7 @@ def strong_to_weak_boxes(boxes, strong_matrices, weak_matrices, weak_sizes, coun
     mapped = map_boxes(boxes[:, None, :], row_matrix)[:, 0]
     row_sizes = weak_sizes.to(device).repeat_interleave(repeats, dim=0,
                                                         output_size=boxes.shape[0])
-    return clip_boxes_per_row(mapped, row_sizes)
+    return clip_boxes(mapped, row_sizes)
 
 
 @METHOD_REGISTRY.register("soft_teacher")
@@ -209,8 +207,8 @@ class SoftTeacher(SSODMethod):
         weak = torch.stack([u["weak"]["matrix"] for u in unlabeled])
         weak_sizes = torch.tensor([tuple(u["weak"]["image"].shape[-2:]) for u in unlabeled])
         mapped = strong_to_weak_boxes(boxes, strong, weak, weak_sizes, counts)
-        scores, _ = pooled_box_predictions(self.teacher.model.roi_heads, self._teacher_features,
-                                           mapped.split(counts))
+        [(scores, _)] = box_predictions(self.teacher.model.roi_heads,
+                                        [(self._teacher_features, mapped.split(counts))])
         return F.softmax(scores, dim=-1)[:, -1]
 
     # ----------------------------------------------------------------------------- logging
