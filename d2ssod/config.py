@@ -16,6 +16,11 @@ import difflib
 from detectron2.config import CfgNode as CN
 
 from d2ssod.modeling.backbone import add_mobilenetv2_config
+from d2ssod.modeling.roi_heads import add_roi_heads_config
+from d2ssod.modeling.scale_consistency import (
+    add_scale_consistency_config,
+    validate_scale_consistency_config,
+)
 
 EMA_BUFFER_MODES = ("average", "copy")
 
@@ -116,30 +121,10 @@ def add_ssod_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Model components registered by d2ssod
     # ---------------------------------------------------------------------------------------
-    # SED's scale consistency (d2ssod.modeling.scale_consistency; Guo et al., CVPR 2022, no
-    # public code; every constant is ours, docs/methods.md, "SED"). The SED method adds its
-    # distillation keys to the same node.
-    _C.SSOD.SED = CN()
-    # Scale consistency (student on x vs the 0.5x copy x↓, RPN every anchor + ROI), for the
-    # methods that support it (SSOD.METHOD "sed": False there = distillation only, an ablation;
-    # "soft_teacher": True adds the scale terms, needs MODEL.PROPOSAL_GENERATOR.NAME SEDRPN).
-    # Off by default so that configs of other methods are unchanged; the sed configs set it
-    # True. Other methods refuse True.
-    _C.SSOD.SED.SCALE_CONSISTENCY = False
-    # Weights (× λ_u) of the scale-consistency terms of RPN / ROI (each applies to both its _cls
-    # and _loc term; ours: 1).
-    _C.SSOD.SED.RPN_SCALE_WEIGHT = 1.0
-    _C.SSOD.SED.ROI_SCALE_WEIGHT = 1.0
-    # Student proposals per image (of x and of x↓ ×2 together, drawn uniformly) for SED's ROI
-    # scale and distillation terms; -1 = MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, 0 = all (ours:
-    # bounds the box-head cost).
-    _C.SSOD.SED.ROI_SAMPLES_PER_IMAGE = -1
-
     add_mobilenetv2_config(cfg)
+    add_roi_heads_config(cfg)
+    add_scale_consistency_config(cfg)
 
-    # ROI box predictor of d2ssod ("SSODROIHeads"): focal loss and per-proposal weights.
-    # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).
-    _C.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA = 0.0
 
     # ---------------------------------------------------------------------------------------
     # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)
@@ -177,18 +162,8 @@ def validate_ssod_config(cfg):
                          "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
-    _validate_scale_consistency(cfg)
+    validate_scale_consistency_config(cfg)
     METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
-
-
-def _validate_scale_consistency(cfg):
-    sed = cfg.SSOD.SED
-    for key in ("RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT"):
-        if sed[key] < 0:
-            raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
-    if sed.ROI_SAMPLES_PER_IMAGE < -1:
-        raise ValueError(f"SSOD.SED.ROI_SAMPLES_PER_IMAGE={sed.ROI_SAMPLES_PER_IMAGE}: use -1 "
-                         f"(MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE), 0 (all) or a positive count.")
 
 
 def unknown_key_message(cfg, key):

@@ -34,7 +34,7 @@ from detectron2.utils.events import get_event_storage
 
 from d2ssod.data.view_geometry import map_boxes, view_matrices, view_sizes, view_to_view
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
-from d2ssod.modeling.box_jitter import clip_boxes_per_row
+from d2ssod.modeling.box_ops import clip_boxes
 
 __all__ = ["SSODMethod", "clip_to_view", "map_view_boxes", "threshold_detections"]
 
@@ -45,7 +45,7 @@ def clip_to_view(boxes, counts, batch, view):
     device = boxes.device
     row_sizes = view_sizes(batch, view).to(device).repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
                                                    output_size=boxes.shape[0])
-    return clip_boxes_per_row(boxes, row_sizes)
+    return clip_boxes(boxes, row_sizes)
 
 
 def map_view_boxes(boxes, counts, batch, src, dst):
@@ -103,6 +103,7 @@ class SSODMethod:
 
     def __init__(self, cfg, student, teacher):
         type(self).validate_config(cfg)
+        self.name = cfg.SSOD.METHOD
         self.teacher = teacher
         self.unsup_weight = cfg.SSOD.UNSUP_WEIGHT
         self.pseudo_eval_period = cfg.SSOD.PSEUDO_EVAL_PERIOD
@@ -119,6 +120,14 @@ class SSODMethod:
         if cfg.SSOD.SED.SCALE_CONSISTENCY and not cls.supports_scale_consistency:
             raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is not implemented for SSOD.METHOD "
                              f"{cfg.SSOD.METHOD!r}; set it False.")
+
+    def require_student_part(self, model, attr, cls, key, why):
+        """Raise ``ValueError`` unless ``model.<attr>`` (of the unwrapped student) is a ``cls``,
+        naming the config ``key`` that selects it and ``why`` the method needs it."""
+        part = getattr(model, attr)
+        if not isinstance(part, cls):
+            raise ValueError(f"SSOD.METHOD={self.name!r} needs {key}: {cls.__name__} ({why}); "
+                             f"the student has {type(part).__name__}.")
 
     # ----------------------------------------------------------------------------- stage 1
     def pseudo_label(self, unlabeled):

@@ -50,19 +50,16 @@ from detectron2.utils import comm
 from fvcore.nn import smooth_l1_loss
 
 from d2ssod.ddp import unwrap_model
-from d2ssod.modeling.box_jitter import class_specific_boxes, pooled_box_predictions
+from d2ssod.modeling.box_head import box_predictions
+from d2ssod.modeling.box_ops import decode_class_boxes, encode_boxes, gather_class
+from d2ssod.modeling.losses import binary_kl_with_logits, foreground_weights, soft_cross_entropy
 from d2ssod.modeling.scale_consistency import (
     ScaleConsistency,
-    binary_kl_with_logits,
-    box_predictions,
-    class_deltas,
-    encode_boxes,
-    foreground_weights,
-    padded_image_list,
     roi_boxes,
+    roi_predictions,
     roi_samples_per_image,
-    soft_cross_entropy,
 )
+from d2ssod.modeling.scale_levels import padded_image_list
 from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
 
 from .base import SSODMethod, clip_to_view, map_view_boxes, threshold_detections
@@ -159,11 +156,9 @@ class SED(SSODMethod):
                 "unsupervised-only steps run the student without DDP's forward, so gradients "
                 "would not be reduced across processes. Use SSOD.STEP_MODE 'joint'.")
         model = unwrap_model(student)
-        if not isinstance(model.proposal_generator, SEDRPN):
-            raise ValueError(
-                f"SSOD.METHOD='sed' needs MODEL.PROPOSAL_GENERATOR.NAME: SEDRPN (RPN with access "
-                f"to per-anchor outputs, same parameters); the student has "
-                f"{type(model.proposal_generator).__name__}.")
+        self.require_student_part(model, "proposal_generator", SEDRPN,
+                                  "MODEL.PROPOSAL_GENERATOR.NAME",
+                                  "RPN with access to per-anchor outputs, same parameters")
         c = cfg.SSOD.SED
         self.scale = ScaleConsistency(cfg, model) if c.SCALE_CONSISTENCY else None
         # what the weak and strong batches are padded to (alike, for the per-anchor RPN terms):
@@ -228,7 +223,7 @@ class SED(SSODMethod):
                 model, images, outputs)
             losses.update(scale_losses)
         boxes = roi_boxes(proposals, proposals_down, images.image_sizes, self.samples_per_image)
-        on_full, on_down = box_predictions(model.roi_heads, features, boxes, features_down)
+        on_full, on_down = roi_predictions(model.roi_heads, features, boxes, features_down)
         targets = self.teacher_roi_predictions(unlabeled, boxes, teacher.features)
         predictor = model.roi_heads.box_predictor
         losses.update(roi_distill_losses(
@@ -256,12 +251,13 @@ class SED(SSODMethod):
         counts = [len(b) for b in boxes]
         flat = cat(boxes, dim=0)
         mapped = map_view_boxes(flat, counts, unlabeled, "strong", "weak")
-        scores, deltas = pooled_box_predictions(model.roi_heads, features,
-                                                list(mapped.split(counts)))
+        [(scores, deltas)] = box_predictions(model.roi_heads,
+                                             [(features, list(mapped.split(counts)))])
         probs = F.softmax(scores, dim=-1)
         num_classes = probs.shape[1] - 1
         classes = probs[:, :-1].argmax(dim=1)
-        refined = class_specific_boxes(model.roi_heads.box_predictor, deltas, mapped, classes)
+        refined = decode_class_boxes(model.roi_heads.box_predictor.box2box_transform, deltas,
+                                     mapped, classes)
         refined = clip_to_view(refined, counts, unlabeled, "weak")
         back = map_view_boxes(refined, counts, unlabeled, "weak", "strong")
         return TeacherROITargets(probs, probs.argmax(dim=1) != num_classes, classes, back)
@@ -301,7 +297,7 @@ def roi_distill_losses(student, proposals, targets: TeacherROITargets, weights,
     scores, deltas = student
     norm = weights.sum().clamp(min=1)
     loss_cls = (weights * soft_cross_entropy(scores, targets.probs)).sum() / norm
-    pred = class_deltas(deltas, targets.classes)
+    pred = gather_class(deltas, targets.classes)
     goal = encode_boxes(box2box_transform, proposals, targets.boxes)
     # Degenerate boxes (a refined box clipped to nothing, a proposal of zero size) give no
     # finite target: they do not regress, like background.

@@ -40,7 +40,8 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 from d2ssod.ddp import unwrap_model
-from d2ssod.modeling.box_jitter import jitter_uncertainty, pooled_box_predictions
+from d2ssod.modeling.box_head import box_predictions
+from d2ssod.modeling.box_jitter import jitter_uncertainty
 from d2ssod.modeling.scale_consistency import ScaleConsistency
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
@@ -103,11 +104,8 @@ class SoftTeacher(SSODMethod):
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         model = unwrap_model(student)
-        if not isinstance(model.roi_heads, SoftTeacherROIHeads):
-            raise ValueError(
-                f"SSOD.METHOD='soft_teacher' needs MODEL.ROI_HEADS.NAME: SoftTeacherROIHeads "
-                f"(separate regression targets and soft background weights); the student has "
-                f"{type(model.roi_heads).__name__}.")
+        self.require_student_part(model, "roi_heads", SoftTeacherROIHeads, "MODEL.ROI_HEADS.NAME",
+                                  "separate regression targets and soft background weights")
         c = cfg.SSOD.SOFT_TEACHER
         self.cls_thresh = c.CLS_THRESH
         self.reg_thresh = c.REG_THRESH
@@ -201,8 +199,8 @@ class SoftTeacher(SSODMethod):
         counts = [len(s) for s in samples]
         boxes = cat([s.proposal_boxes.tensor for s in samples], dim=0)
         mapped = map_view_boxes(boxes, counts, unlabeled, "strong", "weak")
-        scores, _ = pooled_box_predictions(self.teacher.model.roi_heads, features,
-                                           mapped.split(counts))
+        [(scores, _)] = box_predictions(self.teacher.model.roi_heads,
+                                        [(features, mapped.split(counts))])
         return F.softmax(scores, dim=-1)[:, -1]
 
     # ----------------------------------------------------------------------------- logging

@@ -7,6 +7,12 @@
   ``SoftTeacherROIHeads`` (Soft Teacher's student),
 * proposal generator ``SEDRPN`` (``MODEL.PROPOSAL_GENERATOR.NAME``): Detectron2's RPN with
   access to its per-anchor outputs, used by SED (:mod:`.scale_consistency`).
+
+The methods' building blocks, one concern a module: :mod:`.losses` (focal and soft-target
+losses), :mod:`.box_ops` (row-wise box clipping, per-class gathering, box encoding and
+decoding), :mod:`.box_head` (several box sets through the ROI box branch in one call),
+:mod:`.box_jitter` (Soft Teacher's box uncertainty), :mod:`.scale_levels` (SED's x / x↓ level
+geometry) and :mod:`.scale_consistency` (SED's scale-consistency losses).
 """
 from .backbone import (
     MobileNetV2Backbone,

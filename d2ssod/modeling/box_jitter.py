@@ -16,22 +16,17 @@ returns nearly the same box every time. For a candidate box ``b`` with width ``w
    (``T − 1`` in the denominator), as in the official code.
 
 Everything is batched: the copies of every box of every image go through the box pooler, box
-head and predictor in one call (:func:`pooled_box_predictions`), and the result is reshaped
-back with views; no Python loop over boxes or images touches tensors here beyond the list of
-per-image boxes that Detectron2's ``ROIPooler`` takes.
+head and predictor in one call (:func:`~d2ssod.modeling.box_head.box_predictions`), and the
+result is reshaped back with views; no Python loop over boxes or images touches tensors here
+beyond the list of per-image boxes that Detectron2's ``ROIPooler`` takes.
 """
 import torch
 from detectron2.layers import cat
-from detectron2.structures import Boxes
 
-__all__ = [
-    "jitter_boxes",
-    "pooled_box_predictions",
-    "class_specific_boxes",
-    "clip_boxes_per_row",
-    "box_uncertainty",
-    "jitter_uncertainty",
-]
+from .box_head import box_predictions
+from .box_ops import clip_boxes, decode_class_boxes
+
+__all__ = ["jitter_boxes", "box_uncertainty", "jitter_uncertainty"]
 
 
 def _box_scale(boxes):
@@ -47,46 +42,6 @@ def jitter_boxes(boxes, times, scale, generator=None):
     noise = torch.randn((boxes.shape[0], times, 4), generator=generator, device=boxes.device,
                         dtype=boxes.dtype)
     return boxes[:, None, :] + noise * (scale * _box_scale(boxes))[:, None, :]
-
-
-def pooled_box_predictions(roi_heads, features, boxes_per_image):
-    """Class scores and box deltas of ``roi_heads``' box branch for the given boxes, in one
-    ``box_pooler`` → ``box_head`` → ``box_predictor`` call.
-
-    Args:
-        roi_heads: a Detectron2 ``StandardROIHeads`` (uses ``box_in_features``, ``box_pooler``,
-            ``box_head``, ``box_predictor``).
-        features (dict[str, Tensor]): the backbone features of the batch the boxes belong to.
-        boxes_per_image (list[Tensor]): (n_i, 4) XYXY boxes of image ``i`` of that batch.
-
-    Returns:
-        (scores, deltas): (Σn_i, K + 1) logits and (Σn_i, 4K or 4) deltas, rows in image order.
-    """
-    feats = [features[f] for f in roi_heads.box_in_features]
-    pooled = roi_heads.box_pooler(feats, [Boxes(b) for b in boxes_per_image])
-    return roi_heads.box_predictor(roi_heads.box_head(pooled))
-
-
-def class_specific_boxes(box_predictor, deltas, boxes, classes):
-    """Decode ``deltas`` (M, 4K) — or (M, 4) for class-agnostic regression — relative to
-    ``boxes`` (M, 4) with the predictor's ``box2box_transform`` and keep, for row ``m``, the
-    box of class ``classes[m]``. Returns (M, 4)."""
-    decoded = box_predictor.box2box_transform.apply_deltas(deltas, boxes)
-    if decoded.shape[1] == 4:
-        return decoded
-    per_class = decoded.view(decoded.shape[0], decoded.shape[1] // 4, 4)  # also for M = 0
-    index = classes.view(-1, 1, 1).expand(-1, 1, 4)
-    return per_class.gather(1, index).squeeze(1)
-
-
-def clip_boxes_per_row(boxes, sizes):
-    """Clip XYXY ``boxes`` (M, 4) to per-row image ``sizes`` (M, 2) given as (h, w)."""
-    h = sizes[:, 0:1].to(boxes.dtype)
-    w = sizes[:, 1:2].to(boxes.dtype)
-    zero = torch.zeros_like(w)
-    x = boxes[:, 0::2].clamp(min=zero, max=w)
-    y = boxes[:, 1::2].clamp(min=zero, max=h)
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
 
 
 def box_uncertainty(refined):
@@ -130,11 +85,11 @@ def jitter_uncertainty(roi_heads, features, boxes, classes, image_sizes, times, 
     # as the pooler wants, and the (N, T, 4) layout is a view of the refined rows.
     jittered = jitter_boxes(all_boxes, times, scale, generator).reshape(-1, 4)
     per_image = jittered.split([n * times for n in counts])
-    _, deltas = pooled_box_predictions(roi_heads, features, per_image)
-    refined = class_specific_boxes(roi_heads.box_predictor, deltas, jittered,
-                                   all_classes.repeat_interleave(times))
+    [(_, deltas)] = box_predictions(roi_heads, [(features, per_image)])
+    refined = decode_class_boxes(roi_heads.box_predictor.box2box_transform, deltas, jittered,
+                                 all_classes.repeat_interleave(times))
     sizes = torch.as_tensor(image_sizes, device=device, dtype=torch.float32).view(-1, 2)
     row_sizes = sizes.repeat_interleave(torch.as_tensor(counts, device=device) * times, dim=0,
                                         output_size=jittered.shape[0])
-    refined = clip_boxes_per_row(refined, row_sizes)
+    refined = clip_boxes(refined, row_sizes)
     return list(box_uncertainty(refined.view(-1, times, 4)).split(counts))

@@ -1,16 +1,31 @@
-"""Classification losses shared by d2ssod's ROI heads.
+"""Losses of d2ssod's methods, elementwise or per row unless reduced.
 
 ``multiclass_focal_loss`` is the softmax focal loss that Unbiased Teacher uses on the ROI
 classifier (Liu et al., "Unbiased Teacher for Semi-Supervised Object Detection", ICLR 2021,
-§3.3; facebookresearch's unbiased-teacher repo, γ = 1.5), with optional per-sample weights normalised
-the way Soft Teacher normalises its soft background weights (Xu et al., "End-to-End
+§3.3; facebookresearch's unbiased-teacher repo, γ = 1.5), with optional per-sample weights
+normalised the way Soft Teacher normalises its soft background weights (Xu et al., "End-to-End
 Semi-Supervised Object Detection with Soft Teacher", ICCV 2021, Eq. 4):
 ``Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1)``.
+
+The soft-target terms compare two predictions rather than a prediction and a label: SED
+(Guo et al., "Scale-Equivalent Distillation for Semi-Supervised Object Detection", CVPR 2022)
+distils a teacher's probabilities into a student and asks one detector for the same answer at
+two scales (docs/methods.md, SED): :func:`binary_kl_with_logits`, :func:`soft_cross_entropy`,
+:func:`categorical_kl`, :func:`symmetric_smooth_l1` and the per-proposal weights
+:func:`foreground_weights`.
 """
 import torch
 import torch.nn.functional as F
+from fvcore.nn import smooth_l1_loss
 
-__all__ = ["multiclass_focal_loss"]
+__all__ = [
+    "multiclass_focal_loss",
+    "binary_kl_with_logits",
+    "soft_cross_entropy",
+    "categorical_kl",
+    "symmetric_smooth_l1",
+    "foreground_weights",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -70,3 +85,36 @@ def multiclass_focal_loss(logits, targets, gamma=0.0, weights=None, reduction="m
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / weights.sum().clamp(min=1.0)
+
+
+def binary_kl_with_logits(logits, target):
+    """Elementwise ``KL(Bern(target) ‖ Bern(σ(logits)))`` = BCE(logits, target) − H(target):
+    the gradient of binary cross entropy with soft targets, 0 where the two agree."""
+    entropy = -(torch.special.xlogy(target, target) + torch.special.xlogy(1 - target, 1 - target))
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none") - entropy
+
+
+def soft_cross_entropy(logits, target):
+    """Per-row cross entropy ``−Σ_c target_c · log softmax(logits)_c``; (M, C) → (M,)."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def categorical_kl(logits, target):
+    """Per-row ``KL(target ‖ softmax(logits))`` = soft cross entropy − H(target); (M,)."""
+    return soft_cross_entropy(logits, target) + torch.special.xlogy(target, target).sum(dim=-1)
+
+
+def symmetric_smooth_l1(a, b, beta):
+    """``0.5·[ℓ(a − sg(b)) + ℓ(b − sg(a))]`` summed over the last dim, ℓ smooth-L1 with
+    ``beta`` (L1 for beta < 1e-5), sg the stop-gradient: the value of ℓ(a − b), half its
+    gradient to each side."""
+    return 0.5 * (smooth_l1_loss(a, b.detach(), beta, reduction="none")
+                  + smooth_l1_loss(b, a.detach(), beta, reduction="none")).sum(dim=-1)
+
+
+def foreground_weights(background_prob, gamma):
+    """SED's per-proposal distillation weights (ours: the form and γ, docs/methods.md, SED):
+    ``wᵢ = (1 − p_bg,i)^γ`` normalised to mean 1 over the batch, detached; γ = 0 gives all
+    ones. Weights that are all zero stay zero."""
+    weights = (1.0 - background_prob.detach()).clamp(min=0.0).pow(gamma)
+    return weights / weights.mean().clamp(min=torch.finfo(weights.dtype).tiny)

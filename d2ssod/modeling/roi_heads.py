@@ -12,9 +12,11 @@
 * A bool field ``gt_reg_valid`` on the ground-truth / pseudo boxes reaches the sampled
   proposals through ``label_and_sample_proposals`` (it copies every ``gt_*`` field of the
   matched box). Only foreground proposals whose flag is True get a box-regression term; the
-  normaliser stays the number of sampled proposals, as in Detectron2. This is how Unbiased
-  Teacher (flag False everywhere on unlabeled images) and Soft Teacher (flag = box passed the
-  jitter-uncertainty test) restrict regression.
+  normaliser stays the number of sampled proposals, as in Detectron2. It restricts regression
+  to trusted boxes without changing which proposals are sampled or how they are classified.
+  The methods of d2ssod do not set it: Unbiased Teacher weighs both regression terms 0 on
+  unlabeled images (``UnbiasedTeacher.loss_weights``), and Soft Teacher samples its regression
+  targets separately (:mod:`d2ssod.modeling.soft_roi_heads`).
 
 Without those fields and with γ = 0 the losses are exactly Detectron2's.
 
@@ -26,14 +28,21 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.modeling.roi_heads.fast_rcnn import (
-    FastRCNNOutputLayers,
-    _log_classification_stats,
-)
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.structures import Instances
+from detectron2.utils.events import EventStorage
 
 from .losses import multiclass_focal_loss
 
-__all__ = ["SSODFastRCNNOutputLayers", "SSODROIHeads"]
+__all__ = ["SSODFastRCNNOutputLayers", "SSODROIHeads", "add_roi_heads_config"]
+
+
+
+def add_roi_heads_config(cfg):
+    """Add the keys of d2ssod's box predictor (``SSODROIHeads`` / ``SoftTeacherROIHeads``) to
+    ``cfg``; called by :func:`d2ssod.config.add_ssod_config`."""
+    # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).
+    cfg.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA = 0.0
 
 
 class SSODFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -79,52 +88,44 @@ class SSODFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     def losses(self, predictions, proposals):
         """Same inputs and outputs as ``FastRCNNOutputLayers.losses``; proposals may also carry
-        ``loss_weight`` (float, per proposal) and ``gt_reg_valid`` (bool, per proposal)."""
-        scores, proposal_deltas = predictions
+        ``loss_weight`` (float, per proposal) and ``gt_reg_valid`` (bool, per proposal).
+
+        Detectron2's ``losses`` logs the classification statistics and computes the box term;
+        only the classification term is replaced (focal, weighted), and with regression flags
+        the box term is Detectron2's on a copy of the proposals whose flagged-off foreground is
+        relabelled background."""
+        scores, _ = predictions
         device = scores.device
         loss_weight = self._gather_field(proposals, "loss_weight", 1.0, scores.dtype, device)
-        reg_valid = self._gather_field(proposals, "gt_reg_valid", True, torch.bool, device)
-        if loss_weight is None and reg_valid is None and self.focal_gamma == 0:
-            return super().losses(predictions, proposals)
         if self.use_sigmoid_ce and loss_weight is not None:
             raise ValueError(
                 "Per-proposal `loss_weight` needs the softmax classifier: set "
                 "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE=False.")
-
-        if len(proposals):
-            gt_classes = cat([p.gt_classes for p in proposals], dim=0)
-            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
-            # Images without any (pseudo) box have no gt_boxes: all their proposals are
-            # background, so any box serves as the unused regression target.
-            gt_boxes = cat(
-                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor
-                 for p in proposals],
-                dim=0,
-            )
-        else:
-            gt_classes = torch.empty(0, dtype=torch.long, device=device)
-            proposal_boxes = gt_boxes = torch.empty((0, 4), device=device)
-        _log_classification_stats(scores, gt_classes)
-
-        if self.use_sigmoid_ce:
-            loss_cls = self.sigmoid_cross_entropy_loss(scores, gt_classes)
-        else:
+        losses = super().losses(predictions, proposals)
+        if loss_weight is not None or self.focal_gamma > 0:
+            gt_classes = (cat([p.gt_classes for p in proposals], dim=0) if len(proposals)
+                          else torch.empty(0, dtype=torch.long, device=device))
             loss_cls = multiclass_focal_loss(
                 scores, gt_classes, self.focal_gamma, weights=loss_weight, reduction="mean")
+            # self.loss_weight is Detectron2's per-term multiplier (MODEL.ROI_BOX_HEAD.*_WEIGHT)
+            losses["loss_cls"] = loss_cls * self.loss_weight.get("loss_cls", 1.0)
+        if any(p.has("gt_reg_valid") for p in proposals):
+            # The relabelled copy changes the classes, so its classification statistics go to
+            # a storage that is dropped; the box term still divides by all sampled proposals.
+            with EventStorage():
+                losses["loss_box_reg"] = super().losses(
+                    predictions, [self._regression_labels(p) for p in proposals])["loss_box_reg"]
+        return losses
 
-        # Proposals whose box may not be regressed are relabelled background for the
-        # regression term only; box_reg_loss then skips them and still divides by the number
-        # of sampled proposals.
-        reg_classes = gt_classes
-        if reg_valid is not None:
-            reg_classes = torch.where(reg_valid, gt_classes, torch.full_like(gt_classes,
-                                                                            self.num_classes))
-        loss_box_reg = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, reg_classes)
-        # self.loss_weight is Detectron2's per-term multiplier (MODEL.ROI_BOX_HEAD.*_WEIGHT).
-        return {
-            "loss_cls": loss_cls * self.loss_weight.get("loss_cls", 1.0),
-            "loss_box_reg": loss_box_reg * self.loss_weight.get("loss_box_reg", 1.0),
-        }
+    def _regression_labels(self, proposals):
+        """A copy of one image's ``proposals`` whose foreground proposals with
+        ``gt_reg_valid`` False are labelled background (``num_classes``)."""
+        relabelled = Instances(proposals.image_size, **proposals.get_fields())
+        if proposals.has("gt_reg_valid"):
+            background = torch.full_like(proposals.gt_classes, self.num_classes)
+            relabelled.gt_classes = torch.where(proposals.gt_reg_valid.to(torch.bool),
+                                                proposals.gt_classes, background)
+        return relabelled
 
 
 @ROI_HEADS_REGISTRY.register()

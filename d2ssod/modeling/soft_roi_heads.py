@@ -9,7 +9,8 @@ trains the student's ROI head on unlabeled images with two sets of pseudo boxes:
   weighted by the teacher's background probability for it, foreground ones by 1, and the loss
   is ``Σ wᵢ·CEᵢ / max(Σ wᵢ, 1)``;
 * the *regression* set (score ≥ 0.5 and low box-jitter uncertainty), against which the
-  proposals are sampled a second time for the box-regression loss only.
+  proposals are sampled a second time for the box-regression loss only (its sampling and
+  loss statistics are logged under ``reg_samples/``; in the unlabeled pass ``unsup/reg_samples/``).
 
 We follow the official structure: two independent samplings of the same proposals (the
 official ``unsup_rcnn_cls_loss`` and ``unsup_rcnn_reg_loss`` each sample; only the
@@ -19,8 +20,8 @@ regression loss against its own set matters because the two sets differ both way
 score in [0.5, 0.9) can be regression targets but are no classification targets, and
 confident boxes with unstable regression are classification targets only. A single sampling
 against the union with per-box flags would let those boxes change which proposals are
-background for classification. The two sampled sets share one ``box_head`` call (pooled
-separately, concatenated, split after the head).
+background for classification. The two sampled sets share one ``box_head`` call
+(:func:`~d2ssod.modeling.box_head.box_predictions`).
 
 How the method talks to the heads: :class:`SoftTeacherROIHeads` behaves exactly like
 :class:`~d2ssod.modeling.roi_heads.SSODROIHeads` (it is a drop-in for labeled data, inference
@@ -55,6 +56,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
+from .box_head import box_predictions
 from .roi_heads import SSODROIHeads
 
 __all__ = ["SoftTeacherROIHeads", "soft_background_weights"]
@@ -124,7 +126,7 @@ class SoftTeacherROIHeads(SSODROIHeads):
         cls_samples = self.label_and_sample_proposals(proposals, targets)
         if pseudo.background_prob_fn is not None:
             self.set_background_weights(cls_samples, pseudo.background_prob_fn(cls_samples))
-        with get_event_storage().name_scope("unsup_reg"):
+        with get_event_storage().name_scope("reg_samples"):
             reg_samples = self.label_and_sample_proposals(proposals, pseudo.reg_targets)
         return cls_samples, self._forward_box_cls_reg(features, cls_samples, reg_samples)
 
@@ -140,14 +142,10 @@ class SoftTeacherROIHeads(SSODROIHeads):
     def _forward_box_cls_reg(self, features, cls_samples, reg_samples):
         """``loss_cls`` on the classification samples and ``loss_box_reg`` on the regression
         samples, with one box-head call for both."""
-        feats = [features[f] for f in self.box_in_features]
-        pooled = cat([self.box_pooler(feats, [s.proposal_boxes for s in cls_samples]),
-                      self.box_pooler(feats, [s.proposal_boxes for s in reg_samples])], dim=0)
-        scores, deltas = self.box_predictor(self.box_head(pooled))
-        n_cls = sum(len(s) for s in cls_samples)
-        loss_cls = self.box_predictor.losses((scores[:n_cls], deltas[:n_cls]),
-                                             cls_samples)["loss_cls"]
-        with get_event_storage().name_scope("unsup_reg"):
-            loss_box_reg = self.box_predictor.losses((scores[n_cls:], deltas[n_cls:]),
-                                                     reg_samples)["loss_box_reg"]
+        on_cls, on_reg = box_predictions(self, [
+            (features, [s.proposal_boxes.tensor for s in cls_samples]),
+            (features, [s.proposal_boxes.tensor for s in reg_samples])])
+        loss_cls = self.box_predictor.losses(on_cls, cls_samples)["loss_cls"]
+        with get_event_storage().name_scope("reg_samples"):
+            loss_box_reg = self.box_predictor.losses(on_reg, reg_samples)["loss_box_reg"]
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}

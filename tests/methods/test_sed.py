@@ -119,7 +119,7 @@ def test_roi_distillation_without_foreground_is_finite_and_regresses_nothing():
                                 torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
     scores = torch.zeros(2, 3, requires_grad=True)
     deltas = torch.ones(2, 8, requires_grad=True)
-    from d2ssod.modeling.scale_consistency import foreground_weights
+    from d2ssod.modeling.losses import foreground_weights
 
     w = foreground_weights(probs[:, -1], 1.0)
     got = roi_distill_losses((scores, deltas), proposals, targets, w,

@@ -117,7 +117,7 @@ def test_regression_targets_are_sampled_separately():
     with EventStorage(0) as storage:
         with heads.pseudo_targets(reg):
             samples, losses = heads(None, features, proposals, targets)
-        assert storage.latest()["unsup_reg/roi_head/num_fg_samples"][0] == 1
+        assert storage.latest()["reg_samples/roi_head/num_fg_samples"][0] == 1
     assert (samples[0].gt_classes == 3).all() and not samples[0].has("loss_weight")
     assert losses["loss_box_reg"].item() > 0
 

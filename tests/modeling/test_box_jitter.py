@@ -15,11 +15,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-from d2ssod.modeling.box_jitter import (
-    class_specific_boxes,
-    jitter_boxes,
-    jitter_uncertainty,
-)
+from d2ssod.modeling.box_jitter import jitter_boxes, jitter_uncertainty
 
 H, W = 120, 160
 NUM_CLASSES = 2
@@ -91,20 +87,6 @@ def test_jitter_noise_is_scaled_by_box_width_and_height():
     scale = torch.tensor([[40.0, 10.0, 40.0, 10.0], [1.0, 4.0, 1.0, 4.0]]) * 0.06
     assert out.shape == (2, 7, 4)
     assert torch.allclose(out, boxes[:, None] + noise * scale[:, None], atol=1e-6)
-
-
-def test_class_specific_boxes_pick_the_box_class_columns():
-    t = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
-    boxes = torch.tensor([[10.0, 10.0, 30.0, 50.0], [0.0, 0.0, 8.0, 8.0]])
-    deltas = torch.tensor([[0.0, 0, 0, 0, 1.0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0, 0, 0]])
-    out = class_specific_boxes(SimpleNamespace(box2box_transform=t), deltas, boxes,
-                               torch.tensor([0, 1]))
-    # class 0 of box 0 and class 1 of box 1 have zero deltas: both stay put
-    assert torch.allclose(out, boxes, atol=1e-5)
-    # no rows at all (no proposal in the batch): an empty (0, 4) result, not a reshape error
-    empty = class_specific_boxes(SimpleNamespace(box2box_transform=t), deltas[:0], boxes[:0],
-                                 torch.zeros(0, dtype=torch.long))
-    assert empty.shape == (0, 4)
 
 
 def test_identity_refinement_gives_the_spread_of_the_jitter_noise():

@@ -88,6 +88,22 @@ def test_no_valid_regression_zeroes_box_loss_only(features):
     assert torch.allclose(a["loss_cls"], b["loss_cls"], rtol=1e-6, atol=0)
 
 
+def test_regression_mask_keeps_detectron2_classification_statistics(features):
+    """The box term of masked proposals is computed on relabelled copies; the logged
+    classification statistics stay those of the real labels."""
+    ours, ref = _predictors()
+    props = _proposals()
+    props[0].gt_reg_valid = torch.zeros(6, dtype=torch.bool)
+    logged = []
+    for predictor, proposals in ((ours, props), (ref, _proposals())):
+        with EventStorage(0) as storage:
+            predictor.losses(predictor(features), proposals)
+        logged.append({k: v.values() for k, v in storage.histories().items()})
+    assert set(logged[0]) == {"fast_rcnn/cls_accuracy", "fast_rcnn/fg_cls_accuracy",
+                              "fast_rcnn/false_negative"}
+    assert logged[0] == logged[1]
+
+
 def test_regression_mask_splits_the_box_loss(features):
     """Box loss is a sum over valid foreground proposals with a fixed normaliser (number of
     sampled proposals), so complementary masks add up to the unmasked loss."""
