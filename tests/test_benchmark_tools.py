@@ -1,0 +1,70 @@
+"""tools/benchmark_methods.py's aggregation and tools/results_table.py's README block."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RUNS = {
+    1: {"supervised": {"AP": 30.0, "AP50": 50.0, "wall_seconds": 600},
+        "oracle": {"AP": 40.0, "AP50": 60.0, "wall_seconds": 660},
+        "soft_teacher": {"AP": 36.0, "AP50": 57.0, "wall_seconds": 900}},
+    2: {"supervised": {"AP": 32.0, "AP50": 52.0, "wall_seconds": 540},
+        "oracle": {"AP": 42.0, "AP50": 62.0, "wall_seconds": 600},
+        "soft_teacher": {"AP": 34.0, "AP50": 55.0, "wall_seconds": 840}},
+    3: {"supervised": {"AP": 31.0, "AP50": 51.0, "wall_seconds": 570}},  # oracle missing
+}
+
+
+def test_mean_and_sample_std_by_hand():
+    bench = _tool("benchmark_methods")
+    assert bench.mean_std([5.0]) == (5.0, 0.0)
+    mean, std = bench.mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2
+                                           + (4 - 7 / 3) ** 2) / 2))
+
+
+def test_gap_closed_per_seed_then_averaged_and_incomplete_seeds_left_out():
+    rows = _tool("benchmark_methods").summarize(RUNS, ["soft_teacher"])
+    st = rows["soft_teacher"]
+    assert st["seeds"] == 2  # seed 3 has no oracle: not counted
+    # seed 1: (36 − 30) / (40 − 30) = 0.6; seed 2: (34 − 32) / (42 − 32) = 0.2
+    assert st["gap_closed"][0] == pytest.approx(0.4)
+    assert st["gap_closed"][1] == pytest.approx(math.sqrt(2 * 0.2 ** 2))
+    assert st["AP"] == pytest.approx([35.0, math.sqrt(2.0)])
+    assert st["wall_minutes"] == pytest.approx(14.5)
+    assert "gap_closed" not in rows["supervised"] and rows["supervised"]["seeds"] == 2
+
+
+def test_readme_block_is_replaced_between_the_markers_only():
+    table = _tool("results_table")
+    text = f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n"
+    assert table.render_block(text, "| new |\n") == (
+        f"intro\n{table.BEGIN}\n| new |\n{table.END}\noutro\n")
+    with pytest.raises(SystemExit, match="markers"):
+        table.render_block("no markers here", "| new |\n")
+
+
+def test_readme_methods_table_is_the_one_rendered_from_the_benchmark_file():
+    path = os.path.join(REPO, "benchmarks", "methods.json")
+    if not os.path.exists(path):
+        pytest.skip("no benchmarks/methods.json yet")
+    table = _tool("results_table")
+    with open(path) as f:
+        rendered = _tool("benchmark_methods").markdown_table(json.load(f))
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert table.render_block(readme, rendered) == readme, (
+        "README's methods table was edited by hand or is stale: run tools/results_table.py")

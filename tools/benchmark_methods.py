@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Multi-seed method benchmark on the embedded demo data: every method against the same
+supervised baseline and oracle, over several seeds.
+
+    python tools/benchmark_methods.py --methods soft_teacher,unbiased_teacher,sed \
+        --seeds 1,2,3 --output output/benchmark
+
+Per seed ``s`` (``SEED s`` for every run of that seed):
+
+* **supervised** (``configs/demo/supervised.yaml``) and **oracle** (``oracle.yaml``), once;
+* every method from that seed's hand-over: its run starts from the supervised run's checkpoint
+  after ``SSOD.BURN_IN_ITERS`` iterations (as ``tools/demo.py`` does) and trains the remaining
+  iterations semi-supervised.
+
+Runs are scheduled on ``--jobs`` processes (default: one per core), one thread each; a method
+run starts as soon as its seed's hand-over exists. Progress (what runs, at which iteration) is
+printed every ``--progress`` seconds. A finished run (same config, overrides and seed) is
+reused, so adding a method or a seed costs only the new runs.
+
+Results: ``--json`` (default ``benchmarks/methods.json``) with every run's AP, AP50 and wall
+time, and per method the mean ± sample standard deviation over seeds of AP, AP50 and
+``gap closed = (AP_method − AP_sup) / (AP_oracle − AP_sup)`` (per seed, then averaged), and
+``--md`` (default ``benchmarks/methods.md``), the Markdown table that
+``tools/results_table.py`` puts into the README.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training_runs import (  # noqa: E402  (tools/ is not a package)
+    REPO,
+    ap_curve,
+    finished,
+    hand_over_name,
+    last_iteration,
+    mark_finished,
+    run_training,
+    warm_start_from_supervised,
+)
+
+BASELINES = ("supervised", "oracle")
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of a list; the std of one value is 0."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def summarize(runs, methods):
+    """Aggregate ``runs`` = {seed: {name: {"AP", "AP50", "wall_seconds"}}} into per-name rows:
+    ``{name: {"AP": [mean, std], "AP50": [...], "gap_closed": [...] (methods only),
+    "wall_minutes": mean, "seeds": n}}``. A seed counts for a method only when the method and
+    both baselines of that seed finished."""
+    rows = {}
+    for name in (*BASELINES, *methods):
+        seeds = [s for s, r in runs.items() if name in r and all(b in r for b in BASELINES)]
+        if not seeds:
+            continue
+        row = {"seeds": len(seeds)}
+        for key in ("AP", "AP50"):
+            row[key] = list(mean_std([runs[s][name][key] for s in seeds]))
+        row["wall_minutes"] = mean_std([runs[s][name]["wall_seconds"] / 60 for s in seeds])[0]
+        if name not in BASELINES:
+            gaps = [(runs[s][name]["AP"] - runs[s]["supervised"]["AP"])
+                    / (runs[s]["oracle"]["AP"] - runs[s]["supervised"]["AP"]) for s in seeds]
+            row["gap_closed"] = list(mean_std(gaps))
+        rows[name] = row
+    return rows
+
+
+def markdown_table(summary):
+    """The Markdown table of a benchmark summary (``methods.json``)."""
+    rows = summary["rows"]
+    setup = summary["setup"]
+    lines = [
+        f"| method ({setup['total_iters']} iterations, {len(summary['seeds'])} seeds, "
+        f"demo_val) | AP | AP50 | gap closed | minutes per run |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        gap = ("—" if "gap_closed" not in row
+               else f"{row['gap_closed'][0]:+.2f} ± {row['gap_closed'][1]:.2f}")
+        seeds = "" if row["seeds"] == len(summary["seeds"]) else f" ({row['seeds']} seeds)"
+        lines.append(f"| {name}{seeds} | {row['AP'][0]:.2f} ± {row['AP'][1]:.2f} | "
+                     f"{row['AP50'][0]:.2f} ± {row['AP50'][1]:.2f} | {gap} | "
+                     f"{row['wall_minutes']:.1f} |")
+    lines += ["", f"mean ± sample std over seeds {', '.join(map(str, summary['seeds']))}; "
+                  f"command: `{summary['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+class Job:
+    """One training run of the benchmark."""
+
+    def __init__(self, name, seed, config, out_dir, opts, resume=False, after=None):
+        self.name, self.seed, self.config, self.out_dir = name, seed, config, out_dir
+        self.opts, self.resume, self.after = opts, resume, after  # after: (job, file) it needs
+        self.proc = self.started = None
+        self.wall_seconds = None
+
+    @property
+    def label(self):
+        return f"{self.name} (seed {self.seed})"
+
+    def ready(self):
+        if self.after is None:
+            return True
+        job, needed = self.after
+        return os.path.exists(os.path.join(job.out_dir, needed))
+
+    def start(self):
+        if self.after is not None:  # a method run: start from its seed's hand-over
+            job, _ = self.after
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            warm_start_from_supervised(job.out_dir, self.out_dir, self.burn_in)
+        else:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.started = time.time()
+        self.proc = run_training(self.config, self.out_dir, self.opts, threads=1,
+                                 resume=self.resume)
+
+
+def collect(job, total):
+    """AP, AP50 (final evaluation: the teacher of a method run, the model of a baseline) and
+    wall time of a finished run."""
+    prefix = "student" if job.name in BASELINES else "teacher"
+    final = ap_curve(job.out_dir, prefix, total)[-1]
+    with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
+        wall = json.load(f)["wall_seconds"]
+    return {"AP": final[1], "AP50": final[2], "wall_seconds": wall}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="soft_teacher,unbiased_teacher,sed,soft_teacher_sed",
+                        help="comma-separated demo configs (configs/demo/<name>.yaml)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated SEED values")
+    parser.add_argument("--output", default="output/benchmark")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="training processes at once (one thread each)")
+    parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "methods.json"))
+    parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "methods.md"))
+    parser.add_argument("--progress", type=float, default=60.0,
+                        help="seconds between progress lines")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE overrides passed to every run")
+    args = parser.parse_args()
+
+    sys.path.insert(0, REPO)
+    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.engine import build_cfg
+
+    ensure_demo_data()
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    configs = {name: os.path.join(REPO, "configs", "demo", f"{name}.yaml")
+               for name in (*BASELINES, *methods)}
+    for name, path in configs.items():
+        if not os.path.exists(path):
+            raise SystemExit(f"no demo config {path} for {name!r}")
+    base = build_cfg(configs[methods[0]] if methods else configs["supervised"], args.opts)
+    burn_in, total = base.SSOD.BURN_IN_ITERS, base.SOLVER.MAX_ITER
+    if not 0 < burn_in < total:
+        raise SystemExit(f"need 0 < SSOD.BURN_IN_ITERS ({burn_in}) < SOLVER.MAX_ITER ({total})")
+    out = os.path.abspath(args.output)
+
+    jobs = []
+    for seed in seeds:
+        common = ["SOLVER.MAX_ITER", total, "SEED", seed, *args.opts]
+        sup = Job("supervised", seed, configs["supervised"], os.path.join(out, f"seed{seed}",
+                                                                        "supervised"),
+                  common + ["SOLVER.CHECKPOINT_PERIOD", burn_in])
+        jobs.append(sup)
+        jobs.append(Job("oracle", seed, configs["oracle"],
+                        os.path.join(out, f"seed{seed}", "oracle"),
+                        common + ["SOLVER.CHECKPOINT_PERIOD", burn_in]))
+        for m in methods:
+            job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
+                      common + ["SSOD.BURN_IN_ITERS", burn_in,
+                                "SOLVER.CHECKPOINT_PERIOD", burn_in],
+                      resume=True, after=(sup, hand_over_name(burn_in)))
+            job.burn_in = burn_in
+            jobs.append(job)
+    for job in jobs:
+        needed = hand_over_name(burn_in) if job.name == "supervised" else "model_final.pth"
+        job.done = finished(job.out_dir, job.opts, needed) and os.path.exists(
+            os.path.join(job.out_dir, "benchmark_run.json"))
+        if job.done:
+            print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
+
+    # Baselines first (they gate the methods), then methods by seed.
+    pending = sorted((j for j in jobs if not j.done),
+                     key=lambda j: (j.name != "supervised", j.name == "oracle", j.seed))
+    running, t0, last_report = [], time.time(), 0.0
+    while pending or running:
+        for job in list(running):
+            if job.proc.poll() is None:
+                continue
+            running.remove(job)
+            if job.proc.returncode != 0:
+                raise SystemExit(f"{job.label} failed (exit {job.proc.returncode}); see "
+                                 f"{os.path.join(job.out_dir, 'log.txt')}")
+            job.wall_seconds = time.time() - job.started
+            with open(os.path.join(job.out_dir, "benchmark_run.json"), "w") as f:
+                json.dump({"wall_seconds": round(job.wall_seconds, 1)}, f)
+            mark_finished(job.out_dir, job.opts)
+            job.done = True
+            print(f"[{(time.time() - t0) / 60:5.1f} min] finished {job.label} in "
+                  f"{job.wall_seconds / 60:.1f} min", flush=True)
+        while len(running) < args.jobs:
+            job = next((j for j in pending if j.ready()), None)
+            if job is None:
+                break
+            pending.remove(job)
+            job.start()
+            running.append(job)
+            print(f"[{(time.time() - t0) / 60:5.1f} min] started {job.label}", flush=True)
+        if time.time() - last_report >= args.progress and running:
+            last_report = time.time()
+            status = ", ".join(f"{j.label} at {last_iteration(j.out_dir) + 1}/{total}"
+                               for j in running)
+            print(f"[{(time.time() - t0) / 60:5.1f} min] running: {status}; "
+                  f"{len(pending)} waiting", flush=True)
+        time.sleep(1.0)
+
+    runs = {}
+    for job in jobs:
+        runs.setdefault(job.seed, {})[job.name] = collect(job, total)
+    summary = {
+        "setup": {"burn_in_iters": burn_in, "total_iters": total, "opts": args.opts,
+                  "jobs": args.jobs},
+        "seeds": seeds,
+        "methods": methods,
+        "command": " ".join(["python tools/benchmark_methods.py", "--methods", ",".join(methods),
+                             "--seeds", ",".join(map(str, seeds)), *args.opts]),
+        "runs": {str(s): r for s, r in runs.items()},
+        "rows": summarize(runs, methods),
+    }
+    for path in (args.json, args.md):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(summary, f, indent=2)
+    table = markdown_table(summary)
+    with open(args.md, "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
