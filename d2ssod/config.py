@@ -22,6 +22,7 @@ from d2ssod.modeling.scale_consistency import (
     validate_scale_consistency_config,
 )
 
+STEP_MODES = ("joint", "alternate")  # SSOD.STEP_MODE, see d2ssod.engine.schedule
 EMA_BUFFER_MODES = ("average", "copy")
 
 
@@ -147,7 +148,6 @@ def _check_choice(key, value, choices):
 def validate_ssod_config(cfg):
     """Raise ``ValueError`` naming the key and its valid values for a bad choice: the shared
     keys here, the selected method's keys by its ``validate_config``."""
-    from d2ssod.engine.schedule import STEP_MODES
     from d2ssod.methods import METHOD_REGISTRY
 
     _check_choice("SSOD.METHOD", cfg.SSOD.METHOD, [k for k, _ in METHOD_REGISTRY])

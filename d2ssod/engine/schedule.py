@@ -9,9 +9,9 @@ same rule summed, so the two can never disagree.
 """
 from dataclasses import dataclass
 
-__all__ = ["STEP_MODES", "StepSchedule"]
+from d2ssod.config import STEP_MODES
 
-STEP_MODES = ("joint", "alternate")
+__all__ = ["StepSchedule"]
 
 
 @dataclass(frozen=True)
