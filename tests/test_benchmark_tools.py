@@ -68,3 +68,14 @@ def test_readme_methods_table_is_the_one_rendered_from_the_benchmark_file():
         readme = f.read()
     assert table.render_block(readme, rendered) == readme, (
         "README's methods table was edited by hand or is stale: run tools/results_table.py")
+
+
+def test_variant_spec_parses_into_label_config_and_overrides():
+    bench = _tool("benchmark_methods")
+    assert bench.parse_variant("ut1:unbiased_teacher:SSOD.UNSUP_WEIGHT=1.0,SEED=3") == (
+        "ut1", "unbiased_teacher", ["SSOD.UNSUP_WEIGHT", "1.0", "SEED", "3"])
+    assert bench.parse_variant("plain:sed:") == ("plain", "sed", [])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.parse_variant("bad:sed:SSOD.UNSUP_WEIGHT")
+    with pytest.raises(SystemExit, match="LABEL:CONFIG"):
+        bench.parse_variant("onlylabel")

@@ -12,6 +12,10 @@ Per seed ``s`` (``SEED s`` for every run of that seed):
   after ``SSOD.BURN_IN_ITERS`` iterations (as ``tools/demo.py`` does) and trains the remaining
   iterations semi-supervised.
 
+A ``--variant LABEL:CONFIG:KEY=VALUE,KEY=VALUE`` adds a row for a method config with its own
+overrides (e.g. ``--variant ut_weight1:unbiased_teacher:SSOD.UNSUP_WEIGHT=1.0``), trained from
+the same hand-overs; the baselines never see a variant's overrides.
+
 Runs are scheduled on ``--jobs`` processes (default: one per core), one thread each; a method
 run starts as soon as its seed's hand-over exists. Progress (what runs, at which iteration) is
 printed every ``--progress`` seconds. A finished run (same config, overrides and seed) is
@@ -24,6 +28,7 @@ time, and per method the mean ± sample standard deviation over seeds of AP, AP5
 ``tools/results_table.py`` puts into the README.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -98,6 +103,20 @@ def markdown_table(summary):
     return "\n".join(lines) + "\n"
 
 
+def parse_variant(spec):
+    """``"LABEL:CONFIG:KEY=VALUE,KEY=VALUE"`` → (label, config name, [KEY, VALUE, ...])."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise SystemExit(f"--variant {spec!r}: expected LABEL:CONFIG:KEY=VALUE,KEY=VALUE")
+    label, config, overrides = parts
+    opts = []
+    for item in filter(None, overrides.split(",")):
+        if "=" not in item:
+            raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
+        opts += item.split("=", 1)
+    return label, config, opts
+
+
 class Job:
     """One training run of the benchmark."""
 
@@ -116,6 +135,12 @@ class Job:
             return True
         job, needed = self.after
         return os.path.exists(os.path.join(job.out_dir, needed))
+
+    def config_digest(self, build_cfg):
+        """sha256 of the run's merged config: a finished run is reused only when nothing in its
+        config files (bases included) or overrides changed."""
+        text = build_cfg(self.config, [str(o) for o in self.opts]).dump()
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def start(self):
         if self.after is not None:  # a method run: start from its seed's hand-over
@@ -143,6 +168,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="soft_teacher,unbiased_teacher,sed,soft_teacher_sed",
                         help="comma-separated demo configs (configs/demo/<name>.yaml)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="LABEL:CONFIG:KEY=VALUE,...: a method config with its own overrides")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated SEED values")
     parser.add_argument("--output", default="output/benchmark")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -164,6 +191,12 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",") if s]
     configs = {name: os.path.join(REPO, "configs", "demo", f"{name}.yaml")
                for name in (*BASELINES, *methods)}
+    extra_opts = {}
+    for spec in args.variant:
+        label, config, overrides = parse_variant(spec)
+        methods.append(label)
+        configs[label] = os.path.join(REPO, "configs", "demo", f"{config}.yaml")
+        extra_opts[label] = overrides
     for name, path in configs.items():
         if not os.path.exists(path):
             raise SystemExit(f"no demo config {path} for {name!r}")
@@ -186,14 +219,21 @@ def main():
         for m in methods:
             job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
                       common + ["SSOD.BURN_IN_ITERS", burn_in,
-                                "SOLVER.CHECKPOINT_PERIOD", burn_in],
+                                "SOLVER.CHECKPOINT_PERIOD", burn_in, *extra_opts.get(m, [])],
                       resume=True, after=(sup, hand_over_name(burn_in)))
             job.burn_in = burn_in
             jobs.append(job)
     for job in jobs:
         needed = hand_over_name(burn_in) if job.name == "supervised" else "model_final.pth"
-        job.done = finished(job.out_dir, job.opts, needed) and os.path.exists(
-            os.path.join(job.out_dir, "benchmark_run.json"))
+        job.digest = job.config_digest(build_cfg)
+        try:
+            with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
+                same_config = json.load(f).get("config_digest") == job.digest
+        except (OSError, ValueError):
+            same_config = False
+        job.done = same_config and finished(job.out_dir, job.opts, needed)
+        if job.after is not None and not job.after[0].done:
+            job.done = False  # a new hand-over: the method runs start again from it
         if job.done:
             print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
 
@@ -211,7 +251,8 @@ def main():
                                  f"{os.path.join(job.out_dir, 'log.txt')}")
             job.wall_seconds = time.time() - job.started
             with open(os.path.join(job.out_dir, "benchmark_run.json"), "w") as f:
-                json.dump({"wall_seconds": round(job.wall_seconds, 1)}, f)
+                json.dump({"wall_seconds": round(job.wall_seconds, 1),
+                           "config_digest": job.digest}, f)
             mark_finished(job.out_dir, job.opts)
             job.done = True
             print(f"[{(time.time() - t0) / 60:5.1f} min] finished {job.label} in "
@@ -240,7 +281,9 @@ def main():
                   "jobs": args.jobs},
         "seeds": seeds,
         "methods": methods,
-        "command": " ".join(["python tools/benchmark_methods.py", "--methods", ",".join(methods),
+        "variants": {label: " ".join(map(str, o)) for label, o in extra_opts.items()},
+        "command": " ".join(["python tools/benchmark_methods.py", "--methods", args.methods,
+                             *(f"--variant {v}" for v in args.variant),
                              "--seeds", ",".join(map(str, seeds)), *args.opts]),
         "runs": {str(s): r for s, r in runs.items()},
         "rows": summarize(runs, methods),
