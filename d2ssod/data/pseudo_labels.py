@@ -6,6 +6,7 @@ so a person can review it with any COCO viewer and Detectron2's ``load_coco_json
 back. :func:`load_pseudo_labeled` returns its dataset dicts marked ``"pseudo_labeled": True``,
 which :class:`~d2ssod.data.mappers.SelfTrainingDatasetMapper` gives the strong augmentation.
 """
+import functools
 import json
 import os
 
@@ -89,6 +90,7 @@ def register_training_mix(name, labeled_names, repeat, pseudo_jsons):
     pseudo-labeled images of ``pseudo_jsons`` (replacing an earlier registration of ``name``).
     Its metadata is the labeled data's classes (loading the jsons adds their id mapping)."""
     classes = list(MetadataCatalog.get(labeled_names[0]).thing_classes)
-    loader = lambda: _load_mix(tuple(labeled_names), int(repeat), tuple(pseudo_jsons), name)  # noqa: E731
+    loader = functools.partial(_load_mix, tuple(labeled_names), int(repeat), tuple(pseudo_jsons),
+                               name)
     register_dataset(name, loader, {"thing_classes": classes}, overwrite=True)
     return name

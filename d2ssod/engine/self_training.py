@@ -45,22 +45,18 @@ from detectron2.structures import Boxes
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
+from d2ssod.data import pseudo_labels
 from d2ssod.data.loader import build_ssod_train_loader
 from d2ssod.data.mappers import SelfTrainingDatasetMapper
-from d2ssod.data.pseudo_labels import (
-    dataset_category_ids,
-    register_training_mix,
-    write_pseudo_label_json,
-)
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.selection.stability import detection_agreement, select_most_stable, stability
 
 from .trainer import SSODTrainer
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["add_self_training_config", "checkpoint_schedule", "SnapshotHook",
            "SelfTrainingTrainer", "SelfTraining", "MODES"]
-
-logger = logging.getLogger(__name__)
 
 MODES = {"st": ("supervised", "label", "retrain"),
          "stpp": ("supervised", "label", "retrain1", "relabel", "retrain2")}
@@ -298,7 +294,8 @@ class SelfTraining:
         num_labeled = sum(len(DatasetCatalog.get(n)) for n in self.cfg.DATASETS.TRAIN)
         repeat = (max(1, math.ceil(num_pseudo / max(num_labeled, 1)))
                   if self.cfg.SELF_TRAIN.REPEAT_LABELED else 1)
-        name = register_training_mix(f"self_train_{stage}", self.cfg.DATASETS.TRAIN, repeat, jsons)
+        name = pseudo_labels.register_training_mix(f"self_train_{stage}", self.cfg.DATASETS.TRAIN,
+                                                   repeat, jsons)
         record = self._train(stage, [name], num_labeled * repeat + num_pseudo)
         record.update(labeled_repeat=repeat, pseudo_jsons=jsons)
         return record
@@ -363,8 +360,9 @@ class SelfTraining:
     def _write_pseudo(self, stage, dataset_dicts, images, detections, image_fields=None):
         path = os.path.join(self.stage_dir(stage), "pseudo_labels.json")
         classes = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).thing_classes
-        ids = dataset_category_ids(self.cfg.DATASETS.TRAIN_UNLABELED[0], len(classes))
-        write_pseudo_label_json(path, images, detections, classes, ids, image_fields)
+        ids = pseudo_labels.dataset_category_ids(self.cfg.DATASETS.TRAIN_UNLABELED[0],
+                                                 len(classes))
+        pseudo_labels.write_pseudo_label_json(path, images, detections, classes, ids, image_fields)
         return {"pseudo_json": path, "pseudo_images": len(images),
                 "pseudo_boxes": int(sum(len(d[0]) for d in detections)),
                 "pseudo_quality": self._pseudo_quality(dataset_dicts, detections)}

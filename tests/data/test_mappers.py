@@ -14,9 +14,8 @@ from d2ssod.data.photometric import CutoutTransform
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
+from d2ssod.data.mappers import PseudoLabeledDatasetMapper, SelfTrainingDatasetMapper
 from d2ssod.data.mappers import (
-    PseudoLabeledDatasetMapper,
-    SelfTrainingDatasetMapper,
     UnlabeledDatasetMapper,
     build_strong_augmentation,
     build_weak_augmentation,
