@@ -165,7 +165,7 @@ class SelfTraining:
                              "(or DATASETS.CUSTOM.UNLABELED_DIR).")
         self.cfg = cfg
         self.mode = mode
-        self.output_dir = cfg.OUTPUT_DIR
+        self.output_dir = os.path.abspath(cfg.OUTPUT_DIR)
         s = cfg.SELF_TRAIN
         self.schedule = checkpoint_schedule(cfg.SOLVER.MAX_ITER, s.NUM_CHECKPOINTS)
         if mode == "stpp" and len(self.schedule) < 2:
