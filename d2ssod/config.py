@@ -126,7 +126,12 @@ def add_ssod_config(cfg):
     add_roi_heads_config(cfg)
     add_scale_consistency_config(cfg)
 
+    # ---------------------------------------------------------------------------------------
+    # Offline self-training (ST / ST++, tools/self_train.py)
+    # ---------------------------------------------------------------------------------------
+    from d2ssod.engine.self_training import add_self_training_config
 
+    add_self_training_config(cfg)
     # ---------------------------------------------------------------------------------------
     # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)
     # ---------------------------------------------------------------------------------------

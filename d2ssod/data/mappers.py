@@ -8,6 +8,11 @@ two views share one geometry, as in Unbiased Teacher (Liu et al., ICLR 2021); wi
 as in Soft Teacher (Xu et al., ICCV 2021). Either way each view carries its ``TransformList`` and
 the 3×3 matrix from original-image coordinates into the view, so boxes move between the views
 exactly with :func:`d2ssod.data.view_geometry.view_to_view`.
+
+Offline self-training (ST / ST++) trains on labeled and pseudo-labeled images in one stream:
+:class:`SelfTrainingDatasetMapper` maps the labeled ones as Detectron2's ``DatasetMapper`` does
+and the pseudo-labeled ones with :class:`PseudoLabeledDatasetMapper` (the same geometry plus the
+strong augmentation, without the pseudo boxes its cutout erased).
 """
 import logging
 
@@ -15,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
+from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
@@ -27,11 +33,12 @@ from .photometric import (
     RandomCutoutPatches,
     RandomGaussianBlur,
     RandomGrayscale,
+    erased_fraction,
 )
 from .view_geometry import transform_matrix
 
 __all__ = ["build_weak_augmentation", "build_strong_augmentation", "UnlabeledDatasetMapper",
-           "read_image"]
+           "PseudoLabeledDatasetMapper", "SelfTrainingDatasetMapper", "read_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +229,53 @@ class UnlabeledDatasetMapper:
                 dataset_dict["annotations"], weak_tfms, weak_input.image.shape[:2])
         out["skipped_files"], self._pending_skips = self._pending_skips, []
         return out
+
+
+class PseudoLabeledDatasetMapper(DatasetMapper):
+    """Detectron2's training ``DatasetMapper`` for pseudo-labeled images: the labeled images'
+    geometry followed by the strong augmentation (:func:`build_strong_augmentation`), and the
+    pseudo boxes of which more than ``max_erased_fraction`` was erased by its cutout dropped
+    (:func:`~d2ssod.data.photometric.erased_fraction`)."""
+
+    @configurable
+    def __init__(self, is_train=True, *, max_erased_fraction=0.5, **kwargs):
+        """
+        Args:
+            max_erased_fraction (float): a pseudo box stays when at most this fraction of its
+                pixels is erased by cutout.
+            is_train, kwargs: Detectron2's ``DatasetMapper`` arguments (``augmentations``
+                includes the strong augmentation).
+        """
+        super().__init__(is_train, **kwargs)
+        self.max_erased_fraction = max_erased_fraction
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        ret = super().from_config(cfg, is_train)
+        ret["augmentations"] = list(ret["augmentations"]) + build_strong_augmentation(cfg)
+        ret["max_erased_fraction"] = cfg.SELF_TRAIN.MAX_ERASED_FRACTION
+        return ret
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
+        instances = dataset_dict["instances"]
+        erased = erased_fraction(instances.gt_boxes.tensor.numpy(), transforms, image_shape)
+        dataset_dict["instances"] = instances[torch.from_numpy(erased <= self.max_erased_fraction)]
+
+
+class SelfTrainingDatasetMapper:
+    """The training mapper of self-training: dataset dicts with ``"pseudo_labeled": True`` go
+    through ``pseudo`` (strong augmentation), the others through ``labeled``."""
+
+    def __init__(self, labeled, pseudo):
+        self.labeled = labeled
+        self.pseudo = pseudo
+
+    @classmethod
+    def build(cls, cfg):
+        """Detectron2's ``DatasetMapper(cfg, True)`` and ``PseudoLabeledDatasetMapper(cfg)``."""
+        return cls(DatasetMapper(cfg, True), PseudoLabeledDatasetMapper(cfg, True))
+
+    def __call__(self, dataset_dict):
+        mapper = self.pseudo if dataset_dict.get("pseudo_labeled", False) else self.labeled
+        return mapper(dataset_dict)

@@ -33,6 +33,7 @@ __all__ = [
     "RandomGaussianBlur",
     "RandomCutout",
     "RandomCutoutPatches",
+    "erased_fraction",
 ]
 
 # ITU-R BT.601 luma weights (the ones OpenCV, PIL and torchvision use for grayscale).
@@ -187,6 +188,47 @@ class CutoutTransform(_PhotometricTransform):
         region = out[self.y0:self.y1, self.x0:self.x1]
         region[...] = fill if fill.ndim == 0 or region.ndim == 3 else fill[0]
         return out
+
+
+def erased_fraction(boxes, transforms, image_shape):
+    """Fraction of each box's pixels erased by the :class:`CutoutTransform` rectangles of
+    ``transforms`` (overlapping rectangles counted once).
+
+    Used to drop pseudo boxes whose object the strong view has mostly erased (self-training,
+    docs/methods.md, "ST and ST++"): training on them would ask the detector to find an object
+    that is no longer visible, the detection counterpart of ST++ ignoring cut-out pixels.
+
+    Args:
+        boxes: ``(N, 4)`` XYXY boxes in the coordinates of the augmented image.
+        transforms: the image's transforms (a ``TransformList`` or list); the cutout
+            rectangles are in the augmented image's coordinates, so only photometric
+            transforms may follow a cutout (as in ``build_strong_augmentation``).
+        image_shape: ``(H, W)`` of the augmented image.
+
+    Returns:
+        float array ``(N,)`` in [0, 1]; 0 for boxes without pixels.
+    """
+    flat = transforms.transforms if isinstance(transforms, TransformList) else list(transforms)
+    height, width = image_shape
+    erased = np.zeros((height, width), dtype=np.int32)
+    seen_cutout = False
+    for t in flat:
+        if isinstance(t, CutoutTransform):
+            erased[t.y0:t.y1, t.x0:t.x1] = 1
+            seen_cutout = True
+        elif seen_cutout and not isinstance(t, (_PhotometricTransform, NoOpTransform)):
+            raise ValueError(f"erased_fraction: {type(t).__name__} follows a cutout and would "
+                             f"move its rectangle; cutouts must come after all geometric "
+                             f"transforms.")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    # Summed-area table: erased pixels of rows [y0, y1) x columns [x0, x1) in four lookups.
+    table = np.zeros((height + 1, width + 1), dtype=np.int64)
+    table[1:, 1:] = erased.cumsum(0).cumsum(1)
+    x0, x1 = (np.clip(np.round(boxes[:, i]), 0, width).astype(np.int64) for i in (0, 2))
+    y0, y1 = (np.clip(np.round(boxes[:, i]), 0, height).astype(np.int64) for i in (1, 3))
+    count = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    area = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    return np.where(area > 0, count / np.maximum(area, 1), 0.0)
 
 
 # =============================================================================================

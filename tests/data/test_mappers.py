@@ -10,6 +10,11 @@ from fvcore.transforms.transform import HFlipTransform, TransformList
 
 from d2ssod.config import get_ssod_cfg
 from d2ssod.data.geometric import AffineTransform
+from d2ssod.data.photometric import CutoutTransform
+from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
+
+from d2ssod.data.mappers import PseudoLabeledDatasetMapper, SelfTrainingDatasetMapper
 from d2ssod.data.mappers import (
     UnlabeledDatasetMapper,
     build_strong_augmentation,
@@ -197,3 +202,38 @@ def test_corrupt_files_are_skipped_and_reported(tmp_path, caplog):
     assert len(warnings) == 3
     assert bad[2] in warnings[2] and "(3 such files so far" in warnings[2]
     assert meter.update(None) == [] and meter.count == 3
+
+
+class _EraseLeftHalf(T.Augmentation):
+    def get_transform(self, image):
+        return CutoutTransform(0, 0, image.shape[1] // 2, image.shape[0], fill=0)
+
+
+def test_self_training_mapper_drops_mostly_erased_pseudo_boxes_only(tmp_path):
+    path = tmp_path / "a.png"
+    _write_rect_image(path)  # 100 x 200
+    boxes = [[10, 10, 60, 60],    # fully in the erased left half
+             [80, 10, 130, 60],   # 20 of 50 columns erased: kept
+             [140, 10, 190, 60]]  # untouched
+    annos = [{"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": i, "score": 0.9}
+             for i, b in enumerate(boxes)]
+    d = {"file_name": str(path), "image_id": 0, "height": 100, "width": 200, "annotations": annos}
+    mapper = SelfTrainingDatasetMapper(
+        DatasetMapper(True, augmentations=[], image_format="BGR"),
+        PseudoLabeledDatasetMapper(True, augmentations=[_EraseLeftHalf()], image_format="BGR",
+                                   max_erased_fraction=0.5))
+    pseudo = mapper(dict(d, pseudo_labeled=True))
+    assert pseudo["instances"].gt_classes.tolist() == [1, 2]
+    assert (pseudo["image"][:, :, :100] == 0).all()
+    labeled = mapper(d)  # no strong augmentation, every box kept
+    assert labeled["instances"].gt_classes.tolist() == [0, 1, 2]
+    assert (labeled["image"][:, 0, 0] == torch.as_tensor(BG)).all()
+
+
+def test_pseudo_labeled_mapper_adds_the_strong_augmentation_after_the_geometry():
+    cfg = _cfg()
+    mapper = PseudoLabeledDatasetMapper(cfg, True)
+    names = [type(a).__name__ for a in mapper.augmentations.augs]
+    assert names[:2] == ["ResizeShortestEdge", "RandomFlip"]
+    assert names[2:] == [type(a).__name__ for a in build_strong_augmentation(cfg)]
+    assert mapper.max_erased_fraction == cfg.SELF_TRAIN.MAX_ERASED_FRACTION

@@ -1,7 +1,7 @@
 """Photometric transforms of the strong view: definitions, replayability, cutout geometry."""
 import numpy as np
 import pytest
-from fvcore.transforms.transform import NoOpTransform
+from fvcore.transforms.transform import HFlipTransform, NoOpTransform, TransformList
 
 from d2ssod.data.photometric import (
     ColorJitterTransform,
@@ -11,6 +11,7 @@ from d2ssod.data.photometric import (
     RandomColorJitter,
     RandomCutout,
     RandomCutoutPatches,
+    erased_fraction,
 )
 
 
@@ -112,3 +113,22 @@ def test_random_cutout_patches_count_size_and_pixels():
     assert isinstance(RandomCutoutPatches((0, 0)).get_transform(img), NoOpTransform)
     with pytest.raises(ValueError, match="num_range"):
         RandomCutoutPatches((3, 1))
+
+
+def test_erased_fraction_counts_overlapping_cutouts_once():
+    # 10x10 image; columns 0-4 and 3-5 erased (union: columns 0-5 of every row)
+    tfms = TransformList([CutoutTransform(0, 0, 5, 10), GrayscaleTransform(),
+                          CutoutTransform(3, 0, 6, 10)])
+    boxes = np.array([[0, 0, 10, 10],   # 60 of 100 pixels
+                      [6, 0, 10, 10],   # none
+                      [2, 2, 4, 4],     # all
+                      [4, 0, 8, 5],     # columns 4, 5 of 4: 0.5
+                      [3, 3, 3, 8]])    # no pixels
+    np.testing.assert_allclose(erased_fraction(boxes, tfms, (10, 10)), [0.6, 0, 1, 0.5, 0])
+    assert erased_fraction(boxes, [], (10, 10)).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_erased_fraction_rejects_geometry_after_a_cutout():
+    with pytest.raises(ValueError, match="HFlipTransform follows a cutout"):
+        erased_fraction(np.zeros((1, 4)), [CutoutTransform(0, 0, 2, 2), HFlipTransform(10)],
+                        (10, 10))

@@ -1,0 +1,102 @@
+"""Offline self-training: checkpoint schedule, and a tiny ST++ run on a slice of the demo data
+that crashes after its first stage and is resumed by running it again."""
+import csv
+import json
+import os
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+import d2ssod  # noqa: F401
+from d2ssod.data.builtin import register_dataset
+from d2ssod.engine import build_cfg
+from d2ssod.engine.self_training import SelfTraining, SelfTrainingTrainer, checkpoint_schedule
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs/demo/self_training.yaml")
+
+
+def test_checkpoint_schedule_is_k_thirds_of_the_run():
+    assert checkpoint_schedule(400, 3) == [133, 267, 400]
+    assert checkpoint_schedule(9, 3) == [3, 6, 9]
+    assert checkpoint_schedule(10, 1) == [10]
+    with pytest.raises(ValueError, match="NUM_CHECKPOINTS"):
+        checkpoint_schedule(2, 3)
+
+
+def _register_slice(name, source, count):
+    meta = MetadataCatalog.get(source)
+    register_dataset(name, lambda: DatasetCatalog.get(source)[:count],
+                     {"thing_classes": meta.thing_classes,
+                      "thing_dataset_id_to_contiguous_id": meta.thing_dataset_id_to_contiguous_id,
+                      # the source's json: COCO evaluation keeps the predicted images only
+                      "json_file": meta.get("json_file"), "evaluator_type": "coco"},
+                     overwrite=True)
+
+
+def test_tiny_st_plus_plus_runs_all_stages_and_resumes_after_the_first(tmp_path, monkeypatch):
+    _register_slice("st_tiny_labeled", "demo_labeled", 4)
+    _register_slice("st_tiny_unlabeled", "demo_unlabeled", 6)
+    _register_slice("st_tiny_val", "demo_val", 4)
+    out = tmp_path / "stpp"
+    cfg = build_cfg(CONFIG, [str(o) for o in (
+        "OUTPUT_DIR", out, "DATASETS.TRAIN", "('st_tiny_labeled',)",
+        "DATASETS.TRAIN_UNLABELED", "('st_tiny_unlabeled',)", "DATASETS.TEST", "('st_tiny_val',)",
+        "SOLVER.MAX_ITER", 3, "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", 1,
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.CHECKPOINT_PERIOD", 1000, "TEST.EVAL_PERIOD", 0,
+        "DATALOADER.NUM_WORKERS", 0, "SEED", 3, "INPUT.MIN_SIZE_TRAIN", "(160,)",
+        "INPUT.MIN_SIZE_TEST", 160, "TEST.DETECTIONS_PER_IMAGE", 5,
+        # an untrained detector's scores are near 1/6: a low threshold gives pseudo boxes
+        "SELF_TRAIN.SCORE_THRESH", 0.05)])
+
+    def crash(self, stage, records):
+        raise RuntimeError("simulated crash after the supervised stage")
+
+    monkeypatch.setattr(SelfTraining, "_stage_label", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        SelfTraining(cfg, "stpp").run()
+    sup = out / "supervised"
+    assert sorted(p.name for p in sup.glob("*.pth")) == [
+        "model_final.pth", "snapshot_0000001.pth", "snapshot_0000002.pth"]
+    assert (sup / "stage.json").exists() and not (out / "label" / "stage.json").exists()
+    final_mtime = os.path.getmtime(sup / "model_final.pth")
+
+    monkeypatch.undo()
+    built = []
+    monkeypatch.setattr(SelfTrainingTrainer, "__init__",
+                        lambda self, c: (built.append(c.OUTPUT_DIR),
+                                         SelfTrainingTrainer.__mro__[1].__init__(self, c))[1])
+    summary = SelfTraining(cfg, "stpp").run()
+    # the finished supervised stage was skipped: only the two re-trainings built a trainer
+    assert built == [str(out / "retrain1"), str(out / "retrain2")]
+    assert os.path.getmtime(sup / "model_final.pth") == final_mtime
+    stages = summary["stages"]
+    assert list(stages) == ["supervised", "label", "retrain1", "relabel", "retrain2"]
+
+    with open(out / "label" / "stability.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and sum(int(r["selected"]) for r in rows) == 3
+    assert all(0.0 <= float(r["stability"]) <= 1.0 for r in rows)
+    assert (out / "label" / "stability.png").stat().st_size > 0
+    label, relabel = stages["label"], stages["relabel"]
+    assert sorted(label["selected"] + label["rest"]) == list(range(6))
+    assert label["pseudo_images"] == relabel["pseudo_images"] == 3
+    selected_files = {r["file_name"] for r in rows if r["selected"] == "1"}
+    for stage, files in (("label", selected_files),
+                         ("relabel", {r["file_name"] for r in rows} - selected_files)):
+        data = json.loads((out / stage / "pseudo_labels.json").read_text())
+        assert {im["file_name"] for im in data["images"]} == files
+        assert all("score" in a for a in data["annotations"])
+    # demo images keep their hidden boxes: the pseudo-label quality is measured
+    assert set(label["pseudo_quality"]) >= {"precision", "recall"}
+    # labeled images repeated ceil(3 / 4) = 1 time, then ceil(6 / 4) = 2 times
+    assert stages["retrain1"]["labeled_repeat"] == 1 and stages["retrain2"]["labeled_repeat"] == 2
+    assert stages["retrain2"]["train_images"] == 2 * 4 + 6
+    for stage in ("supervised", "retrain1", "retrain2"):
+        assert set(stages[stage]["bbox"]) == {"AP", "AP50"}
+        assert (out / stage / "model_final.pth").exists()
+    md = (out / "summary.md").read_text()
+    assert "| retrain2 | 14 | " in md
+    assert json.loads((out / "summary.json").read_text())["mode"] == "stpp"
+    with pytest.raises(ValueError, match="--mode stpp run"):
+        SelfTraining(cfg, "st").run()
