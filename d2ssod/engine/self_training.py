@@ -31,7 +31,6 @@ import time
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode as CN
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -55,36 +54,11 @@ from .trainer import SSODTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_self_training_config", "checkpoint_schedule", "SnapshotHook",
+__all__ = ["checkpoint_schedule", "SnapshotHook",
            "SelfTrainingTrainer", "SelfTraining", "MODES"]
 
 MODES = {"st": ("supervised", "label", "retrain"),
          "stpp": ("supervised", "label", "retrain1", "relabel", "retrain2")}
-
-
-def add_self_training_config(cfg):
-    """Add the ``SELF_TRAIN.*`` keys of offline self-training (``tools/self_train.py``) to
-    ``cfg``; called by :func:`d2ssod.config.add_ssod_config`."""
-    _C = cfg
-    _C.SELF_TRAIN = CN()
-    # K: checkpoints of the supervised stage whose detections ST++ compares, saved after
-    # round(k·SOLVER.MAX_ITER/K) iterations, k = 1..K (the last is the final model; ST++: 3).
-    _C.SELF_TRAIN.NUM_CHECKPOINTS = 3
-    # R: fraction of the unlabeled images, most stable first, that ST++ re-trains on first.
-    _C.SELF_TRAIN.SELECT_RATIO = 0.5
-    # Detections with a score >= this become pseudo boxes; stability compares these same boxes.
-    _C.SELF_TRAIN.SCORE_THRESH = 0.7
-    # IoU at which two detections of the same class agree (stability) or a pseudo box matches
-    # a hidden ground-truth box (the pseudo-label precision/recall of the stage records).
-    _C.SELF_TRAIN.MATCH_IOU = 0.5
-    # A pseudo box is dropped from a strong view when more than this fraction of its pixels is
-    # erased by the strong augmentation's cutout (the detection form of ST++'s ignored pixels).
-    _C.SELF_TRAIN.MAX_ERASED_FRACTION = 0.5
-    # Repeat the labeled images ceil(U / L) times in each re-training (U pseudo-labeled, L
-    # labeled images), as ST++ does; False uses each labeled image once.
-    _C.SELF_TRAIN.REPEAT_LABELED = True
-    # Images per forward pass when predicting the unlabeled images.
-    _C.SELF_TRAIN.INFERENCE_BATCH_SIZE = 4
 
 
 def checkpoint_schedule(max_iter, num_checkpoints):
