@@ -15,7 +15,9 @@ import difflib
 
 from detectron2.config import CfgNode as CN
 
+from d2ssod.modeling.anchor_generator import add_explicit_anchor_config
 from d2ssod.modeling.backbone import add_mobilenetv2_config
+from d2ssod.modeling.dense_detector import add_dense_detector_config
 from d2ssod.modeling.roi_heads import add_roi_heads_config
 from d2ssod.modeling.scale_consistency import (
     add_scale_consistency_config,
@@ -124,7 +126,8 @@ def add_ssod_config(cfg):
     add_mobilenetv2_config(cfg)
     add_roi_heads_config(cfg)
     add_scale_consistency_config(cfg)
-
+    add_explicit_anchor_config(cfg)
+    add_dense_detector_config(cfg)
 
     # ---------------------------------------------------------------------------------------
     # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)

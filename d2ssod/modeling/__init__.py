@@ -5,6 +5,10 @@
 * ROI heads ``SSODROIHeads`` (``MODEL.ROI_HEADS.NAME``) with the ``SSODFastRCNNOutputLayers``
   box predictor (focal classification, per-proposal weights, regression masks), and
   ``SoftTeacherROIHeads`` (Soft Teacher's student),
+* meta-architecture ``YOLODenseDetector`` (``MODEL.META_ARCHITECTURE``): Efficient Teacher's
+  one-stage Dense Detector (:mod:`.dense_detector`, :mod:`.dense_head`,
+  :mod:`.dense_matching`), with the anchor generator ``ExplicitAnchorGenerator``
+  (``MODEL.ANCHOR_GENERATOR.NAME``, :mod:`.anchor_generator`),
 * proposal generator ``SEDRPN`` (``MODEL.PROPOSAL_GENERATOR.NAME``): Detectron2's RPN with
   access to its per-anchor outputs, used by SED (:mod:`.scale_consistency`).
 
@@ -19,6 +23,8 @@ from .backbone import (
     build_mobilenetv2_backbone,
     build_mobilenetv2_fpn_backbone,
 )
+from .anchor_generator import ExplicitAnchorGenerator  # noqa: F401  (registers)
+from .dense_detector import YOLODenseDetector  # noqa: F401  (registers)
 from .losses import multiclass_focal_loss
 from .roi_heads import SSODFastRCNNOutputLayers, SSODROIHeads
 from .soft_roi_heads import SoftTeacherROIHeads  # noqa: F401  (registers; Soft Teacher student)
