@@ -65,6 +65,10 @@ def add_ssod_config(cfg):
     _C.SSOD.PSEUDO_EVAL_PERIOD = 20
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
+    # The runs tools/demo.py compares this config's method with: its supervised baseline (whose
+    # checkpoint at BURN_IN_ITERS the method starts from) and its oracle, as config paths from
+    # the repository root. A method on another detector names the baselines of that detector.
+    _C.SSOD.DEMO_BASELINES = ("configs/demo/supervised.yaml", "configs/demo/oracle.yaml")
 
     # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
     _C.SSOD.STRONG_AUG = CN()

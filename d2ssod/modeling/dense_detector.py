@@ -13,7 +13,7 @@ YOLOv5's dense techniques. docs/methods.md, "Efficient Teacher" has the method i
   objectness against the detached, clamped CIoU of its positive (0 elsewhere), weighted per
   level 4 : 1 : 0.4, ``loss_cls`` = BCE of the positives' class logits against one-hot
   targets; each a per-level mean, summed over levels and weighted (box 0.05·3/L, obj 0.7,
-  cls 0.3·K/80·3/L);
+  cls 0.3·K/80·3/L), times YOLOv5's nominal batch of 64 images (``LOSS_SCALE``);
 * inference: score = σ(objectness)·σ(class) per anchor and class, Detectron2's score
   threshold, top-k and per-class NMS, ``Instances`` with ``pred_boxes``, ``scores``,
   ``pred_classes`` and the anchor's ``pred_objectness``.
@@ -69,6 +69,9 @@ def add_dense_detector_config(cfg):
     _C.ANCHOR_RATIO_THRESH = 4.0
     _C.IOU_THRESHOLDS = [0.4, 0.5]
     _C.IOU_LABELS = [0, -1, 1]
+    # The three terms are per-image means × LOSS_SCALE: YOLOv5 sums its batch-mean loss × batch
+    # size over the batches of a nominal 64 images per optimizer step (lr 0.01 on that scale).
+    _C.LOSS_SCALE = 64.0
     # Loss weights: box × 3/L, objectness, class × K/80 × 3/L (L levels, K classes).
     _C.BOX_LOSS_WEIGHT = 0.05
     _C.OBJ_LOSS_WEIGHT = 0.7
@@ -96,7 +99,7 @@ class YOLODenseDetector(DenseDetector):
 
     @configurable
     def __init__(self, *, backbone, head, head_in_features, anchor_generator, matcher,
-                 num_classes, box_loss_weight=0.05, obj_loss_weight=0.7, cls_loss_weight=0.3,
+                 num_classes, loss_scale=64.0, box_loss_weight=0.05, obj_loss_weight=0.7, cls_loss_weight=0.3,
                  obj_level_weights=(4.0, 1.0, 0.4), test_score_thresh=0.001,
                  test_topk_candidates=1000, test_nms_thresh=0.65, max_detections_per_image=100,
                  pixel_mean, pixel_std, input_format="BGR"):
@@ -110,9 +113,9 @@ class YOLODenseDetector(DenseDetector):
         self.box2box_transform = YOLOBoxTransform()
         self.matcher = matcher
         self.num_classes = num_classes
-        self.box_loss_weight = box_loss_weight * 3.0 / num_levels
-        self.obj_loss_weight = obj_loss_weight
-        self.cls_loss_weight = cls_loss_weight * num_classes / 80.0 * 3.0 / num_levels
+        self.box_loss_weight = loss_scale * box_loss_weight * 3.0 / num_levels
+        self.obj_loss_weight = loss_scale * obj_loss_weight
+        self.cls_loss_weight = loss_scale * cls_loss_weight * num_classes / 80.0 * 3.0 / num_levels
         self.obj_level_weights = list(obj_level_weights)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
@@ -149,6 +152,7 @@ class YOLODenseDetector(DenseDetector):
             "anchor_generator": anchor_generator,
             "matcher": matcher,
             "num_classes": d.NUM_CLASSES,
+            "loss_scale": d.LOSS_SCALE,
             "box_loss_weight": d.BOX_LOSS_WEIGHT,
             "obj_loss_weight": d.OBJ_LOSS_WEIGHT,
             "cls_loss_weight": d.CLS_LOSS_WEIGHT,

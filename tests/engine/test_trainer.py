@@ -17,6 +17,7 @@ UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
 SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
 DENSE_SUP = os.path.join(REPO, "configs/demo/dense_supervised.yaml")
 DENSE_UT = os.path.join(REPO, "configs/demo/dense_unbiased_teacher.yaml")
+ET = os.path.join(REPO, "configs/demo/efficient_teacher.yaml")
 
 
 def small_cfg(config, out_dir, *opts):
@@ -43,8 +44,11 @@ def train(cfg, resume=False, crash_at=None):
 
 @pytest.mark.parametrize("config, unsup_terms", [
     (SUP, None), (UT, {"unsup/loss_rpn_cls", "unsup/loss_cls"}), (DENSE_SUP, None),
-    (DENSE_UT, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg"})],
-    ids=["supervised", "unbiased_teacher", "dense_supervised", "dense_unbiased_teacher"])
+    (DENSE_UT, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg"}),
+    (ET, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg",
+          "pseudo/reliable_per_image", "pseudo/uncertain_per_image"})],
+    ids=["supervised", "unbiased_teacher", "dense_supervised", "dense_unbiased_teacher",
+         "efficient_teacher"])
 def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config, unsup_terms,
                                                                          tmp_path):
     cfg = small_cfg(config, tmp_path, "SOLVER.MAX_ITER", 30, "SSOD.BURN_IN_ITERS", 10)
