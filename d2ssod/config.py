@@ -54,6 +54,9 @@ def add_ssod_config(cfg):
     _C.SSOD.EMA_MOMENTUM = 0.9996
     # Use the ramp m_t = min(m, 1 − 1/(t + 1)) (t counted from the end of burn-in; Soft Teacher).
     _C.SSOD.EMA_RAMP = False
+    # > 0: the ramp m_n = m·(1 − exp(−n / this)) for the n-th teacher update (n = 1, 2, ...
+    # counted from the end of burn-in; YOLOv5 / Efficient Teacher: m 0.9999, 2000). 0 = off.
+    _C.SSOD.EMA_RAMP_EXP_ITERS = 0
     # Buffers (BatchNorm statistics etc.) of the teacher: "average" with the same momentum or
     # "copy" from the student. Integer buffers are always copied.
     _C.SSOD.EMA_BUFFERS = "average"
@@ -167,6 +170,9 @@ def validate_ssod_config(cfg):
     if cfg.SOLVER.AMP.ENABLED:
         raise ValueError("SOLVER.AMP.ENABLED=True: mixed precision is not implemented in d2ssod's "
                          "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
+    if cfg.SSOD.EMA_RAMP and cfg.SSOD.EMA_RAMP_EXP_ITERS > 0:
+        raise ValueError("SSOD.EMA_RAMP=True and SSOD.EMA_RAMP_EXP_ITERS > 0 are two different "
+                         "momentum ramps; choose one (set the other False / 0).")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
     validate_scale_consistency_config(cfg)

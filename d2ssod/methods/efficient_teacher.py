@@ -24,7 +24,7 @@ from detectron2.utils.events import get_event_storage
 from .base import SSODMethod
 from .build import METHOD_REGISTRY
 
-__all__ = ["EfficientTeacher", "assign_pseudo_labels"]
+__all__ = ["EfficientTeacher", "assign_pseudo_labels", "class_thresholds"]
 
 
 def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, uncertain=True,
@@ -56,6 +56,30 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
         gt_classes=detections.pred_classes[keep], gt_scores=scores[keep],
         gt_objectness=torch.where(reliable, torch.full_like(objectness, -1.0), objectness)[keep],
         gt_reg_valid=reg_valid[keep])
+
+
+def class_thresholds(scores, classes, expected_counts, floor):
+    """The Epoch Adaptor's per-class score thresholds (distribution adaptation): for class c,
+    the score of its ``expected_counts[c]``-th highest detection (so about that many pseudo
+    boxes of class c pass), never below ``floor``; ``floor`` for a class with fewer detections.
+
+    Args:
+        scores (Tensor): (M,) teacher detection scores collected over an epoch.
+        classes (Tensor): (M,) their classes.
+        expected_counts (Tensor): (K,) boxes of each class expected on the epoch's unlabeled
+            images: images × labeled boxes per image × the class's share of labeled boxes.
+        floor (float): the lowest threshold (τ_low).
+
+    Returns:
+        Tensor: (K,) thresholds.
+    """
+    out = torch.full(expected_counts.shape, float(floor), dtype=scores.dtype)
+    for c, expected in enumerate(expected_counts.tolist()):
+        ranked = scores[classes == c].sort(descending=True).values
+        rank = max(int(round(expected)), 1)
+        if len(ranked) >= rank:
+            out[c] = max(float(ranked[rank - 1]), float(floor))
+    return out
 
 
 @METHOD_REGISTRY.register("efficient_teacher")

@@ -6,7 +6,11 @@ from detectron2.structures import Boxes, Instances
 
 from d2ssod.config import get_ssod_cfg
 from d2ssod.methods import METHOD_REGISTRY
-from d2ssod.methods.efficient_teacher import EfficientTeacher, assign_pseudo_labels
+from d2ssod.methods.efficient_teacher import (
+    EfficientTeacher,
+    assign_pseudo_labels,
+    class_thresholds,
+)
 
 
 def _detections(scores, objectness):
@@ -56,3 +60,18 @@ def test_registered_learns_every_dense_term_and_checks_its_keys():
     cfg.SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW = 0.7
     with pytest.raises(ValueError, match="SCORE_THRESH_LOW"):
         EfficientTeacher.validate_config(cfg)
+
+
+def test_per_class_thresholds_follow_the_labeled_class_distribution():
+    # labeled set: 2 boxes per image, classes 0 / 1 / 2 in shares 0.5 / 0.3 / 0.2; an epoch of 5
+    # unlabeled images expects 5 · 2 · share = 5, 3 and 2 boxes of each class
+    expected = 5 * 2 * torch.tensor([0.5, 0.3, 0.2])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4,   # class 0: the 5th highest is 0.5
+                           0.95, 0.3, 0.2, 0.05,           # class 1: the 3rd highest 0.2
+                           0.99])                          # class 2: 1 box < 2 expected
+    classes = torch.tensor([0] * 6 + [1] * 4 + [2])
+    got = class_thresholds(scores, classes, expected, floor=0.1)
+    assert got.tolist() == pytest.approx([0.5, 0.2, 0.1])
+    # never below τ_low
+    assert class_thresholds(scores, classes, expected, floor=0.3).tolist() == pytest.approx(
+        [0.5, 0.3, 0.3])
