@@ -118,19 +118,18 @@ class EfficientTeacher(SSODMethod):
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         c = cfg.SSOD.EFFICIENT_TEACHER
-        self.thresh_high = c.SCORE_THRESH_HIGH
-        self.thresh_low = c.SCORE_THRESH_LOW
-        self.uncertain = c.UNCERTAIN
-        self.uncertain_box = c.UNCERTAIN_BOX
-        self.box_obj_thresh = c.UNCERTAIN_BOX_OBJ_THRESH
+        # the Pseudo Label Assigner's settings (arguments of assign_pseudo_labels)
+        self.assigner_args = dict(
+            thresh_high=c.SCORE_THRESH_HIGH, thresh_low=c.SCORE_THRESH_LOW,
+            box_obj_thresh=c.UNCERTAIN_BOX_OBJ_THRESH, uncertain=c.UNCERTAIN,
+            uncertain_box=c.UNCERTAIN_BOX)
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        pseudo = [assign_pseudo_labels(d, self.thresh_high, self.thresh_low, self.box_obj_thresh,
-                                       self.uncertain, self.uncertain_box)
+        pseudo = [assign_pseudo_labels(d, **self.assigner_args)
                   for d in self.teacher_detections(unlabeled)]
-        counts = torch.stack([torch.stack([(p.gt_objectness < 0).sum(), (p.gt_objectness >= 0).sum()])
-                              for p in pseudo]).sum(dim=0).tolist()
+        uncertain = sum(int((p.gt_objectness >= 0).sum()) for p in pseudo)
+        counts = [sum(len(p) for p in pseudo) - uncertain, uncertain]
         storage = get_event_storage()
         storage.put_scalar("pseudo/reliable_per_image", counts[0] / len(pseudo))
         storage.put_scalar("pseudo/uncertain_per_image", counts[1] / len(pseudo))
