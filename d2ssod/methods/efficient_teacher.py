@@ -15,6 +15,11 @@ What this method contributes to the shared trainer, on the dense detector
 * every student term (box, objectness, class) on unlabeled images with weight 1 relative to
   ``λ_u`` (the official unsupervised weights equal the supervised ones, which the detector
   applies).
+
+Of the Epoch Adaptor, :func:`class_thresholds` (distribution adaptation),
+:class:`~d2ssod.modeling.domain_discriminator.DomainDiscriminator` and the EMA ramp
+(``SSOD.EMA_RAMP_EXP_ITERS``) exist and are tested; the method does not use the first two yet
+(it keeps fixed thresholds).
 """
 import torch
 from detectron2.config import CfgNode as CN
