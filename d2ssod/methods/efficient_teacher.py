@@ -117,8 +117,8 @@ class EfficientTeacher(SSODMethod):
         c = cfg.SSOD.EFFICIENT_TEACHER
         if not 0.0 <= c.SCORE_THRESH_LOW <= c.SCORE_THRESH_HIGH <= 1.0:
             raise ValueError(
-                f"SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW={c.SCORE_THRESH_LOW} and SCORE_THRESH_HIGH"
-                f"={c.SCORE_THRESH_HIGH} must satisfy 0 <= LOW <= HIGH <= 1.")
+                f"SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW={c.SCORE_THRESH_LOW} and "
+                f"SCORE_THRESH_HIGH={c.SCORE_THRESH_HIGH} must satisfy 0 <= LOW <= HIGH <= 1.")
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)

@@ -16,8 +16,8 @@ The methods' building blocks, one concern a module: :mod:`.losses` (focal and so
 losses), :mod:`.box_ops` (row-wise box clipping, per-class gathering, box encoding and
 decoding), :mod:`.box_head` (several box sets through the ROI box branch in one call),
 :mod:`.box_jitter` (Soft Teacher's box uncertainty), :mod:`.domain_discriminator`
-(Efficient Teacher's gradient reversal layer and domain discriminator), :mod:`.scale_levels` (SED's x / x↓ level
-geometry) and :mod:`.scale_consistency` (SED's scale-consistency losses).
+(Efficient Teacher's gradient reversal layer and domain discriminator), :mod:`.scale_levels`
+(SED's x / x↓ level geometry) and :mod:`.scale_consistency` (SED's scale-consistency losses).
 """
 from .backbone import (
     MobileNetV2Backbone,

@@ -7,7 +7,6 @@ only the cell anchors and keeps the rest of Detectron2's generator (grid shifts,
 the (H × W × A) ordering that ``permute_to_N_HWA_K`` and the dense detector rely on).
 """
 import torch
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,

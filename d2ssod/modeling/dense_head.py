@@ -8,7 +8,6 @@ stride s) and class log(0.6 / (K − 0.99)).
 """
 import math
 
-import torch
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 from torch import nn

@@ -15,11 +15,10 @@ __all__ = ["YOLOBoxTransform", "ShapeMatcher", "IoUMatcher"]
 
 
 class YOLOBoxTransform:
-    """YOLOv5's box coding relative to an anchor on a grid of stride s:
-    centre = anchor centre + (2σ(t_xy) − 1)·s (the cell's corner + (2σ(t_xy) − 0.5)·s), size =
-    (2σ(t_wh))²·anchor size. A box can be reached from an anchor whose cell centre lies within one
-    stride of the box centre and whose size is within a factor 4 of the box's (the range of the
-    shape matcher below)."""
+    """YOLOv5's box coding relative to an anchor on a grid of stride s: centre = anchor centre +
+    (2σ(t_xy) − 1)·s (the cell's corner + (2σ(t_xy) − 0.5)·s), size = (2σ(t_wh))²·anchor size.
+    A box can be reached from an anchor whose cell centre lies within one stride of the box
+    centre and whose size is within a factor 4 of the box's (the shape matcher's range)."""
 
     def apply_deltas(self, deltas, anchors, strides):
         """Boxes (M, 4) XYXY from raw outputs ``deltas`` (M, 4) at ``anchors`` (M, 4) XYXY with

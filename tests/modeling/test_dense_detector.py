@@ -55,8 +55,8 @@ def _one_level_losses(instances, obj_logit=1.0):
 # same aspect, IoU 16/64, so CIoU 0.25).
 BOX = [2.0, 2.0, 6.0, 6.0]
 SOFTPLUS_1 = math.log1p(math.e)  # BCE with logits of logit 1 and target t: softplus(1) − t
-# weights with L = 1 level, K = 2 classes: box 0.05·3/L, obj 0.7 × level weight 4, cls 0.3·K/80·3/L,
-# each × the nominal batch of 64 images
+# weights with L = 1 level, K = 2 classes: box 0.05·3/L, obj 0.7 × level weight 4,
+# cls 0.3·K/80·3/L, each × the nominal batch of 64 images
 W_BOX, W_OBJ, W_CLS = 64 * 0.05 * 3, 64 * 0.7 * 4.0, 64 * 0.3 * 2 / 80 * 3
 
 

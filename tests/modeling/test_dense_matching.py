@@ -2,7 +2,6 @@
 against hand-worked grids."""
 import torch
 from detectron2.modeling.matcher import Matcher
-from detectron2.structures import Boxes
 
 from d2ssod.modeling.anchor_generator import ExplicitAnchorGenerator
 from d2ssod.modeling.dense_matching import IoUMatcher, ShapeMatcher, YOLOBoxTransform
@@ -83,7 +82,8 @@ def test_yolo_box_coding_by_hand_and_round_trip():
                           torch.tensor([[9.0 - 11.25, 14.0 - 22.5, 9.0 + 11.25, 14.0 + 22.5]]))
     g = torch.Generator().manual_seed(0)
     strides = torch.tensor([8.0, 16.0])
-    centre = (anchors[:, :2] + anchors[:, 2:]) / 2 + (torch.rand(2, 2, generator=g) - 0.5) * strides[:, None]
+    shift = (torch.rand(2, 2, generator=g) - 0.5) * strides[:, None]
+    centre = (anchors[:, :2] + anchors[:, 2:]) / 2 + shift
     size = (anchors[:, 2:] - anchors[:, :2]) * (0.3 + 3 * torch.rand(2, 2, generator=g))
     targets = torch.cat([centre - size / 2, centre + size / 2], dim=1)
     deltas = coder.get_deltas(anchors, targets, strides)
