@@ -15,7 +15,9 @@ import difflib
 
 from detectron2.config import CfgNode as CN
 
+from d2ssod.modeling.anchor_generator import add_explicit_anchor_config
 from d2ssod.modeling.backbone import add_mobilenetv2_config
+from d2ssod.modeling.dense_detector import add_dense_detector_config
 from d2ssod.modeling.roi_heads import add_roi_heads_config
 from d2ssod.modeling.scale_consistency import (
     add_scale_consistency_config,
@@ -53,6 +55,9 @@ def add_ssod_config(cfg):
     _C.SSOD.EMA_MOMENTUM = 0.9996
     # Use the ramp m_t = min(m, 1 − 1/(t + 1)) (t counted from the end of burn-in; Soft Teacher).
     _C.SSOD.EMA_RAMP = False
+    # > 0: the ramp m_n = m·(1 − exp(−n / this)) for the n-th teacher update (n = 1, 2, ...
+    # counted from the end of burn-in; YOLOv5 / Efficient Teacher: m 0.9999, 2000). 0 = off.
+    _C.SSOD.EMA_RAMP_EXP_ITERS = 0
     # Buffers (BatchNorm statistics etc.) of the teacher: "average" with the same momentum or
     # "copy" from the student. Integer buffers are always copied.
     _C.SSOD.EMA_BUFFERS = "average"
@@ -64,6 +69,10 @@ def add_ssod_config(cfg):
     _C.SSOD.PSEUDO_EVAL_PERIOD = 20
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
+    # The runs tools/demo.py compares this config's method with: its supervised baseline (whose
+    # checkpoint at BURN_IN_ITERS the method starts from) and its oracle, as config paths from
+    # the repository root. A method on another detector names the baselines of that detector.
+    _C.SSOD.DEMO_BASELINES = ("configs/demo/supervised.yaml", "configs/demo/oracle.yaml")
 
     # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
     _C.SSOD.STRONG_AUG = CN()
@@ -125,6 +134,8 @@ def add_ssod_config(cfg):
     add_mobilenetv2_config(cfg)
     add_roi_heads_config(cfg)
     add_scale_consistency_config(cfg)
+    add_explicit_anchor_config(cfg)
+    add_dense_detector_config(cfg)
 
     # ---------------------------------------------------------------------------------------
     # Offline self-training (ST / ST++, tools/self_train.py, d2ssod/engine/self_training.py)
@@ -182,6 +193,9 @@ def validate_ssod_config(cfg):
     if cfg.SOLVER.AMP.ENABLED:
         raise ValueError("SOLVER.AMP.ENABLED=True: mixed precision is not implemented in d2ssod's "
                          "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
+    if cfg.SSOD.EMA_RAMP and cfg.SSOD.EMA_RAMP_EXP_ITERS > 0:
+        raise ValueError("SSOD.EMA_RAMP=True and SSOD.EMA_RAMP_EXP_ITERS > 0 are two different "
+                         "momentum ramps; choose one (set the other False / 0).")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
     validate_scale_consistency_config(cfg)

@@ -6,18 +6,22 @@
 Three trainings of the same detector, all evaluated on ``demo_val`` with Detectron2's COCO
 evaluator:
 
-* **supervised**: the labeled part only (``configs/demo/supervised.yaml``), ``N + M`` iterations;
+* **supervised**: the labeled part only (the first of the method config's
+  ``SSOD.DEMO_BASELINES``: ``configs/demo/supervised.yaml`` for the Faster R-CNN methods,
+  ``configs/demo/dense_supervised.yaml`` for those on the dense detector), ``N + M`` iterations;
 * **ssod**: the method's config; its first ``N`` iterations are the supervised burn-in, which is
   exactly the supervised run's first ``N`` iterations (same seed and schedule), so the SSOD run
   starts from the supervised run's checkpoint at iteration ``N`` (converted to an SSOD checkpoint
   whose teacher and student are that model) and trains ``M`` semi-supervised iterations (a
   method whose detector differs from the baseline's, as Unbiased Teacher's focal loss, uses its
   own from the hand-over on);
-* **oracle**: all training images with their labels (``configs/demo/oracle.yaml``), ``N + M``.
+* **oracle**: all training images with their labels (the second of ``SSOD.DEMO_BASELINES``),
+  ``N + M``.
 
 Writes ``summary.json`` (AP/AP50 of each, ``gap_closed = (ssod − sup) / (oracle − sup)``, wall
 time), ``summary.md`` and ``ap_curve.png`` (AP against iteration), each also kept as
-``*_<method>.*``. Finished supervised/oracle runs in the same output folder are reused, so a
+``*_<method>.*``. The baselines run in folders named after their config files; finished
+ones in the same output folder are reused, so a
 second method costs only its own semi-supervised run. The runs overlap: the supervised and
 oracle runs (one thread each) start together, and the SSOD run (one thread per core: it is the
 longest and runs alone at the end) starts as soon as the supervised run has written its
@@ -75,8 +79,10 @@ def main():
     common = ["SOLVER.MAX_ITER", total, *args.opts]
     hand_over = hand_over_name(burn_in)  # the supervised checkpoint SSOD starts from
     out = os.path.abspath(args.output)
-    dirs = {"supervised": os.path.join(out, "supervised"), "ssod": os.path.join(out, args.method),
-            "oracle": os.path.join(out, "oracle")}
+    baseline_cfgs = dict(zip(("supervised", "oracle"), cfg.SSOD.DEMO_BASELINES))
+    dirs = {name: os.path.join(out, os.path.splitext(os.path.basename(path))[0])
+            for name, path in baseline_cfgs.items()}
+    dirs["ssod"] = os.path.join(out, args.method)
 
     # The baselines do not depend on the method: finished ones (same iterations and overrides)
     # are reused when several methods are demonstrated into the same output folder.
@@ -86,7 +92,7 @@ def main():
             print(f"reusing the finished {name} run in {dirs[name]}")
             continue
         shutil.rmtree(dirs[name], ignore_errors=True)
-        baselines[name] = (run_training(os.path.join(REPO, f"configs/demo/{name}.yaml"),
+        baselines[name] = (run_training(os.path.join(REPO, baseline_cfgs[name]),
                                         dirs[name], common + ["SOLVER.CHECKPOINT_PERIOD", burn_in],
                                         threads=1), dirs[name])
     # The SSOD run starts from the supervised checkpoint at N, as soon as it exists.

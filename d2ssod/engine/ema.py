@@ -8,6 +8,7 @@ tensor lists built once, so a step costs two fused kernels per dtype/device grou
 state-dict rebuild.
 """
 import copy
+import math
 
 import torch
 from torch import nn
@@ -15,14 +16,18 @@ from torch import nn
 __all__ = ["EMATeacher", "ema_momentum"]
 
 
-def ema_momentum(momentum, step, ramp):
+def ema_momentum(momentum, step, ramp, exp_ramp_steps=0):
     """Momentum for the ``step``-th update (0-based) after the teacher started following.
 
     With ``ramp`` (Soft Teacher): ``min(m, 1 − 1/(step + 1))``, so the first update copies the
-    student and early updates follow it quickly.
+    student and early updates follow it quickly. With ``exp_ramp_steps`` τ > 0 (YOLOv5's model
+    EMA, used by Efficient Teacher with m 0.9999, τ 2000): ``m·(1 − exp(−n/τ))`` for the n-th
+    update, n = step + 1.
     """
     if ramp:
         return min(momentum, 1.0 - 1.0 / (step + 1))
+    if exp_ramp_steps > 0:
+        return momentum * (1.0 - math.exp(-(step + 1) / exp_ramp_steps))
     return momentum
 
 

@@ -17,15 +17,18 @@ class EMAHook(HookBase):
     EMA runs from iteration 0.
     """
 
-    def __init__(self, momentum, burn_in_iters=0, init_at_burn_in=True, ramp=False):
+    def __init__(self, momentum, burn_in_iters=0, init_at_burn_in=True, ramp=False,
+                 exp_ramp_steps=0):
         self.momentum = momentum
         self.burn_in_iters = burn_in_iters if init_at_burn_in else 0
         self.ramp = ramp
+        self.exp_ramp_steps = exp_ramp_steps
 
     def momentum_at(self, iteration):
         if iteration < self.burn_in_iters:
             return 0.0
-        return ema_momentum(self.momentum, iteration - self.burn_in_iters, self.ramp)
+        return ema_momentum(self.momentum, iteration - self.burn_in_iters, self.ramp,
+                            self.exp_ramp_steps)
 
     def after_step(self):
         self.trainer.teacher.update(self.momentum_at(self.trainer.iter))

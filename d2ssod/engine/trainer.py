@@ -233,7 +233,7 @@ class SSODTrainer(DefaultTrainer):
         if self.uses_teacher(cfg):
             ssod = cfg.SSOD
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
-                          ssod.EMA_RAMP)
+                          ssod.EMA_RAMP, ssod.EMA_RAMP_EXP_ITERS)
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
             ret.insert(at, ema)
         return ret

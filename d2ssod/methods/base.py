@@ -92,14 +92,19 @@ class SSODMethod:
         supports_scale_consistency (bool): whether the method adds SED's scale-consistency terms
             when ``SSOD.SED.SCALE_CONSISTENCY`` is True (other methods refuse the flag).
         loss_weights (dict[str, float]): the student losses the method learns from on unlabeled
-            data, each with a weight relative to ``λ_u``. A weight of 0 keeps the term in the
-            graph (every parameter stays used, as DDP requires) without learning from it; terms
-            not listed are ignored.
+            data, by the names the student returns, each with a weight relative to ``λ_u``. A
+            weight of 0 keeps the term in the graph (every parameter stays used, as DDP
+            requires) without learning from it.
+        default_loss_weight (float or None): the weight of the student's terms that
+            ``loss_weights`` does not name (``None``: they are ignored). A method that learns
+            from every term but a few names only those, and works unchanged on a detector whose
+            other terms have other names (Unbiased Teacher on the dense detector).
     """
 
     uses_teacher = True
     supports_scale_consistency = False
     loss_weights = {}
+    default_loss_weight = None
 
     def __init__(self, cfg, student, teacher):
         type(self).validate_config(cfg)
@@ -170,10 +175,13 @@ class SSODMethod:
 
     # ----------------------------------------------------------------------------- stage 4
     def weight_losses(self, losses):
-        """Keep the terms in :attr:`loss_weights`, weight them by it and ``λ_u``, name them
-        ``unsup/<term>``."""
-        return {f"unsup/{k}": losses[k] * (w * self.unsup_weight)
-                for k, w in self.loss_weights.items() if k in losses}
+        """Weight the terms by :attr:`loss_weights` (the others by :attr:`default_loss_weight`,
+        or drop them) and ``λ_u``, name them ``unsup/<term>``; named terms first, in the order
+        of :attr:`loss_weights`."""
+        weights = {k: w for k, w in self.loss_weights.items() if k in losses}
+        if self.default_loss_weight is not None:
+            weights.update({k: self.default_loss_weight for k in losses if k not in weights})
+        return {f"unsup/{k}": losses[k] * (w * self.unsup_weight) for k, w in weights.items()}
 
     def unsupervised_losses(self, student, unlabeled):
         """Run the four stages on an unlabeled batch; returns the weighted, named losses."""

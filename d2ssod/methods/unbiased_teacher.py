@@ -6,9 +6,11 @@ What this method contributes to the shared trainer:
 
 * pseudo boxes are the teacher's detections on the weak view (its usual per-class NMS) with
   score ≥ ``SSOD.UNBIASED_TEACHER.SCORE_THRESH`` (0.7), as hard class labels;
-* on unlabeled data the student learns RPN objectness and ROI classification only: both
-  box-regression terms are kept in the graph with weight 0, because a score threshold says
-  nothing about box quality;
+* on unlabeled data the student learns every term but box regression: Faster R-CNN's RPN
+  objectness and ROI classification, the dense detector's objectness and classification; the
+  box-regression terms (``loss_rpn_loc`` and ``loss_box_reg``, the latter also the dense
+  detector's name) are kept in the graph with weight 0, because a score threshold says nothing
+  about box quality;
 * ROI classification uses the multi-class focal loss with γ = 1.5 on labeled and unlabeled data
   alike (``MODEL.ROI_BOX_HEAD.FOCAL_GAMMA`` of the student, set in the UT configs), against the
   class imbalance of pseudo-labels;
@@ -26,6 +28,7 @@ __all__ = ["UnbiasedTeacher"]
 @METHOD_REGISTRY.register("unbiased_teacher")
 class UnbiasedTeacher(SSODMethod):
     loss_weights = {"loss_rpn_cls": 1.0, "loss_cls": 1.0, "loss_rpn_loc": 0.0, "loss_box_reg": 0.0}
+    default_loss_weight = 1.0
 
     @classmethod
     def add_config(cls, cfg):

@@ -1,13 +1,15 @@
 """Row-wise operations on XYXY boxes and per-class box-head outputs, shared by Soft Teacher's box
-jitter, SED's distillation and scale consistency.
+jitter, SED's distillation and scale consistency, and the dense detector's Complete IoU.
 
 None of them reads device values on the host (``Boxes.clip`` and
 ``Box2BoxTransform.get_deltas`` assert on them, which waits for the device), so a training step
 can queue them without synchronising.
 """
+import math
+
 import torch
 
-__all__ = ["clip_boxes", "gather_class", "decode_class_boxes", "encode_boxes"]
+__all__ = ["clip_boxes", "complete_iou", "gather_class", "decode_class_boxes", "encode_boxes"]
 
 
 def clip_boxes(boxes, sizes):
@@ -61,3 +63,24 @@ def encode_boxes(box2box_transform, boxes, targets):
     d_centre = (target_centre - centre) / size * centre.new_tensor([wx, wy])
     d_size = torch.log(target_size / size) * size.new_tensor([ww, wh])
     return torch.stack([d_centre[:, 0], d_centre[:, 1], d_size[:, 0], d_size[:, 1]], dim=1)
+
+
+def complete_iou(boxes, targets, eps=1e-7):
+    """Row-wise Complete IoU (Zheng et al., "Distance-IoU Loss", AAAI 2020) of XYXY ``boxes``
+    and ``targets`` (M, 4): IoU − ρ²/c² − α·v, with ρ the distance of the two centres, c the
+    diagonal of the smallest enclosing box, v = 4/π²·(atan(w_t/h_t) − atan(w/h))² and
+    α = v / (1 − IoU + v) taken without gradient. Equals 1 − Detectron2's ``ciou_loss`` up to
+    where ``eps`` enters (here also in the heights, so a collapsed box gives no 0/0), without its
+    assert on box validity. Returns (M,)."""
+    size, target_size = boxes[:, 2:] - boxes[:, :2], targets[:, 2:] - targets[:, :2]
+    overlap = (torch.min(boxes[:, 2:], targets[:, 2:])
+               - torch.max(boxes[:, :2], targets[:, :2])).clamp(min=0).prod(dim=1)
+    iou = overlap / (size.prod(dim=1) + target_size.prod(dim=1) - overlap + eps)
+    enclosing = torch.max(boxes[:, 2:], targets[:, 2:]) - torch.min(boxes[:, :2], targets[:, :2])
+    centre_gap = (boxes[:, :2] + boxes[:, 2:] - targets[:, :2] - targets[:, 2:]) / 2
+    distance = centre_gap.square().sum(dim=1) / (enclosing.square().sum(dim=1) + eps)
+    v = (4 / math.pi ** 2) * (torch.atan(target_size[:, 0] / (target_size[:, 1] + eps))
+                              - torch.atan(size[:, 0] / (size[:, 1] + eps))).square()
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return iou - distance - alpha * v

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,12 @@ def test_momentum_ramp_and_burn_in_schedule():
     assert ema_momentum(0.999, 9, ramp=True) == pytest.approx(0.9)
     assert ema_momentum(0.999, 10**6, ramp=True) == 0.999
     assert ema_momentum(0.999, 0, ramp=False) == 0.999
+    # YOLOv5 / Efficient Teacher: 0.9999·(1 − e^(−n/2000)) for update n = step + 1
+    assert ema_momentum(0.9999, 0, ramp=False, exp_ramp_steps=2000) == pytest.approx(
+        0.9999 * (1 - math.exp(-1 / 2000)))
+    assert ema_momentum(0.9999, 1999, ramp=False, exp_ramp_steps=2000) == pytest.approx(
+        0.9999 * (1 - 1 / math.e))
+    assert ema_momentum(0.9999, 10**6, ramp=False, exp_ramp_steps=2000) == pytest.approx(0.9999)
     hook = EMAHook(0.99, burn_in_iters=5, init_at_burn_in=True)
     assert [hook.momentum_at(i) for i in (0, 4)] == [0.0, 0.0]  # teacher mirrors during burn-in
     assert hook.momentum_at(5) == 0.99

@@ -15,6 +15,9 @@ from training_helpers import RecordScalars
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
 SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
+DENSE_SUP = os.path.join(REPO, "configs/demo/dense_supervised.yaml")
+DENSE_UT = os.path.join(REPO, "configs/demo/dense_unbiased_teacher.yaml")
+ET = os.path.join(REPO, "configs/demo/efficient_teacher.yaml")
 
 
 def small_cfg(config, out_dir, *opts):
@@ -39,8 +42,15 @@ def train(cfg, resume=False, crash_at=None):
     return trainer, rec.rows
 
 
-@pytest.mark.parametrize("config", [SUP, UT], ids=["supervised", "unbiased_teacher"])
-def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config, tmp_path):
+@pytest.mark.parametrize("config, unsup_terms", [
+    (SUP, None), (UT, {"unsup/loss_rpn_cls", "unsup/loss_cls"}), (DENSE_SUP, None),
+    (DENSE_UT, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg"}),
+    (ET, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg",
+          "pseudo/reliable_per_image", "pseudo/uncertain_per_image"})],
+    ids=["supervised", "unbiased_teacher", "dense_supervised", "dense_unbiased_teacher",
+         "efficient_teacher"])
+def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config, unsup_terms,
+                                                                         tmp_path):
     cfg = small_cfg(config, tmp_path, "SOLVER.MAX_ITER", 30, "SSOD.BURN_IN_ITERS", 10)
     trainer, rows = train(cfg)
     assert sorted(rows) == list(range(30))
@@ -54,7 +64,7 @@ def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config
     else:
         assert not any(k.startswith("unsup/") for k in rows[9])  # burn-in: supervised only
         for it in range(10, 30):
-            assert {"unsup/loss_rpn_cls", "unsup/loss_cls"} <= rows[it].keys()
+            assert unsup_terms <= rows[it].keys()
             assert "pseudo/num_boxes" in rows[it]
         # every parameter of the teacher is an EMA of the student, never trained directly
         assert all(not p.requires_grad for p in trainer.teacher.parameters())
@@ -92,8 +102,9 @@ def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_final_checkpoint_is_the_teacher_and_loads_in_default_predictor(tmp_path):
-    cfg = small_cfg(UT, tmp_path, "SOLVER.MAX_ITER", 4, "SSOD.BURN_IN_ITERS", 1)
+@pytest.mark.parametrize("config", [UT, DENSE_UT], ids=["faster_rcnn", "dense"])
+def test_final_checkpoint_is_the_teacher_and_loads_in_default_predictor(config, tmp_path):
+    cfg = small_cfg(config, tmp_path, "SOLVER.MAX_ITER", 4, "SSOD.BURN_IN_ITERS", 1)
     trainer, _ = train(cfg)
     ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     teacher_sd = trainer.teacher.model.state_dict()

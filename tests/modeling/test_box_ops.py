@@ -1,5 +1,7 @@
 """Box utilities (d2ssod/modeling/box_ops.py) against Detectron2's own box operations and
 hand-written values."""
+import math
+
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes
@@ -65,3 +67,21 @@ def test_encode_boxes_equals_detectron2_get_deltas_and_flags_empty_boxes():
                           atol=1e-5)
     empty = torch.tensor([[5.0, 5.0, 5.0, 9.0]])
     assert not torch.isfinite(encode_boxes(t, empty, targets[:1])).all()
+
+
+def test_complete_iou_by_hand():
+    from detectron2.layers.losses import ciou_loss
+
+    from d2ssod.modeling.box_ops import complete_iou
+
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
+    targets = torch.tensor([[1.0, 0.0, 3.0, 2.0], [0.0, 0.0, 4.0, 2.0]])
+    # pair 1: same shape, IoU 2/6, enclosing box 3x2 (diagonal² 13), centres 1 apart
+    first = 2 / 6 - 1 / 13
+    # pair 2: IoU 4/8, enclosing 4x2 (diagonal² 20), centres 1 apart, aspect 1 vs 2
+    v = 4 / math.pi ** 2 * (math.atan(2.0) - math.atan(1.0)) ** 2
+    second = 0.5 - 1 / 20 - v / (1 - 0.5 + v) * v
+    got = complete_iou(boxes, targets)
+    assert torch.allclose(got, torch.tensor([first, second]), atol=1e-6)
+    assert torch.allclose(got, 1 - ciou_loss(boxes, targets), atol=1e-6)
+    assert torch.allclose(complete_iou(boxes, boxes), torch.ones(2), atol=1e-6)

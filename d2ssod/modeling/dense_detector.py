@@ -1,0 +1,308 @@
+"""The Dense Detector of Efficient Teacher (Xu et al., "Efficient Teacher: Semi-Supervised Object
+Detection for YOLOv5", 2023) as a Detectron2 meta-architecture: RetinaNet's structure with
+YOLOv5's dense techniques. docs/methods.md, "Efficient Teacher" has the method in our words.
+
+* backbone + FPN levels P3–P5 (``MODEL.DENSE_DETECTOR.IN_FEATURES``), heads not shared between
+  levels, class / box / objectness outputs (:class:`~d2ssod.modeling.dense_head.YOLODenseHead`);
+* anchors from Detectron2's anchor generator, by default explicit (w, h) pairs per level
+  (:class:`~d2ssod.modeling.anchor_generator.ExplicitAnchorGenerator`), centred on the cells;
+* matching: YOLOv5's shape rule (ratio < 4, centre cell + 2 neighbours) or RetinaNet's IoU
+  rule (``MODEL.DENSE_DETECTOR.MATCHER``), YOLOv5's box decoding
+  (:mod:`~d2ssod.modeling.dense_matching`);
+* losses: ``loss_box_reg`` = 1 − CIoU of the positives, ``loss_obj`` = BCE of every anchor's
+  objectness against the detached, clamped CIoU of its positive (0 elsewhere), weighted per
+  level 4 : 1 : 0.4, ``loss_cls`` = BCE of the positives' class logits against one-hot
+  targets; each a per-level mean, summed over levels and weighted (box 0.05·3/L, obj 0.7,
+  cls 0.3·K/80·3/L), times YOLOv5's nominal batch of 64 images (``LOSS_SCALE``);
+* inference: score = σ(objectness)·σ(class) per anchor and class, Detectron2's score
+  threshold, top-k and per-class NMS, ``Instances`` with ``pred_boxes``, ``scores``,
+  ``pred_classes`` and the anchor's ``pred_objectness``.
+
+Targets may carry per-box fields besides ``gt_boxes`` / ``gt_classes`` (pseudo-labels):
+
+* ``gt_objectness`` (float): a *soft* box. Its positives get this objectness target instead of
+  the CIoU one, written after every other box's (so it overwrites shared anchors), no class
+  term, and a box term of its own (a separate per-level mean) where ``gt_reg_valid``;
+  a negative value marks an ordinary box;
+* ``gt_reg_valid`` (bool): whether the box term is computed for the box (default True).
+"""
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
+
+from .box_ops import complete_iou
+from .dense_head import YOLODenseHead
+from .dense_matching import IoUMatcher, ShapeMatcher, YOLOBoxTransform
+
+__all__ = ["YOLODenseDetector", "add_dense_detector_config", "MATCHERS"]
+
+MATCHERS = ("shape", "iou")
+
+
+def add_dense_detector_config(cfg):
+    """Add the ``MODEL.DENSE_DETECTOR.*`` keys of :class:`YOLODenseDetector` and its head;
+    called by :func:`d2ssod.config.add_ssod_config`. Defaults are the official ones
+    (AlibabaResearch/efficientteacher, YOLOv5's hyperparameters)."""
+    _C = cfg.MODEL.DENSE_DETECTOR = CN()
+    # FPN levels the head reads (strides 8, 16, 32).
+    _C.IN_FEATURES = ["p3", "p4", "p5"]
+    _C.NUM_CLASSES = 80
+    # Convolutions per tower after each level's stem convolution (official: 4), and their norm
+    # (official: BatchNorm; "" for none).
+    _C.NUM_CONVS = 4
+    _C.NORM = "BN"
+    # Bias priors: objectness log(PRIOR_OBJECTS / (PRIOR_IMAGE_SIZE / stride)²) (YOLOv5: 8
+    # objects per 640 image); the class bias is log(0.6 / (K − 0.99)).
+    _C.PRIOR_OBJECTS = 8.0
+    _C.PRIOR_IMAGE_SIZE = 640.0
+    # "shape": YOLOv5's rule (anchor/box side ratios < ANCHOR_RATIO_THRESH, centre cell + 2
+    # neighbours). "iou": RetinaNet's (IOU_THRESHOLDS / IOU_LABELS, Detectron2's Matcher).
+    _C.MATCHER = "shape"
+    _C.ANCHOR_RATIO_THRESH = 4.0
+    _C.IOU_THRESHOLDS = [0.4, 0.5]
+    _C.IOU_LABELS = [0, -1, 1]
+    # The three terms are per-image means × LOSS_SCALE: YOLOv5 sums its batch-mean loss × batch
+    # size over the batches of a nominal 64 images per optimizer step (lr 0.01 on that scale).
+    _C.LOSS_SCALE = 64.0
+    # Loss weights: box × 3/L, objectness, class × K/80 × 3/L (L levels, K classes).
+    _C.BOX_LOSS_WEIGHT = 0.05
+    _C.OBJ_LOSS_WEIGHT = 0.7
+    _C.CLS_LOSS_WEIGHT = 0.3
+    # Objectness loss weight of each level (YOLOv5: P3 4.0, P4 1.0, P5 0.4).
+    _C.OBJ_LEVEL_WEIGHTS = [4.0, 1.0, 0.4]
+    # Inference: candidates with σ(obj)·σ(cls) > SCORE_THRESH_TEST, at most TOPK_CANDIDATES_TEST
+    # per level, then per-class NMS at NMS_THRESH_TEST (official validation: 0.001, 0.65).
+    _C.SCORE_THRESH_TEST = 0.001
+    _C.TOPK_CANDIDATES_TEST = 1000
+    _C.NMS_THRESH_TEST = 0.65
+
+
+def _level_sums(values, levels, num_levels):
+    """Sum of ``values`` (M,) per level id ``levels`` (M,) → (num_levels,)."""
+    return values.new_zeros(num_levels).index_add_(0, levels, values)
+
+
+@META_ARCH_REGISTRY.register()
+class YOLODenseDetector(DenseDetector):
+    """Efficient Teacher's Dense Detector; see the module docstring. Supports everything
+    ``GeneralizedRCNN`` does for d2ssod: training from ``Instances`` targets, ``forward`` in
+    eval mode with Detectron2's postprocessing, and ``inference(batched_inputs,
+    do_postprocess=False)`` for detections in the input's pixel coordinates (teachers)."""
+
+    @configurable
+    def __init__(self, *, backbone, head, head_in_features, anchor_generator, matcher,
+                 num_classes, loss_scale=64.0, box_loss_weight=0.05, obj_loss_weight=0.7,
+                 cls_loss_weight=0.3, obj_level_weights=(4.0, 1.0, 0.4),
+                 test_score_thresh=0.001, test_topk_candidates=1000, test_nms_thresh=0.65,
+                 max_detections_per_image=100, pixel_mean, pixel_std, input_format="BGR"):
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean,
+                         pixel_std=pixel_std)
+        num_levels = len(head_in_features)
+        if len(obj_level_weights) != num_levels:
+            raise ValueError(f"MODEL.DENSE_DETECTOR.OBJ_LEVEL_WEIGHTS={list(obj_level_weights)} "
+                             f"needs one weight per level of IN_FEATURES ({num_levels}).")
+        self.anchor_generator = anchor_generator
+        self.box2box_transform = YOLOBoxTransform()
+        self.matcher = matcher
+        self.num_classes = num_classes
+        self.box_loss_weight = loss_scale * box_loss_weight * 3.0 / num_levels
+        self.obj_loss_weight = loss_scale * obj_loss_weight
+        self.cls_loss_weight = loss_scale * cls_loss_weight * num_classes / 80.0 * 3.0 / num_levels
+        self.obj_level_weights = list(obj_level_weights)
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DENSE_DETECTOR
+        backbone = build_backbone(cfg)
+        shapes = [backbone.output_shape()[f] for f in d.IN_FEATURES]
+        anchor_generator = build_anchor_generator(cfg, shapes)
+        if anchor_generator.offset != 0.5:
+            raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET={anchor_generator.offset}: the dense "
+                             f"detector's box coding centres anchors on the cells; set 0.5.")
+        num_anchors = set(anchor_generator.num_cell_anchors)
+        if len(num_anchors) != 1:
+            raise ValueError("the dense detector needs the same number of anchors per cell at "
+                             "every level (MODEL.ANCHOR_GENERATOR)")
+        if d.MATCHER == "shape":
+            sizes = [c[:, 2:] - c[:, :2] for c in anchor_generator.cell_anchors]
+            matcher = ShapeMatcher(sizes, [s.stride for s in shapes], d.ANCHOR_RATIO_THRESH)
+        elif d.MATCHER == "iou":
+            matcher = IoUMatcher(Matcher(d.IOU_THRESHOLDS, d.IOU_LABELS,
+                                         allow_low_quality_matches=True))
+        else:
+            raise ValueError(f"MODEL.DENSE_DETECTOR.MATCHER={d.MATCHER!r}: choose one of "
+                             f"{list(MATCHERS)}.")
+        return {
+            "backbone": backbone,
+            "head": YOLODenseHead(cfg, shapes, num_anchors=num_anchors.pop()),
+            "head_in_features": d.IN_FEATURES,
+            "anchor_generator": anchor_generator,
+            "matcher": matcher,
+            "num_classes": d.NUM_CLASSES,
+            "loss_scale": d.LOSS_SCALE,
+            "box_loss_weight": d.BOX_LOSS_WEIGHT,
+            "obj_loss_weight": d.OBJ_LOSS_WEIGHT,
+            "cls_loss_weight": d.CLS_LOSS_WEIGHT,
+            "obj_level_weights": d.OBJ_LEVEL_WEIGHTS,
+            "test_score_thresh": d.SCORE_THRESH_TEST,
+            "test_topk_candidates": d.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": d.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, batched_inputs):
+        if self.training:
+            return super().forward(batched_inputs)
+        return self.inference(batched_inputs)
+
+    def inference(self, batched_inputs, do_postprocess=True):
+        """Detections of ``batched_inputs``: with ``do_postprocess``, as ``forward`` in eval mode
+        (``[{"instances": ...}]`` resized to each input's "height"/"width"); without, the
+        ``Instances`` in the input images' pixel coordinates, as ``GeneralizedRCNN``'s."""
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        results = self.forward_inference(images, features, self.head(features))
+        if do_postprocess:
+            return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+        return results
+
+    def _flat_anchors(self, features):
+        """Anchors (list[Boxes] per level), their strides (R,) and level ids (R,)."""
+        anchors = self.anchor_generator(features)
+        counts = torch.tensor([len(a) for a in anchors], device=self.device)
+        strides = torch.tensor(self.anchor_generator.strides, dtype=torch.float32,
+                               device=self.device).repeat_interleave(counts)
+        levels = torch.arange(len(anchors), device=self.device).repeat_interleave(counts)
+        return anchors, strides, levels
+
+    # ------------------------------------------------------------------------------- training
+    def forward_training(self, images, features, predictions, gt_instances):
+        cls_logits, box_deltas, obj_logits = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1])
+        anchors, strides, levels = self._flat_anchors(features)
+        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        return self.losses(anchors, strides, levels, grid_sizes, cat(cls_logits, dim=1),
+                           cat(box_deltas, dim=1), cat(obj_logits, dim=1)[..., 0], gt_instances)
+
+    def losses(self, anchors, strides, levels, grid_sizes, cls_logits, box_deltas, obj_logits,
+               gt_instances):
+        """The three loss terms (module docstring) from the batch's predictions, all levels
+        concatenated: ``cls_logits`` (N, R, K), ``box_deltas`` (N, R, 4), ``obj_logits`` (N, R);
+        ``anchors`` list[Boxes] per level, ``strides`` and ``levels`` (R,) per anchor."""
+        num_levels = len(anchors)
+        anchor_boxes = Boxes.cat(anchors).tensor
+        num_anchors = anchor_boxes.shape[0]
+        obj_target = torch.zeros_like(obj_logits)
+        obj_valid = torch.ones_like(obj_logits, dtype=torch.bool)
+        hard, soft = [], []  # matched pairs as (flat index into N·R, gt box, class, reg valid)
+        for i, inst in enumerate(gt_instances):
+            boxes = inst.gt_boxes.tensor
+            anchor_idx, gt_idx, ignore = self.matcher(boxes, anchors, grid_sizes)
+            if ignore is not None:
+                obj_valid[i] = ~ignore
+            reg_valid = (inst.gt_reg_valid if inst.has("gt_reg_valid")
+                         else torch.ones(len(inst), dtype=torch.bool, device=boxes.device))
+            soft_obj = (inst.gt_objectness if inst.has("gt_objectness")
+                        else boxes.new_full((len(inst),), -1.0))
+            is_soft = soft_obj[gt_idx] >= 0
+            for group, keep in ((hard, ~is_soft), (soft, is_soft)):
+                a, g = anchor_idx[keep], gt_idx[keep]
+                group.append((i * num_anchors + a, boxes[g], inst.gt_classes[g], reg_valid[g],
+                              soft_obj[g]))
+        hard, soft = ([cat(list(x)) for x in zip(*group)] for group in (hard, soft))
+
+        flat_deltas = box_deltas.reshape(-1, 4)
+        flat_obj_target = obj_target.view(-1)
+        box_terms = []
+        # soft targets are written after the hard ones: they win shared anchors
+        for (index, gt_boxes, _, reg_valid, soft_obj), is_soft in ((hard, False), (soft, True)):
+            anchor = index % num_anchors
+            pred = self.box2box_transform.apply_deltas(flat_deltas[index], anchor_boxes[anchor],
+                                                       strides[anchor])
+            ciou = complete_iou(pred, gt_boxes)
+            target = soft_obj if is_soft else ciou.detach().clamp(min=0)
+            flat_obj_target[index] = target.to(obj_target.dtype)
+            level = levels[anchor[reg_valid]]
+            box_terms.append(_level_sums((1 - ciou)[reg_valid], level, num_levels)
+                             / _level_sums(torch.ones_like(ciou[reg_valid]), level, num_levels)
+                             .clamp(min=1))
+        loss_box = sum(t.sum() for t in box_terms)
+
+        index, _, classes, _, _ = hard
+        anchor = index % num_anchors
+        cls_sum = cls_logits.new_zeros(num_levels)
+        if self.num_classes > 1:  # one class: the objectness says it all (YOLOv5)
+            target = F.one_hot(classes, self.num_classes).to(cls_logits.dtype)
+            bce = F.binary_cross_entropy_with_logits(
+                cls_logits.reshape(-1, self.num_classes)[index], target, reduction="none")
+            cls_sum = _level_sums(bce.sum(dim=1), levels[anchor], num_levels)
+        cls_count = _level_sums(torch.ones_like(anchor, dtype=cls_logits.dtype), levels[anchor],
+                                num_levels) * self.num_classes
+        loss_cls = (cls_sum / cls_count.clamp(min=1)).sum()
+
+        bce = F.binary_cross_entropy_with_logits(obj_logits, obj_target, reduction="none")
+        valid = obj_valid.to(bce.dtype)
+        obj_mean = (_level_sums((bce * valid).sum(dim=0), levels, num_levels)
+                    / _level_sums(valid.sum(dim=0), levels, num_levels).clamp(min=1))
+        loss_obj = (obj_mean * obj_mean.new_tensor(self.obj_level_weights)).sum()
+
+        storage = get_event_storage()
+        storage.put_scalar("dense/num_pos_anchors", len(hard[0]) / len(gt_instances))
+        if len(soft[0]):
+            storage.put_scalar("dense/num_soft_pos_anchors", len(soft[0]) / len(gt_instances))
+        # 0 × the outputs keeps every head parameter in the graph when a batch has no positive
+        # (distributed training requires all parameters to receive a gradient)
+        return {
+            "loss_cls": self.cls_loss_weight * loss_cls + 0.0 * cls_logits.sum(),
+            "loss_box_reg": self.box_loss_weight * loss_box + 0.0 * box_deltas.sum(),
+            "loss_obj": self.obj_loss_weight * loss_obj,
+        }
+
+    # ------------------------------------------------------------------------------ inference
+    def forward_inference(self, images, features, predictions):
+        cls_logits, box_deltas, obj_logits = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1])
+        anchors = self.anchor_generator(features)
+        strides = self.anchor_generator.strides
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            per_level = [
+                self._decode_level(a.tensor, s, c[i], b[i], o[i, :, 0], image_size)
+                for a, s, c, b, o in zip(anchors, strides, cls_logits, box_deltas, obj_logits)]
+            pred = Instances.cat(per_level)
+            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
+                               self.test_nms_thresh)
+            results.append(pred[keep[: self.max_detections_per_image]])
+        return results
+
+    def _decode_level(self, anchors, stride, cls_logits, box_deltas, obj_logits, image_size):
+        """One image's candidates at one level: σ(obj)·σ(cls) above the score threshold, the
+        top-k of them, their boxes decoded."""
+        objectness = obj_logits.sigmoid()
+        scores = (objectness[:, None] * cls_logits.sigmoid()).flatten()
+        candidates = (scores > self.test_score_thresh).nonzero(as_tuple=True)[0]
+        top = scores[candidates].topk(min(len(candidates), self.test_topk_candidates))
+        candidates = candidates[top.indices]
+        anchor, classes = candidates // self.num_classes, candidates % self.num_classes
+        boxes = self.box2box_transform.apply_deltas(box_deltas[anchor], anchors[anchor], stride)
+        return Instances(image_size, pred_boxes=Boxes(boxes), scores=top.values,
+                         pred_classes=classes, pred_objectness=objectness[anchor])
