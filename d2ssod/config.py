@@ -140,25 +140,25 @@ def add_ssod_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Offline self-training (ST / ST++, tools/self_train.py, d2ssod/engine/self_training.py)
     # ---------------------------------------------------------------------------------------
-    _C.SELF_TRAIN = CN()
+    _ST = _C.SELF_TRAIN = CN()
     # K: checkpoints of the supervised stage whose detections ST++ compares, saved after
     # round(k·SOLVER.MAX_ITER/K) iterations, k = 1..K (the last is the final model; ST++: 3).
-    _C.SELF_TRAIN.NUM_CHECKPOINTS = 3
+    _ST.NUM_CHECKPOINTS = 3
     # R: fraction of the unlabeled images, most stable first, that ST++ re-trains on first.
-    _C.SELF_TRAIN.SELECT_RATIO = 0.5
+    _ST.SELECT_RATIO = 0.5
     # Detections with a score >= this become pseudo boxes; stability compares these same boxes.
-    _C.SELF_TRAIN.SCORE_THRESH = 0.7
+    _ST.SCORE_THRESH = 0.7
     # IoU at which two detections of the same class agree (stability) or a pseudo box matches
     # a hidden ground-truth box (the pseudo-label precision/recall of the stage records).
-    _C.SELF_TRAIN.MATCH_IOU = 0.5
+    _ST.MATCH_IOU = 0.5
     # A pseudo box is dropped from a strong view when more than this fraction of its pixels is
     # erased by the strong augmentation's cutout (the detection form of ST++'s ignored pixels).
-    _C.SELF_TRAIN.MAX_ERASED_FRACTION = 0.5
+    _ST.MAX_ERASED_FRACTION = 0.5
     # Repeat the labeled images ceil(U / L) times in each re-training (U pseudo-labeled, L
     # labeled images), as ST++ does; False uses each labeled image once.
-    _C.SELF_TRAIN.REPEAT_LABELED = True
+    _ST.REPEAT_LABELED = True
     # Images per forward pass when predicting the unlabeled images.
-    _C.SELF_TRAIN.INFERENCE_BATCH_SIZE = 4
+    _ST.INFERENCE_BATCH_SIZE = 4
 
     # ---------------------------------------------------------------------------------------
     # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)
