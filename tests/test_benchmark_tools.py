@@ -45,7 +45,26 @@ def test_gap_closed_per_seed_then_averaged_and_incomplete_seeds_left_out():
     assert st["gap_closed"][1] == pytest.approx(math.sqrt(2 * 0.2 ** 2))
     assert st["AP"] == pytest.approx([35.0, math.sqrt(2.0)])
     assert st["wall_minutes"] == pytest.approx(14.5)
-    assert "gap_closed" not in rows["supervised"] and rows["supervised"]["seeds"] == 2
+    # a baseline's row counts every seed it finished
+    assert "gap_closed" not in rows["supervised"] and rows["supervised"]["seeds"] == 3
+    assert rows["supervised"]["AP"] == pytest.approx([31.0, 1.0])
+
+
+def test_each_method_is_measured_against_its_own_baselines():
+    runs = {1: {"supervised": {"AP": 30.0, "AP50": 0, "wall_seconds": 60},
+                "oracle": {"AP": 40.0, "AP50": 0, "wall_seconds": 60},
+                "dense_supervised": {"AP": 10.0, "AP50": 0, "wall_seconds": 60},
+                "dense_oracle": {"AP": 30.0, "AP50": 0, "wall_seconds": 60},
+                "soft_teacher": {"AP": 35.0, "AP50": 0, "wall_seconds": 60},
+                "efficient_teacher": {"AP": 15.0, "AP50": 0, "wall_seconds": 60}}}
+    rows = _tool("benchmark_methods").summarize(
+        runs, ["soft_teacher", "efficient_teacher"],
+        {"soft_teacher": ("supervised", "oracle"),
+         "efficient_teacher": ("dense_supervised", "dense_oracle")})
+    assert rows["soft_teacher"]["gap_closed"][0] == pytest.approx(0.5)  # (35 − 30) / (40 − 30)
+    assert rows["efficient_teacher"]["gap_closed"][0] == pytest.approx(0.25)  # 5 / 20
+    assert rows["efficient_teacher"]["baselines"] == ["dense_supervised", "dense_oracle"]
+    assert list(rows)[:4] == ["supervised", "oracle", "dense_supervised", "dense_oracle"]
 
 
 def test_readme_block_is_replaced_between_the_markers_only():

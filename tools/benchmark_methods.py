@@ -7,7 +7,9 @@ supervised baseline and oracle, over several seeds.
 
 Per seed ``s`` (``SEED s`` for every run of that seed):
 
-* **supervised** (``configs/demo/supervised.yaml``) and **oracle** (``oracle.yaml``), once;
+* the method's baselines (``SSOD.DEMO_BASELINES`` of its config: ``configs/demo/supervised.yaml``
+  and ``oracle.yaml`` for the Faster R-CNN methods, the dense ones for the dense detector's),
+  once per seed however many methods share them;
 * every method from that seed's hand-over: its run starts from the supervised run's checkpoint
   after ``SSOD.BURN_IN_ITERS`` iterations (as ``tools/demo.py`` does) and trains the remaining
   iterations semi-supervised.
@@ -48,7 +50,7 @@ from training_runs import (  # noqa: E402  (tools/ is not a package)
     warm_start_from_supervised,
 )
 
-BASELINES = ("supervised", "oracle")
+BASELINES = ("supervised", "oracle")  # the Faster R-CNN demo's (SSOD.DEMO_BASELINES default)
 
 
 def mean_std(values):
@@ -60,24 +62,30 @@ def mean_std(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def summarize(runs, methods):
+def summarize(runs, methods, baselines=None):
     """Aggregate ``runs`` = {seed: {name: {"AP", "AP50", "wall_seconds"}}} into per-name rows:
     ``{name: {"AP": [mean, std], "AP50": [...], "gap_closed": [...] (methods only),
-    "wall_minutes": mean, "seeds": n}}``. A seed counts for a method only when the method and
-    both baselines of that seed finished."""
+    "wall_minutes": mean, "seeds": n}}``. ``baselines`` maps each method to its (supervised,
+    oracle) run names (default: "supervised", "oracle"). A seed counts for a method only when
+    the method and both its baselines of that seed finished."""
+    baselines = {m: (baselines or {}).get(m, BASELINES) for m in methods}
+    baseline_names = list(dict.fromkeys(b for pair in baselines.values() for b in pair))
     rows = {}
-    for name in (*BASELINES, *methods):
-        seeds = [s for s, r in runs.items() if name in r and all(b in r for b in BASELINES)]
+    for name in (*baseline_names, *methods):
+        needed = baselines.get(name, ())
+        seeds = [s for s, r in runs.items() if name in r and all(b in r for b in needed)]
         if not seeds:
             continue
         row = {"seeds": len(seeds)}
         for key in ("AP", "AP50"):
             row[key] = list(mean_std([runs[s][name][key] for s in seeds]))
         row["wall_minutes"] = mean_std([runs[s][name]["wall_seconds"] / 60 for s in seeds])[0]
-        if name not in BASELINES:
-            gaps = [(runs[s][name]["AP"] - runs[s]["supervised"]["AP"])
-                    / (runs[s]["oracle"]["AP"] - runs[s]["supervised"]["AP"]) for s in seeds]
+        if name in baselines:
+            sup, oracle = baselines[name]
+            gaps = [(runs[s][name]["AP"] - runs[s][sup]["AP"])
+                    / (runs[s][oracle]["AP"] - runs[s][sup]["AP"]) for s in seeds]
             row["gap_closed"] = list(mean_std(gaps))
+            row["baselines"] = [sup, oracle]
         rows[name] = row
     return rows
 
@@ -157,7 +165,7 @@ class Job:
 def collect(job, total):
     """AP, AP50 (final evaluation: the teacher of a method run, the model of a baseline) and
     wall time of a finished run."""
-    prefix = "student" if job.name in BASELINES else "teacher"
+    prefix = "teacher" if job.after is not None else "student"
     final = ap_curve(job.out_dir, prefix, total)[-1]
     with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
         wall = json.load(f)["wall_seconds"]
@@ -189,8 +197,7 @@ def main():
     ensure_demo_data()
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    configs = {name: os.path.join(REPO, "configs", "demo", f"{name}.yaml")
-               for name in (*BASELINES, *methods)}
+    configs = {name: os.path.join(REPO, "configs", "demo", f"{name}.yaml") for name in methods}
     extra_opts = {}
     for spec in args.variant:
         label, config, overrides = parse_variant(spec)
@@ -200,7 +207,20 @@ def main():
     for name, path in configs.items():
         if not os.path.exists(path):
             raise SystemExit(f"no demo config {path} for {name!r}")
-    base = build_cfg(configs[methods[0]] if methods else configs["supervised"], args.opts)
+    if not methods:
+        raise SystemExit("no method to benchmark: name some with --methods or --variant")
+    # Each method names its baselines (SSOD.DEMO_BASELINES: supervised, oracle), e.g. the dense
+    # detector's methods the dense baselines; runs are named after the config files.
+    baselines = {}
+    for m in methods:
+        cfg = build_cfg(configs[m], [*args.opts, *extra_opts.get(m, [])])
+        pair = []
+        for path in cfg.SSOD.DEMO_BASELINES:
+            name = os.path.splitext(os.path.basename(path))[0]
+            configs[name] = os.path.join(REPO, path)
+            pair.append(name)
+        baselines[m] = tuple(pair)
+    base = build_cfg(configs[methods[0]], args.opts)
     burn_in, total = base.SSOD.BURN_IN_ITERS, base.SOLVER.MAX_ITER
     if not 0 < burn_in < total:
         raise SystemExit(f"need 0 < SSOD.BURN_IN_ITERS ({burn_in}) < SOLVER.MAX_ITER ({total})")
@@ -209,22 +229,23 @@ def main():
     jobs = []
     for seed in seeds:
         common = ["SOLVER.MAX_ITER", total, "SEED", seed, *args.opts]
-        sup = Job("supervised", seed, configs["supervised"], os.path.join(out, f"seed{seed}",
-                                                                        "supervised"),
-                  common + ["SOLVER.CHECKPOINT_PERIOD", burn_in])
-        jobs.append(sup)
-        jobs.append(Job("oracle", seed, configs["oracle"],
-                        os.path.join(out, f"seed{seed}", "oracle"),
-                        common + ["SOLVER.CHECKPOINT_PERIOD", burn_in]))
+        baseline_jobs = {}
+        for name in dict.fromkeys(b for pair in baselines.values() for b in pair):
+            baseline_jobs[name] = Job(name, seed, configs[name],
+                                      os.path.join(out, f"seed{seed}", name),
+                                      common + ["SOLVER.CHECKPOINT_PERIOD", burn_in])
+            jobs.append(baseline_jobs[name])
         for m in methods:
+            sup = baseline_jobs[baselines[m][0]]
             job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
                       common + ["SSOD.BURN_IN_ITERS", burn_in,
                                 "SOLVER.CHECKPOINT_PERIOD", burn_in, *extra_opts.get(m, [])],
                       resume=True, after=(sup, hand_over_name(burn_in)))
             job.burn_in = burn_in
+            sup.gates = True
             jobs.append(job)
     for job in jobs:
-        needed = hand_over_name(burn_in) if job.name == "supervised" else "model_final.pth"
+        needed = hand_over_name(burn_in) if getattr(job, "gates", False) else "model_final.pth"
         job.digest = job.config_digest(build_cfg)
         try:
             with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
@@ -237,9 +258,9 @@ def main():
         if job.done:
             print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
 
-    # Baselines first (they gate the methods), then methods by seed.
+    # Supervised baselines first (they gate the methods), then methods by seed, oracles last.
     pending = sorted((j for j in jobs if not j.done),
-                     key=lambda j: (j.name != "supervised", j.name == "oracle", j.seed))
+                     key=lambda j: (not getattr(j, "gates", False), j.after is None, j.seed))
     running, t0, last_report = [], time.time(), 0.0
     while pending or running:
         for job in list(running):
@@ -286,7 +307,8 @@ def main():
                              *(f"--variant {v}" for v in args.variant),
                              "--seeds", ",".join(map(str, seeds)), *args.opts]),
         "runs": {str(s): r for s, r in runs.items()},
-        "rows": summarize(runs, methods),
+        "baselines": {m: list(b) for m, b in baselines.items()},
+        "rows": summarize(runs, methods, baselines),
     }
     for path in (args.json, args.md):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
