@@ -76,17 +76,15 @@ def test_readme_block_is_replaced_between_the_markers_only():
         table.render_block("no markers here", "| new |\n")
 
 
-def test_readme_methods_table_is_the_one_rendered_from_the_benchmark_file():
-    path = os.path.join(REPO, "benchmarks", "methods.json")
-    if not os.path.exists(path):
-        pytest.skip("no benchmarks/methods.json yet")
+def test_readme_tables_are_the_ones_rendered_from_the_benchmark_files():
     table = _tool("results_table")
-    with open(path) as f:
-        rendered = _tool("benchmark_methods").markdown_table(json.load(f))
+    benchmarks = os.path.join(REPO, "benchmarks")
+    if not any(os.path.exists(os.path.join(benchmarks, f"{n}.json")) for n in table.TABLES):
+        pytest.skip("no benchmark json yet")
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
-    assert table.render_block(readme, rendered) == readme, (
-        "README's methods table was edited by hand or is stale: run tools/results_table.py")
+    assert table.render_readme(readme, benchmarks) == readme, (
+        "a README benchmark table was edited by hand or is stale: run tools/results_table.py")
 
 
 def test_variant_spec_parses_into_label_config_and_overrides():

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Put the method benchmark's table into the README.
 
-    python tools/results_table.py            # README.md's block ← benchmarks/methods.json
-    python tools/results_table.py --check    # exit 1 if the README's block is out of date
+    python tools/results_table.py            # README.md's blocks ← benchmarks/<name>.json
+    python tools/results_table.py --check    # exit 1 if a README block is out of date
 
-The README's numbers of the multi-seed method benchmark are never typed: they live between the
-markers ``<!-- methods-table:begin -->`` and ``<!-- methods-table:end -->`` and are rendered
-from ``benchmarks/methods.json`` (written by ``tools/benchmark_methods.py``) with the same
-function that writes ``benchmarks/methods.md``.
+The README's numbers of the multi-seed method benchmarks are never typed: each table lives
+between the markers ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is
+rendered from ``benchmarks/<name>.json`` (written by ``tools/benchmark_methods.py --json``) with
+the same function that writes its ``.md``. The names are in :data:`TABLES`.
 """
 import argparse
 import json
@@ -18,11 +18,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_methods import markdown_table  # noqa: E402  (tools/ is not a package)
 from training_runs import REPO  # noqa: E402
 
-BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+# README blocks and the benchmark files they are rendered from (benchmarks/<name>.json)
+TABLES = ("methods", "dense_methods")
 
 
-def render_block(readme_text, table):
-    """``readme_text`` with the text between the markers replaced by ``table``."""
+def markers(name):
+    return f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
+
+
+BEGIN, END = markers("methods")
+
+
+def render_block(readme_text, table, name="methods"):
+    """``readme_text`` with the text between the markers of ``name`` replaced by ``table``."""
+    BEGIN, END = markers(name)
     try:
         head, rest = readme_text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
@@ -32,27 +41,35 @@ def render_block(readme_text, table):
     return f"{head}{BEGIN}\n{table}{END}{tail}"
 
 
+def render_readme(readme_text, benchmarks_dir):
+    """``readme_text`` with every block of :data:`TABLES` whose json exists re-rendered."""
+    for name in TABLES:
+        path = os.path.join(benchmarks_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                readme_text = render_block(readme_text, markdown_table(json.load(f)), name)
+    return readme_text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "methods.json"))
+    parser.add_argument("--benchmarks", default=os.path.join(REPO, "benchmarks"))
     parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
     parser.add_argument("--check", action="store_true",
-                        help="only check that the README's table is the rendered one")
+                        help="only check that the README's tables are the rendered ones")
     args = parser.parse_args()
-    with open(args.json) as f:
-        table = markdown_table(json.load(f))
     with open(args.readme) as f:
         text = f.read()
-    new = render_block(text, table)
+    new = render_readme(text, args.benchmarks)
     if args.check:
         if new != text:
-            raise SystemExit(f"{args.readme}: the methods table differs from {args.json}; run "
-                             f"python tools/results_table.py")
-        print("README methods table is up to date")
+            raise SystemExit(f"{args.readme}: a benchmark table differs from its json in "
+                             f"{args.benchmarks}; run python tools/results_table.py")
+        print("README benchmark tables are up to date")
         return
     with open(args.readme, "w") as f:
         f.write(new)
-    print(f"wrote the methods table of {args.json} into {args.readme}")
+    print(f"wrote the benchmark tables of {args.benchmarks} into {args.readme}")
 
 
 if __name__ == "__main__":
