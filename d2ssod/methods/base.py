@@ -27,6 +27,8 @@ registered method by :func:`d2ssod.config.add_ssod_config`) and checks them
 means adding a module to :mod:`d2ssod.methods` (imported automatically), a config file and
 tests.
 """
+import abc
+
 import torch
 from detectron2.layers import cat
 from detectron2.structures import Boxes, Instances
@@ -83,7 +85,7 @@ def threshold_detections(detections, score_thresh):
     return out
 
 
-class SSODMethod:
+class SSODMethod(abc.ABC):
     """Base class of teacher–student methods; see the module docstring for the stages.
 
     Attributes:
@@ -135,11 +137,11 @@ class SSODMethod:
                              f"the student has {type(part).__name__}.")
 
     # ----------------------------------------------------------------------------- stage 1
+    @abc.abstractmethod
     def pseudo_label(self, unlabeled):
         """Return ``(pseudo, batch_info)``: one ``Instances`` per image in weak-view coordinates
         with ``gt_boxes``, ``gt_classes`` and any per-box fields (``gt_*``) the method's losses
         read, and a dict of the teacher's other results for the later stages."""
-        raise NotImplementedError(f"{type(self).__name__} must implement pseudo_label")
 
     def teacher_detections(self, unlabeled):
         """The teacher's normal inference (NMS, score threshold) on the weak views, in weak-view
