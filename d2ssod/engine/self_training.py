@@ -244,8 +244,12 @@ class SelfTraining:
         return {"bbox": _bbox_results(results), "train_images": train_images,
                 "model": os.path.join(cfg.OUTPUT_DIR, "model_final.pth")}
 
+    def _num_labeled(self):
+        """Images in the labeled datasets (DATASETS.TRAIN)."""
+        return sum(len(DatasetCatalog.get(n)) for n in self.cfg.DATASETS.TRAIN)
+
     def _stage_supervised(self, stage, records):
-        num_labeled = sum(len(DatasetCatalog.get(n)) for n in self.cfg.DATASETS.TRAIN)
+        num_labeled = self._num_labeled()
         record = self._train(stage, self.cfg.DATASETS.TRAIN, num_labeled,
                              snapshots=self.schedule[:-1])
         record["checkpoints"] = self.checkpoint_paths()
@@ -265,7 +269,7 @@ class SelfTraining:
                 [records["relabel"]["pseudo_json"]] if "relabel" in records else [])
         num_pseudo = sum(records[s]["pseudo_images"] for s in ("label", "relabel")
                          if s in records and records[s]["pseudo_json"] in jsons)
-        num_labeled = sum(len(DatasetCatalog.get(n)) for n in self.cfg.DATASETS.TRAIN)
+        num_labeled = self._num_labeled()
         repeat = (max(1, math.ceil(num_pseudo / max(num_labeled, 1)))
                   if self.cfg.SELF_TRAIN.REPEAT_LABELED else 1)
         name = pseudo_labels.register_training_mix(f"self_train_{stage}", self.cfg.DATASETS.TRAIN,

@@ -23,6 +23,7 @@ Of the Epoch Adaptor, :func:`class_thresholds` (distribution adaptation),
 """
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.layers import cat
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
@@ -131,11 +132,15 @@ class EfficientTeacher(SSODMethod):
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        pseudo = [assign_pseudo_labels(d, **self.assigner_args)
-                  for d in self.teacher_detections(unlabeled)]
-        uncertain = sum(int((p.gt_objectness >= 0).sum()) for p in pseudo)
-        counts = [sum(len(p) for p in pseudo) - uncertain, uncertain]
+        return [assign_pseudo_labels(d, **self.assigner_args)
+                for d in self.teacher_detections(unlabeled)], {}
+
+    def log_pseudo_labels(self, pseudo, unlabeled):
+        """The base class's counts and quality, plus ``pseudo/reliable_per_image`` and
+        ``pseudo/uncertain_per_image`` (one device sum for the batch)."""
+        super().log_pseudo_labels(pseudo, unlabeled)
+        uncertain = cat([p.gt_objectness for p in pseudo]).ge(0).sum().item()
         storage = get_event_storage()
-        storage.put_scalar("pseudo/reliable_per_image", counts[0] / len(pseudo))
-        storage.put_scalar("pseudo/uncertain_per_image", counts[1] / len(pseudo))
-        return pseudo, {}
+        storage.put_scalar("pseudo/reliable_per_image",
+                           (sum(len(p) for p in pseudo) - uncertain) / len(pseudo))
+        storage.put_scalar("pseudo/uncertain_per_image", uncertain / len(pseudo))
