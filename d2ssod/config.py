@@ -157,6 +157,13 @@ def add_ssod_config(cfg):
     # Repeat the labeled images ceil(U / L) times in each re-training (U pseudo-labeled, L
     # labeled images), as ST++ does; False uses each labeled image once.
     _ST.REPEAT_LABELED = True
+    # Length of each re-training. "labeled_passes": the supervised stage's schedule (MAX_ITER,
+    # STEPS, CHECKPOINT_PERIOD, TEST.EVAL_PERIOD) scaled by (labeled x repeat + pseudo-labeled)
+    # / (labeled x repeat), so every labeled image is drawn as often as in the supervised stage
+    # (x2 with REPEAT_LABELED, where half of each re-training set is labeled); "same_iters":
+    # the supervised stage's schedule unchanged (pseudo-labeled images then displace half the
+    # labeled draws). ST++ keeps the epoch count over the larger set, which is longer still.
+    _ST.RETRAIN_SCHEDULE = "labeled_passes"
     # Images per forward pass when predicting the unlabeled images.
     _ST.INFERENCE_BATCH_SIZE = 4
 

@@ -96,3 +96,30 @@ def test_variant_spec_parses_into_label_config_and_overrides():
         bench.parse_variant("bad:sed:SSOD.UNSUP_WEIGHT")
     with pytest.raises(SystemExit, match="LABEL:CONFIG"):
         bench.parse_variant("onlylabel")
+
+
+def _stage(ap, seconds, **extra):
+    return {"bbox": {"AP": ap, "AP50": ap + 20}, "seconds": seconds, **extra}
+
+
+def test_self_training_rows_time_each_pipeline_and_take_the_oracle_of_the_same_seed():
+    bench = _tool("benchmark_self_training")
+    quality = {"precision": 0.8, "recall": 0.5}
+    summaries = {
+        "stpp": {"stages": {"supervised": _stage(30.0, 100), "label": {"seconds": 10},
+                            "retrain1": _stage(33.0, 200), "relabel": {"seconds": 5},
+                            "retrain2": _stage(35.0, 210)}},
+        "st": {"stages": {"supervised": _stage(30.0, 100),
+                          "label": {"seconds": 4, "pseudo_quality": quality, "pseudo_boxes": 7},
+                          "retrain": _stage(32.0, 190)}}}
+    runs = bench.seed_runs(summaries, {"oracle": {"AP": 40.0, "AP50": 60.0, "wall_seconds": 9},
+                                       "sed": {"AP": 1.0, "AP50": 2.0, "wall_seconds": 3}},
+                           ["soft_teacher"])
+    # ST reuses ST++'s supervised stage: its pipeline time is that stage + its own two
+    assert runs["st"] == {"AP": 32.0, "AP50": 52.0, "wall_seconds": 100 + 4 + 190}
+    assert runs["stpp"]["wall_seconds"] == 100 + 10 + 200 + 5 + 210
+    assert runs["stpp_retrain1"]["wall_seconds"] == 100 + 10 + 200
+    assert set(runs) == {"supervised", "st", "stpp_retrain1", "stpp", "oracle"}
+    rows = _tool("benchmark_methods").summarize({1: runs}, ["st", "stpp"])
+    assert rows["stpp"]["gap_closed"][0] == pytest.approx((35 - 30) / (40 - 30))
+    assert bench.pseudo_quality(summaries)["st_labels"] == {**quality, "pseudo_boxes": 7}

@@ -54,11 +54,24 @@ from .trainer import SSODTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["checkpoint_schedule", "SnapshotHook",
+__all__ = ["checkpoint_schedule", "scale_schedule", "SnapshotHook",
            "SelfTrainingTrainer", "SelfTraining", "MODES"]
 
 MODES = {"st": ("supervised", "label", "retrain"),
          "stpp": ("supervised", "label", "retrain1", "relabel", "retrain2")}
+RETRAIN_SCHEDULES = ("labeled_passes", "same_iters")
+
+
+def scale_schedule(cfg, factor):
+    """``cfg`` (unfrozen) with its iteration counts multiplied by ``factor``: MAX_ITER, the LR
+    STEPS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD (warm-up, an absolute ramp, is kept)."""
+    solver = cfg.SOLVER
+    solver.MAX_ITER = max(1, round(solver.MAX_ITER * factor))
+    solver.STEPS = tuple(round(s * factor) for s in solver.STEPS)
+    solver.CHECKPOINT_PERIOD = max(1, round(solver.CHECKPOINT_PERIOD * factor))
+    if cfg.TEST.EVAL_PERIOD > 0:
+        cfg.TEST.EVAL_PERIOD = max(1, round(cfg.TEST.EVAL_PERIOD * factor))
+    return cfg
 
 
 def checkpoint_schedule(max_iter, num_checkpoints):
@@ -146,6 +159,9 @@ class SelfTraining:
             raise ValueError("ST++ compares checkpoints: SELF_TRAIN.NUM_CHECKPOINTS must be >= 2.")
         if not 0.0 < s.SELECT_RATIO < 1.0 and mode == "stpp":
             raise ValueError(f"SELF_TRAIN.SELECT_RATIO={s.SELECT_RATIO} must lie in (0, 1).")
+        if s.RETRAIN_SCHEDULE not in RETRAIN_SCHEDULES:
+            raise ValueError(f"SELF_TRAIN.RETRAIN_SCHEDULE={s.RETRAIN_SCHEDULE!r}: choose one of "
+                             f"{list(RETRAIN_SCHEDULES)}.")
         self._unlabeled = None
 
     # --------------------------------------------------------------------------------------
@@ -204,8 +220,9 @@ class SelfTraining:
 
     @staticmethod
     def summary_table(summary):
-        rows = ["| stage | training images | pseudo-labeled | pseudo boxes | precision | "
-                "recall | AP | AP50 | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| stage | training images | iterations | pseudo-labeled | pseudo boxes | "
+                "precision | recall | AP | AP50 | seconds |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
 
         def fmt(v, digits=2):
             return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
@@ -213,7 +230,8 @@ class SelfTraining:
         for stage, r in summary["stages"].items():
             q = r.get("pseudo_quality") or {}
             rows.append(" | ".join([
-                f"| {stage}", fmt(r.get("train_images")), fmt(r.get("pseudo_images")),
+                f"| {stage}", fmt(r.get("train_images")), fmt(r.get("iterations")),
+                fmt(r.get("pseudo_images")),
                 fmt(r.get("pseudo_boxes")), fmt(q.get("precision"), 3),
                 fmt(q.get("recall"), 3), fmt((r.get("bbox") or {}).get("AP")),
                 fmt((r.get("bbox") or {}).get("AP50")), fmt(r.get("seconds"), 0)]) + " |")
@@ -225,9 +243,10 @@ class SelfTraining:
     # --------------------------------------------------------------------------------------
     # Trainings
     # --------------------------------------------------------------------------------------
-    def _train(self, stage, train_names, train_images, snapshots=()):
+    def _train(self, stage, train_names, train_images, snapshots=(), schedule_scale=1.0):
         cfg = self.cfg.clone()
         cfg.defrost()
+        scale_schedule(cfg, schedule_scale)
         cfg.OUTPUT_DIR = self.stage_dir(stage)
         cfg.SSOD.METHOD = "supervised"
         cfg.DATASETS.TRAIN = tuple(train_names)
@@ -242,6 +261,7 @@ class SelfTraining:
         if not results and cfg.DATASETS.TEST:
             results = SelfTrainingTrainer.test(cfg, trainer.model)
         return {"bbox": _bbox_results(results), "train_images": train_images,
+                "iterations": cfg.SOLVER.MAX_ITER,
                 "model": os.path.join(cfg.OUTPUT_DIR, "model_final.pth")}
 
     def _num_labeled(self):
@@ -274,8 +294,12 @@ class SelfTraining:
                   if self.cfg.SELF_TRAIN.REPEAT_LABELED else 1)
         name = pseudo_labels.register_training_mix(f"self_train_{stage}", self.cfg.DATASETS.TRAIN,
                                                    repeat, jsons)
-        record = self._train(stage, [name], num_labeled * repeat + num_pseudo)
-        record.update(labeled_repeat=repeat, pseudo_jsons=jsons)
+        scale = 1.0
+        if self.cfg.SELF_TRAIN.RETRAIN_SCHEDULE == "labeled_passes":
+            scale = (num_labeled * repeat + num_pseudo) / max(num_labeled * repeat, 1)
+        record = self._train(stage, [name], num_labeled * repeat + num_pseudo,
+                             schedule_scale=scale)
+        record.update(labeled_repeat=repeat, pseudo_jsons=jsons, schedule_scale=round(scale, 4))
         return record
 
     # --------------------------------------------------------------------------------------

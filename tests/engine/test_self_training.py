@@ -10,7 +10,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 import d2ssod  # noqa: F401
 from d2ssod.data.builtin import register_dataset
 from d2ssod.engine import build_cfg
-from d2ssod.engine.self_training import SelfTraining, SelfTrainingTrainer, checkpoint_schedule
+from d2ssod.engine.self_training import (
+    SelfTraining,
+    SelfTrainingTrainer,
+    checkpoint_schedule,
+    scale_schedule,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs/demo/self_training.yaml")
@@ -22,6 +27,26 @@ def test_checkpoint_schedule_is_k_thirds_of_the_run():
     assert checkpoint_schedule(10, 1) == [10]
     with pytest.raises(ValueError, match="NUM_CHECKPOINTS"):
         checkpoint_schedule(2, 3)
+
+
+def test_scale_schedule_multiplies_iteration_counts_but_not_warm_up():
+    cfg = build_cfg(CONFIG, ["SOLVER.MAX_ITER", "400", "SOLVER.STEPS", "(320, 380)",
+                             "SOLVER.CHECKPOINT_PERIOD", "200", "TEST.EVAL_PERIOD", "400",
+                             "SOLVER.WARMUP_ITERS", "50"])
+    cfg.defrost()
+    scale_schedule(cfg, 1900 / 950)
+    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (800, (640, 760))
+    assert (cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD) == (400, 800)
+    assert cfg.SOLVER.WARMUP_ITERS == 50
+    cfg.TEST.EVAL_PERIOD = 0  # evaluation off stays off
+    scale_schedule(cfg, 1.5)
+    assert (cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD) == (1200, 0)
+
+
+def test_unknown_retrain_schedule_is_refused():
+    cfg = build_cfg(CONFIG, ["SELF_TRAIN.RETRAIN_SCHEDULE", "epochs"])
+    with pytest.raises(ValueError, match="RETRAIN_SCHEDULE='epochs'.*labeled_passes"):
+        SelfTraining(cfg, "st")
 
 
 def _register_slice(name, source, count):
@@ -92,11 +117,14 @@ def test_tiny_st_plus_plus_runs_all_stages_and_resumes_after_the_first(tmp_path,
     # labeled images repeated ceil(3 / 4) = 1 time, then ceil(6 / 4) = 2 times
     assert stages["retrain1"]["labeled_repeat"] == 1 and stages["retrain2"]["labeled_repeat"] == 2
     assert stages["retrain2"]["train_images"] == 2 * 4 + 6
+    # "labeled_passes": 3 supervised iterations x (4 + 3) / 4 = 5.25 and x (8 + 6) / 8 = 5.25
+    assert [stages[s]["iterations"] for s in ("supervised", "retrain1", "retrain2")] == [3, 5, 5]
+    assert stages["retrain1"]["schedule_scale"] == 1.75
     for stage in ("supervised", "retrain1", "retrain2"):
         assert set(stages[stage]["bbox"]) == {"AP", "AP50"}
         assert (out / stage / "model_final.pth").exists()
     md = (out / "summary.md").read_text()
-    assert "| retrain2 | 14 | " in md
+    assert "| retrain2 | 14 | 5 | " in md
     assert json.loads((out / "summary.json").read_text())["mode"] == "stpp"
     with pytest.raises(ValueError, match="--mode stpp run"):
         SelfTraining(cfg, "st").run()
