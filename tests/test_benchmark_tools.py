@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +124,41 @@ def test_self_training_rows_time_each_pipeline_and_take_the_oracle_of_the_same_s
     rows = _tool("benchmark_methods").summarize({1: runs}, ["st", "stpp"])
     assert rows["stpp"]["gap_closed"][0] == pytest.approx((35 - 30) / (40 - 30))
     assert bench.pseudo_quality(summaries)["st_labels"] == {**quality, "pseudo_boxes": 7}
+
+
+def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():
+    noise = _tool("benchmark_noise")
+    gt = {"images": [{"id": 7, "width": 100, "height": 100},
+                     {"id": 9, "width": 100, "height": 100}],
+          "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 40, 40],
+                           "area": 1600, "iscrowd": 0},
+                          {"id": 2, "image_id": 9, "category_id": 3, "bbox": [50, 50, 30, 30],
+                           "area": 900, "iscrowd": 0}],
+          "categories": [{"id": 3, "name": "shape"}]}
+    # image 7's object found exactly, image 9's missed (its detection is elsewhere)
+    results = [{"image_id": 7, "category_id": 3, "bbox": [10, 10, 40, 40], "score": 0.9},
+               {"image_id": 9, "category_id": 3, "bbox": [0, 0, 10, 10], "score": 0.8}]
+    aps = noise.resampled_ap(gt, results, [np.array([0, 0]), np.array([1, 1]),
+                                           np.array([0, 1])])
+    # only image 7 twice: every object found first → AP 100; only image 9: nothing found → 0;
+    # both: recall reaches 0.5 at precision 1, then stops → the 101-point AP is 51/101
+    assert aps[0] == pytest.approx(100.0)
+    assert aps[1] == pytest.approx(0.0)
+    assert aps[2] == pytest.approx(100.0 * 51 / 101)
+
+
+def test_noise_split_subtracts_evaluation_variance_in_quadrature():
+    noise = _tool("benchmark_noise")
+    full = {1: {"sup": 30.0, "m": 34.0}, 2: {"sup": 34.0, "m": 37.0}}
+    boot = {1: {"sup": np.array([29.0, 31.0]), "m": np.array([33.0, 35.0])},
+            2: {"sup": np.array([33.0, 35.0]), "m": np.array([37.0, 37.0])}}
+    rows = noise.summarize(full, boot, ["sup", "m"], "sup")
+    seed_std = math.sqrt(8.0)  # 30 and 34: sample variance 8
+    eval_var = (2.0 + 2.0) / 2  # each seed's draws 29/31 and 33/35: variance 2
+    assert rows["sup"]["seed_std"] == pytest.approx(seed_std)
+    assert rows["sup"]["eval_std"] == pytest.approx(math.sqrt(eval_var))
+    assert rows["sup"]["train_std"] == pytest.approx(math.sqrt(8.0 - eval_var))
+    # gains 4 and 3 (sample variance 0.5); paired draws: 4, 4 (var 0) and 4, 2 (var 2)
+    assert rows["m"]["gain_mean"] == pytest.approx(3.5)
+    assert rows["m"]["gain_eval_std"] == pytest.approx(1.0)
+    assert rows["m"]["gain_train_std"] == 0.0  # 0.5 - 1 < 0: all of it is evaluation noise

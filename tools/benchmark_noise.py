@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""How much of the demo's run-to-run spread is evaluation noise, and how much is training?
+
+    python tools/benchmark_noise.py --runs output/benchmark --seeds 1,2,3 \
+        --names supervised,soft_teacher --resamples 500
+
+Reads the final checkpoints that ``tools/benchmark_methods.py`` left in ``--runs/seed<s>/<name>``,
+predicts the validation set once per checkpoint, and bootstraps the validation images (draw N
+of the N images with replacement, ``--resamples`` times, the same draws for every checkpoint):
+
+* evaluation noise of one run's AP = the std of its AP over the draws (what a different
+  validation set of the same size would have said about the same model);
+* evaluation noise of a method's gain = the std over the draws of AP(method) − AP(baseline) of
+  the same seed, both scored on the same drawn images (paired);
+* training noise = the spread over seeds on the full validation set, from which the evaluation
+  part is subtracted in quadrature (var_train = var_seeds − mean var_eval, floored at 0).
+
+Fixed-seed runs are bit-reproducible on CPU here (docs/experiments.md), so the seed is the only
+source of training variance. Writes ``benchmarks/noise.json`` and ``benchmarks/noise.md``.
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def predict(config_path, weights, out_dir):
+    """COCO results (dataset category ids) of ``weights`` on the config's first test set, and
+    the ground-truth dict the evaluator loaded; cached as json in ``out_dir``."""
+    cache = os.path.join(out_dir, "coco_instances_results.json")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import build_detection_test_loader
+    from detectron2.evaluation import inference_on_dataset
+
+    from d2ssod.engine import build_cfg
+    from d2ssod.engine.trainer import SSODTrainer
+    from d2ssod.evaluation.build import build_evaluator
+
+    cfg = build_cfg(config_path, ["MODEL.WEIGHTS", weights, "DATALOADER.NUM_WORKERS", "0"])
+    dataset = cfg.DATASETS.TEST[0]
+    evaluator = build_evaluator(cfg, dataset, output_dir=out_dir)
+    if not os.path.exists(cache):
+        model = SSODTrainer.build_model(cfg)
+        DetectionCheckpointer(model).load(weights)
+        inference_on_dataset(model.eval(), build_detection_test_loader(cfg, dataset), evaluator)
+    with open(cache) as f:
+        return json.load(f), evaluator._coco_api.dataset
+
+
+def resampled_ap(gt, results, draws):
+    """bbox AP (0-100) of ``results`` on each draw of image indices (a list of arrays)."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    images = gt["images"]
+    anns_of, dets_of = {}, {}
+    for a in gt["annotations"]:
+        anns_of.setdefault(a["image_id"], []).append(a)
+    for r in results:
+        dets_of.setdefault(r["image_id"], []).append(r)
+    aps = []
+    for draw in draws:
+        new_images, new_anns, new_dets = [], [], []
+        for new_id, index in enumerate(draw, 1):
+            old_id = images[index]["id"]
+            new_images.append(dict(images[index], id=new_id))
+            new_anns += [dict(a, image_id=new_id, id=len(new_anns) + k + 1)
+                         for k, a in enumerate(anns_of.get(old_id, []))]
+            new_dets += [{k: v for k, v in dict(d, image_id=new_id).items()
+                          if k in ("image_id", "category_id", "bbox", "score")}
+                         for d in dets_of.get(old_id, [])]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO({"images": new_images, "annotations": new_anns,
+                            "categories": gt["categories"]}, print_function=lambda *a: None)
+            coco_dt = coco_gt.loadRes(new_dets) if new_dets else None
+            if coco_dt is None:
+                aps.append(0.0)
+                continue
+            ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a: None)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        aps.append(100.0 * float(ev.stats[0]))
+    return np.array(aps)
+
+
+def std(values):
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def summarize(full, boot, names, baseline):
+    """Aggregate ``full[seed][name]`` (AP on the whole validation set) and ``boot[seed][name]``
+    (AP per draw) into the noise table's numbers."""
+    seeds = sorted(full)
+    out = {}
+    for name in names:
+        eval_std = [std(boot[s][name]) for s in seeds]
+        seed_std = std([full[s][name] for s in seeds])
+        mean_eval_var = float(np.mean(np.square(eval_std)))
+        out[name] = {"AP_mean": float(np.mean([full[s][name] for s in seeds])),
+                     "seed_std": seed_std, "eval_std": float(math.sqrt(mean_eval_var)),
+                     "train_std": math.sqrt(max(seed_std ** 2 - mean_eval_var, 0.0))}
+        if name != baseline:
+            gains = [full[s][name] - full[s][baseline] for s in seeds]
+            gain_eval = [std(boot[s][name] - boot[s][baseline]) for s in seeds]
+            var = float(np.mean(np.square(gain_eval)))
+            out[name].update(gain_mean=float(np.mean(gains)), gain_seed_std=std(gains),
+                             gain_eval_std=math.sqrt(var),
+                             gain_train_std=math.sqrt(max(std(gains) ** 2 - var, 0.0)))
+    return out
+
+
+def markdown(result):
+    lines = ["| run | AP (mean) | spread over seeds | evaluation part (bootstrap) | "
+             "training part | gain over supervised | its spread over seeds | its evaluation "
+             "part |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        gain = ("—", "—", "—") if "gain_mean" not in r else (
+            f"{r['gain_mean']:+.2f}", f"{r['gain_seed_std']:.2f}", f"{r['gain_eval_std']:.2f}")
+        lines.append(f"| {name} | {r['AP_mean']:.2f} | {r['seed_std']:.2f} | "
+                     f"{r['eval_std']:.2f} | {r['train_std']:.2f} | {' | '.join(gain)} |")
+    lines += ["", f"Standard deviations in AP; seeds {', '.join(map(str, result['seeds']))}, "
+                  f"{result['resamples']} bootstrap draws of the {result['images']} validation "
+                  f"images; command: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=os.path.join(REPO, "output", "benchmark"),
+                        help="tools/benchmark_methods.py's output folder")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--names", default="supervised,soft_teacher",
+                        help="runs to read; the first is the baseline of the gains")
+    parser.add_argument("--configs", default="",
+                        help="NAME=CONFIG,... for runs whose config is not configs/demo/NAME.yaml")
+    parser.add_argument("--resamples", type=int, default=500)
+    parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "noise.json"))
+    parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "noise.md"))
+    args = parser.parse_args()
+    import d2ssod  # noqa: F401  (registers the demo datasets and d2ssod's components)
+
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [n for n in args.names.split(",") if n]
+    configs = dict(item.split("=", 1) for item in args.configs.split(",") if item)
+    full, boot, gt = {}, {}, None
+    draws = None
+    for seed in seeds:
+        full[seed], boot[seed] = {}, {}
+        for name in names:
+            run_dir = os.path.join(args.runs, f"seed{seed}", name)
+            weights = os.path.join(run_dir, "model_final.pth")
+            if not os.path.exists(weights):
+                raise SystemExit(f"{weights} does not exist: run tools/benchmark_methods.py "
+                                 f"with --seeds {args.seeds} first (or pass --runs).")
+            config = configs.get(name, os.path.join(REPO, "configs", "demo", f"{name}.yaml"))
+            results, gt = predict(config, weights, os.path.join(run_dir, "noise_eval"))
+            if draws is None:
+                rng = np.random.default_rng(0)
+                n = len(gt["images"])
+                draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(args.resamples)]
+            aps = resampled_ap(gt, results, draws)
+            full[seed][name], boot[seed][name] = float(aps[0]), aps[1:]
+            print(f"seed {seed} {name}: AP {aps[0]:.2f}, bootstrap std {std(aps[1:]):.2f}",
+                  flush=True)
+    result = {"seeds": seeds, "resamples": args.resamples, "images": len(gt["images"]),
+              "command": " ".join(["python tools/benchmark_noise.py", *sys.argv[1:]]),
+              "full": full, "rows": summarize(full, boot, names, names[0])}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.md, "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
