@@ -11,8 +11,9 @@ Per seed ``s`` (``SEED s`` for every run of that seed):
   and ``oracle.yaml`` for the Faster R-CNN methods, the dense ones for the dense detector's),
   once per seed however many methods share them;
 * every method from that seed's hand-over: its run starts from the supervised run's checkpoint
-  after ``SSOD.BURN_IN_ITERS`` iterations (as ``tools/demo.py`` does) and trains the remaining
-  iterations semi-supervised.
+  after the method's own ``SSOD.BURN_IN_ITERS`` iterations (as ``tools/demo.py`` does) and
+  trains the remaining iterations semi-supervised (the supervised run checkpoints at every
+  multiple of the gcd of the methods' burn-ins).
 
 A ``--variant LABEL:CONFIG:KEY=VALUE,KEY=VALUE`` adds a row for a method config with its own
 overrides (e.g. ``--variant ut_weight1:unbiased_teacher:SSOD.UNSUP_WEIGHT=1.0``), trained from
@@ -211,7 +212,10 @@ def main():
         raise SystemExit("no method to benchmark: name some with --methods or --variant")
     # Each method names its baselines (SSOD.DEMO_BASELINES: supervised, oracle), e.g. the dense
     # detector's methods the dense baselines; runs are named after the config files.
-    baselines = {}
+    # Each method (or variant) hands over at its own SSOD.BURN_IN_ITERS; the supervised runs
+    # checkpoint at every multiple of the burn-ins' gcd, so one run serves them all.
+    baselines, burn_ins = {}, {}
+    total = build_cfg(configs[methods[0]], args.opts).SOLVER.MAX_ITER
     for m in methods:
         cfg = build_cfg(configs[m], [*args.opts, *extra_opts.get(m, [])])
         pair = []
@@ -220,10 +224,11 @@ def main():
             configs[name] = os.path.join(REPO, path)
             pair.append(name)
         baselines[m] = tuple(pair)
-    base = build_cfg(configs[methods[0]], args.opts)
-    burn_in, total = base.SSOD.BURN_IN_ITERS, base.SOLVER.MAX_ITER
-    if not 0 < burn_in < total:
-        raise SystemExit(f"need 0 < SSOD.BURN_IN_ITERS ({burn_in}) < SOLVER.MAX_ITER ({total})")
+        burn_ins[m] = cfg.SSOD.BURN_IN_ITERS
+        if not 0 < burn_ins[m] < total:
+            raise SystemExit(f"{m}: need 0 < SSOD.BURN_IN_ITERS ({burn_ins[m]}) < "
+                             f"SOLVER.MAX_ITER ({total})")
+    period = math.gcd(*burn_ins.values())
     out = os.path.abspath(args.output)
 
     jobs = []
@@ -233,26 +238,28 @@ def main():
         for name in dict.fromkeys(b for pair in baselines.values() for b in pair):
             baseline_jobs[name] = Job(name, seed, configs[name],
                                       os.path.join(out, f"seed{seed}", name),
-                                      common + ["SOLVER.CHECKPOINT_PERIOD", burn_in])
+                                      common + ["SOLVER.CHECKPOINT_PERIOD", period])
+            baseline_jobs[name].hand_overs = set()
             jobs.append(baseline_jobs[name])
         for m in methods:
             sup = baseline_jobs[baselines[m][0]]
+            burn_in = burn_ins[m]
             job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
                       common + ["SSOD.BURN_IN_ITERS", burn_in,
                                 "SOLVER.CHECKPOINT_PERIOD", burn_in, *extra_opts.get(m, [])],
                       resume=True, after=(sup, hand_over_name(burn_in)))
             job.burn_in = burn_in
-            sup.gates = True
+            sup.hand_overs.add(hand_over_name(burn_in))
             jobs.append(job)
     for job in jobs:
-        needed = hand_over_name(burn_in) if getattr(job, "gates", False) else "model_final.pth"
         job.digest = job.config_digest(build_cfg)
         try:
             with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
                 same_config = json.load(f).get("config_digest") == job.digest
         except (OSError, ValueError):
             same_config = False
-        job.done = same_config and finished(job.out_dir, job.opts, needed)
+        job.done = same_config and all(finished(job.out_dir, job.opts, needed) for needed in
+                                       getattr(job, "hand_overs", None) or ["model_final.pth"])
         if job.after is not None and not job.after[0].done:
             job.done = False  # a new hand-over: the method runs start again from it
         if job.done:
@@ -260,7 +267,7 @@ def main():
 
     # Supervised baselines first (they gate the methods), then methods by seed, oracles last.
     pending = sorted((j for j in jobs if not j.done),
-                     key=lambda j: (not getattr(j, "gates", False), j.after is None, j.seed))
+                     key=lambda j: (not getattr(j, "hand_overs", None), j.after is None, j.seed))
     running, t0, last_report = [], time.time(), 0.0
     while pending or running:
         for job in list(running):
@@ -298,7 +305,9 @@ def main():
     for job in jobs:
         runs.setdefault(job.seed, {})[job.name] = collect(job, total)
     summary = {
-        "setup": {"burn_in_iters": burn_in, "total_iters": total, "opts": args.opts,
+        "setup": {"burn_in_iters": (burn_ins[methods[0]] if len(set(burn_ins.values())) == 1
+                                    else burn_ins),
+                  "total_iters": total, "opts": args.opts,
                   "jobs": args.jobs},
         "seeds": seeds,
         "methods": methods,
