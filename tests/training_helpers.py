@@ -2,7 +2,7 @@
 ``tests/`` on ``sys.path`` for its ``conftest.py``)."""
 from detectron2.engine import HookBase
 
-RECORDED_PREFIXES = ("loss", "unsup/", "total_loss", "pseudo/")
+RECORDED_PREFIXES = ("loss", "unsup/", "total_loss", "pseudo/", "domain/", "epoch_adaptor/")
 
 
 class RecordScalars(HookBase):

@@ -17,7 +17,10 @@ Per seed ``s`` (``SEED s`` for every run of that seed):
 
 A ``--variant LABEL:CONFIG:KEY=VALUE,KEY=VALUE`` adds a row for a method config with its own
 overrides (e.g. ``--variant ut_weight1:unbiased_teacher:SSOD.UNSUP_WEIGHT=1.0``), trained from
-the same hand-overs; the baselines never see a variant's overrides.
+the same hand-overs; the baselines never see a variant's overrides. Rows named in ``--own-burn-in``
+do not start from the hand-over: they train all iterations themselves, their burn-in included
+(for what a method does during burn-in, e.g. Efficient Teacher's domain adaptation, or a student
+with modules the supervised checkpoint lacks).
 
 Runs are scheduled on ``--jobs`` processes (default: one per core), one thread each; a method
 run starts as soon as its seed's hand-over exists. Progress (what runs, at which iteration) is
@@ -132,6 +135,7 @@ class Job:
     def __init__(self, name, seed, config, out_dir, opts, resume=False, after=None):
         self.name, self.seed, self.config, self.out_dir = name, seed, config, out_dir
         self.opts, self.resume, self.after = opts, resume, after  # after: (job, file) it needs
+        self.teacher = after is not None  # evaluated by its teacher (a method run)
         self.proc = self.started = None
         self.wall_seconds = None
 
@@ -166,7 +170,7 @@ class Job:
 def collect(job, total):
     """AP, AP50 (final evaluation: the teacher of a method run, the model of a baseline) and
     wall time of a finished run."""
-    prefix = "teacher" if job.after is not None else "student"
+    prefix = "teacher" if job.teacher else "student"
     final = ap_curve(job.out_dir, prefix, total)[-1]
     with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
         wall = json.load(f)["wall_seconds"]
@@ -179,6 +183,9 @@ def main():
                         help="comma-separated demo configs (configs/demo/<name>.yaml)")
     parser.add_argument("--variant", action="append", default=[],
                         help="LABEL:CONFIG:KEY=VALUE,...: a method config with its own overrides")
+    parser.add_argument("--own-burn-in", default="",
+                        help="comma-separated rows (methods or variant labels) that train their "
+                             "own burn-in instead of starting from the supervised hand-over")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated SEED values")
     parser.add_argument("--output", default="output/benchmark")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -210,6 +217,10 @@ def main():
             raise SystemExit(f"no demo config {path} for {name!r}")
     if not methods:
         raise SystemExit("no method to benchmark: name some with --methods or --variant")
+    own_burn_in = {m for m in args.own_burn_in.split(",") if m}
+    if own_burn_in - set(methods):
+        raise SystemExit(f"--own-burn-in {sorted(own_burn_in - set(methods))}: not a --methods "
+                         f"name or --variant label")
     # Each method names its baselines (SSOD.DEMO_BASELINES: supervised, oracle), e.g. the dense
     # detector's methods the dense baselines; runs are named after the config files.
     # Each method (or variant) hands over at its own SSOD.BURN_IN_ITERS; the supervised runs
@@ -242,6 +253,12 @@ def main():
             baseline_jobs[name].hand_overs = set()
             jobs.append(baseline_jobs[name])
         for m in methods:
+            if m in own_burn_in:
+                job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
+                          common + ["SSOD.BURN_IN_ITERS", burn_in, *extra_opts.get(m, [])])
+                job.teacher = True
+                jobs.append(job)
+                continue
             sup = baseline_jobs[baselines[m][0]]
             burn_in = burn_ins[m]
             job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
@@ -311,9 +328,11 @@ def main():
                   "jobs": args.jobs},
         "seeds": seeds,
         "methods": methods,
+        "own_burn_in": sorted(own_burn_in),
         "variants": {label: " ".join(map(str, o)) for label, o in extra_opts.items()},
         "command": " ".join(["python tools/benchmark_methods.py", "--methods", args.methods,
                              *(f"--variant {v}" for v in args.variant),
+                             *([f"--own-burn-in {args.own_burn_in}"] if own_burn_in else []),
                              "--seeds", ",".join(map(str, seeds)), *args.opts]),
         "runs": {str(s): r for s, r in runs.items()},
         "baselines": {m: list(b) for m, b in baselines.items()},

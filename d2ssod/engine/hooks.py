@@ -3,7 +3,7 @@ from detectron2.engine import HookBase, hooks
 
 from .ema import ema_momentum
 
-__all__ = ["EMAHook", "TrainerCheckpointHook"]
+__all__ = ["EMAHook", "MethodHook", "TrainerCheckpointHook"]
 
 
 class EMAHook(HookBase):
@@ -32,6 +32,22 @@ class EMAHook(HookBase):
 
     def after_step(self):
         self.trainer.teacher.update(self.momentum_at(self.trainer.iter))
+
+
+class MethodHook(HookBase):
+    """Gives ``trainer.method`` the end of every iteration
+    (:meth:`~d2ssod.methods.base.SSODMethod.after_step`) and checkpoints its training state: a
+    hook's ``state_dict`` is saved in the trainer's checkpoint entry and restored on resume by
+    Detectron2's ``TrainerBase``, and an empty one is not written."""
+
+    def after_step(self):
+        self.trainer.method.after_step(self.trainer.iter)
+
+    def state_dict(self):
+        return self.trainer.method.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.trainer.method.load_state_dict(state_dict)
 
 
 class TrainerCheckpointHook(hooks.PeriodicCheckpointer):

@@ -38,7 +38,7 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
-from .hooks import EMAHook, TrainerCheckpointHook
+from .hooks import EMAHook, MethodHook, TrainerCheckpointHook
 from .schedule import StepSchedule
 
 __all__ = ["SSODTrainer", "SSODStep"]
@@ -88,7 +88,8 @@ class SSODStep(SimpleTrainer):
     ``joint`` mode (default, as the official methods) takes a labeled and an unlabeled batch and
     does one backward on ``L_sup + λ_u·L_unsup``; ``alternate`` mode does supervised-only steps
     on even and unsupervised-only steps on odd iterations. During burn-in, supervised only; the
-    unlabeled stream is not read.
+    unlabeled stream is read only when the method asks for it, and then goes to its
+    :meth:`~d2ssod.methods.base.SSODMethod.supervised_losses` with the labeled batch.
     """
 
     def __init__(self, model, data_loader, optimizer, method, schedule):
@@ -124,10 +125,12 @@ class SSODStep(SimpleTrainer):
         unlabeled = self.next_unlabeled() if use_unlabeled else None
         data_time = time.perf_counter() - start
 
+        burn_in = self.schedule.in_burn_in(self.iter)
         loss_dict = {}
         if labeled is not None:
-            loss_dict.update(self.model(labeled))
-        if unlabeled is not None:
+            loss_dict.update(self.method.supervised_losses(
+                self.model, labeled, unlabeled if burn_in else None))
+        if unlabeled is not None and not burn_in:
             loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled))
         losses = sum(loss_dict.values())
 
@@ -136,6 +139,19 @@ class SSODStep(SimpleTrainer):
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
+
+    def load_state_dict(self, state_dict):
+        """Detectron2's (iteration, optimizer), with a clear error when the checkpoint's optimizer
+        state does not fit the student's parameters."""
+        try:
+            super().load_state_dict(state_dict)
+        except ValueError as e:
+            raise ValueError(
+                f"The checkpoint's optimizer state does not fit this run's parameters ({e}). A "
+                f"method that trains modules beside the detector (e.g. "
+                f"SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION's discriminator) cannot resume a "
+                f"checkpoint written without them: start from its weights with MODEL.WEIGHTS "
+                f"and without --resume, or turn the option off.") from None
 
     def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
         """Detectron2's metric writing, whose ``FloatingPointError`` for a non-finite total
@@ -202,7 +218,19 @@ class SSODTrainer(DefaultTrainer):
     @classmethod
     def build_schedule(cls, cfg):
         """The :class:`~d2ssod.engine.schedule.StepSchedule` of ``cfg``."""
-        return StepSchedule.from_config(cfg, reads_unlabeled=cls.uses_teacher(cfg))
+        method = METHOD_REGISTRY.get(cfg.SSOD.METHOD)
+        return StepSchedule.from_config(
+            cfg, reads_unlabeled=cls.uses_teacher(cfg),
+            burn_in_reads_unlabeled=method.reads_unlabeled_in_burn_in(cfg))
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, plus the modules the method trains beside it
+        (:meth:`~d2ssod.methods.base.SSODMethod.extend_student`), before the optimizer and DDP
+        are built from it."""
+        model = super().build_model(cfg)
+        METHOD_REGISTRY.get(cfg.SSOD.METHOD).extend_student(cfg, model)
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):
@@ -221,8 +249,8 @@ class SSODTrainer(DefaultTrainer):
         """Detectron2's hooks with three changes: evaluation reports teacher and student, the
         periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
         starts (the SSOD one, built after DefaultTrainer's constructor), and an
-        :class:`EMAHook` runs right after the LR scheduler, before checkpointing and evaluation,
-        when the method keeps a teacher."""
+        :class:`EMAHook` followed by a :class:`MethodHook` runs right after the LR scheduler,
+        before checkpointing and evaluation, when the method keeps a teacher."""
         ret = super().build_hooks()
         cfg = self.cfg
         for i, h in enumerate(ret):
@@ -235,7 +263,7 @@ class SSODTrainer(DefaultTrainer):
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
                           ssod.EMA_RAMP, ssod.EMA_RAMP_EXP_ITERS)
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
-            ret.insert(at, ema)
+            ret[at:at] = [ema, MethodHook()]
         return ret
 
     def resume_or_load(self, resume=True):

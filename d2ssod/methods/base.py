@@ -21,6 +21,14 @@ precision/recall), and runs the student's unlabeled forward inside the event sto
 ``unsup`` name scope, so its statistics (``unsup/rpn/*``, ``unsup/roi_head/*``,
 ``unsup/fast_rcnn/*``) stay apart from the labeled pass's.
 
+Around these stages the trainer calls :meth:`SSODMethod.supervised_losses` for the labeled
+batch (during burn-in with the unlabeled batch too, when the method's
+:meth:`~SSODMethod.reads_unlabeled_in_burn_in` asks for it), lets the method add trainable modules
+to the student before the optimizer and DDP see it (:meth:`~SSODMethod.extend_student`), and
+gives it the end of every iteration (:meth:`~SSODMethod.after_step`, through
+:class:`~d2ssod.engine.hooks.MethodHook`, which also checkpoints the method's training state:
+:meth:`~SSODMethod.state_dict`).
+
 A method declares its own config keys (:meth:`SSODMethod.add_config`, called for every
 registered method by :func:`d2ssod.config.add_ssod_config`) and checks them
 (:meth:`SSODMethod.validate_config`). Methods are found through ``METHOD_REGISTRY``; adding one
@@ -128,6 +136,18 @@ class SSODMethod(abc.ABC):
             raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is not implemented for SSOD.METHOD "
                              f"{cfg.SSOD.METHOD!r}; set it False.")
 
+    @classmethod
+    def reads_unlabeled_in_burn_in(cls, cfg):
+        """Whether burn-in steps read an unlabeled batch too (passed to
+        :meth:`supervised_losses`); decided from ``cfg`` alone, since the data loader's resume
+        position depends on it before the method is built. False here."""
+        return False
+
+    @classmethod
+    def extend_student(cls, cfg, model):
+        """Add the method's own trainable modules to the freshly built (unwrapped) student, so
+        that the optimizer, DDP and the checkpoint include them; none here."""
+
     def require_student_part(self, model, attr, cls, key, why):
         """Raise ``ValueError`` unless ``model.<attr>`` (of the unwrapped student) is a ``cls``,
         naming the config ``key`` that selects it and ``why`` the method needs it."""
@@ -135,6 +155,25 @@ class SSODMethod(abc.ABC):
         if not isinstance(part, cls):
             raise ValueError(f"SSOD.METHOD={self.name!r} needs {key}: {cls.__name__} ({why}); "
                              f"the student has {type(part).__name__}.")
+
+    # ------------------------------------------------------------------------ labeled batch
+    def supervised_losses(self, student, labeled, unlabeled=None):
+        """The student's losses on the labeled batch. ``unlabeled`` is the step's unlabeled
+        batch during burn-in when :meth:`reads_unlabeled_in_burn_in`, else ``None``; the plain
+        supervised losses ignore it."""
+        return student(labeled)
+
+    # ------------------------------------------------------------------------ training state
+    def after_step(self, iteration):
+        """Called after every optimizer step (and the teacher's update); nothing here."""
+
+    def state_dict(self):
+        """The method's training state to checkpoint (beside the trainer's); none here, and an
+        empty state is not written."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned."""
 
     # ----------------------------------------------------------------------------- stage 1
     @abc.abstractmethod

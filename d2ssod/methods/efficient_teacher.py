@@ -16,21 +16,52 @@ What this method contributes to the shared trainer, on the dense detector
   ``λ_u`` (the official unsupervised weights equal the supervised ones, which the detector
   applies).
 
-Of the Epoch Adaptor, :func:`class_thresholds` (distribution adaptation),
-:class:`~d2ssod.modeling.domain_discriminator.DomainDiscriminator` and the EMA ramp
-(``SSOD.EMA_RAMP_EXP_ITERS``) exist and are tested; the method does not use the first two yet
-(it keeps fixed thresholds).
+and the **Epoch Adaptor**, each part a switch under ``SSOD.EFFICIENT_TEACHER``:
+
+* *domain adaptation* (``DOMAIN_ADAPTATION``): a
+  :class:`~d2ssod.modeling.domain_discriminator.DomainDiscriminator` added to the student
+  (:meth:`EfficientTeacher.extend_student`, so the optimizer, DDP and checkpoints include it)
+  tells the neck outputs of labeled images (domain 0) from those of unlabeled ones (domain 1)
+  behind a gradient reversal layer. During burn-in the trainer hands the method an unlabeled
+  batch beside the labeled one (:meth:`EfficientTeacher.reads_unlabeled_in_burn_in`): the
+  labeled images' neck outputs are taken from the student's own supervised forward by a forward
+  hook on its backbone (:func:`neck_outputs`), the unlabeled weak views' from a backbone-only
+  forward. With ``DOMAIN_AFTER_BURN_IN`` the terms continue on the labeled images and the strong
+  views of the semi-supervised steps;
+* *distribution adaptation* (``CLASS_THRESHOLDS``): τ_low per class, re-estimated at the end of
+  every epoch (:class:`ClassThresholds`) so that each class keeps about as many pseudo boxes as
+  its share of the labeled boxes predicts;
+* *epoch length* (``EPOCH_FROM_UNLABELED``): an epoch is a pass over the unlabeled set (or the
+  labeled set) at the run's batch size (:func:`epoch_iters`);
+* the EMA ramp m_n = 0.9999·(1 − e^(−n/2000)) is the trainer's (``SSOD.EMA_MOMENTUM``,
+  ``SSOD.EMA_RAMP_EXP_ITERS``), set by the COCO / VOC configs.
 """
+import contextlib
+import logging
+import math
+
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.layers import cat
 from detectron2.structures import Instances
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+
+from d2ssod.ddp import unwrap_model
+from d2ssod.modeling.domain_discriminator import DomainDiscriminator
 
 from .base import SSODMethod
 from .build import METHOD_REGISTRY
 
-__all__ = ["EfficientTeacher", "assign_pseudo_labels", "class_thresholds"]
+__all__ = ["EfficientTeacher", "ClassThresholds", "assign_pseudo_labels", "class_thresholds",
+           "add_to_score_histogram", "epoch_iters", "neck_outputs"]
+
+logger = logging.getLogger(__name__)
+
+# Teacher scores are counted per class in this many equal bins of [0, 1] over an epoch: a fixed
+# size to sum over ranks and to checkpoint, and thresholds to 0.001.
+SCORE_BINS = 1000
 
 
 def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, uncertain=True,
@@ -41,7 +72,8 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
         detections (Instances): ``pred_boxes``, ``scores``, ``pred_classes`` and
             ``pred_objectness`` (the dense detector's inference output).
         thresh_high (float): reliable when ``scores >= thresh_high``.
-        thresh_low (float): uncertain when ``thresh_low <= scores < thresh_high``.
+        thresh_low (float or Tensor): uncertain when ``thresh_low <= scores < thresh_high``;
+            a tensor gives each detection its own (its class's) threshold.
         box_obj_thresh (float): an uncertain box keeps its box term when its objectness is
             ``>= box_obj_thresh``.
         uncertain (bool): keep uncertain boxes at all (False: reliable ones only).
@@ -64,33 +96,148 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
         gt_reg_valid=reg_valid[keep])
 
 
-def class_thresholds(scores, classes, expected_counts, floor):
+def add_to_score_histogram(histogram, scores, classes):
+    """Count ``scores`` (M,) of ``classes`` (M,) into ``histogram`` (K, bins) in place: bin
+    ``floor(score · bins)`` of the class's row (scores of 1 go to the last bin). Device-side, no
+    host sync."""
+    bins = histogram.shape[1]
+    index = classes * bins + (scores * bins).long().clamp_(0, bins - 1)
+    histogram.view(-1).index_add_(0, index, torch.ones_like(index, dtype=histogram.dtype))
+    return histogram
+
+
+def class_thresholds(histogram, expected_counts, floor):
     """The Epoch Adaptor's per-class score thresholds (distribution adaptation): for class c,
-    the score of its ``expected_counts[c]``-th highest detection (so about that many pseudo
-    boxes of class c pass), never below ``floor``; ``floor`` for a class with fewer detections.
+    the lower edge of the histogram bin that holds its ``round(expected_counts[c])``-th highest
+    score (at least the 1st), so that about that many of its detections pass; never below
+    ``floor``, and ``floor`` for a class with fewer detections.
 
     Args:
-        scores (Tensor): (M,) teacher detection scores collected over an epoch.
-        classes (Tensor): (M,) their classes.
+        histogram (Tensor): (K, bins) teacher detection scores of an epoch per class, counted
+            in equal bins of [0, 1] (:func:`add_to_score_histogram`).
         expected_counts (Tensor): (K,) boxes of each class expected on the epoch's unlabeled
             images: images × labeled boxes per image × the class's share of labeled boxes.
         floor (float): the lowest threshold (τ_low).
 
     Returns:
-        Tensor: (K,) thresholds.
+        Tensor: (K,) float thresholds.
     """
-    out = torch.full(expected_counts.shape, float(floor), dtype=scores.dtype)
-    for c, expected in enumerate(expected_counts.tolist()):
-        ranked = scores[classes == c].sort(descending=True).values
-        rank = max(int(round(expected)), 1)
-        if len(ranked) >= rank:
-            out[c] = max(float(ranked[rank - 1]), float(floor))
-    return out
+    bins = histogram.shape[1]
+    from_top = histogram.flip(1).cumsum(1)  # [:, j]: scores in bins >= bins - 1 - j
+    rank = expected_counts.to(from_top.device).round().clamp(min=1)
+    reached = from_top >= rank[:, None]
+    edge = (bins - 1 - reached.int().argmax(1)).float() / bins  # argmax: the first True
+    return torch.where(reached.any(1), edge.clamp(min=floor), torch.full_like(edge, floor))
+
+
+def epoch_iters(cfg, num_labeled, num_unlabeled):
+    """Iterations of an Epoch Adaptor epoch: one pass over the unlabeled set
+    (``EPOCH_FROM_UNLABELED``) or the labeled set, at the run's batch size summed over ranks;
+    twice as many in ``alternate`` step mode (each iteration reads one stream)."""
+    if cfg.SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED:
+        images, batch = num_unlabeled, round(cfg.SOLVER.IMS_PER_BATCH * cfg.SSOD.UNLABELED_RATIO)
+    else:
+        images, batch = num_labeled, cfg.SOLVER.IMS_PER_BATCH
+    return max(math.ceil(images / batch), 1) * (2 if cfg.SSOD.STEP_MODE == "alternate" else 1)
+
+
+@contextlib.contextmanager
+def neck_outputs(model):
+    """Inside the block, every forward of the (unwrapped) dense detector ``model``'s backbone
+    appends its neck outputs (the levels the head reads, ``model.head_in_features``) to the
+    yielded list: the features of the student's own forward, without a second pass."""
+    captured = []
+
+    def keep(module, inputs, output):
+        captured.append([output[f] for f in model.head_in_features])
+
+    handle = model.backbone.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class ClassThresholds:
+    """The distribution adaptation's state across an epoch: the current per-class τ_low, the
+    teacher scores of the epoch so far (a per-class histogram) and the unlabeled images they
+    came from, and the number of finished epochs. At an epoch's end (:meth:`end_epoch`) the
+    histograms and image counts of all ranks are summed (Detectron2's ``comm.all_gather``, once
+    per epoch), so every rank computes the same thresholds.
+
+    Args:
+        boxes_per_image (Tensor): (K,) labeled boxes of each class per labeled image (their
+            sum is the boxes per image, each entry the class's share of it).
+        floor (float): τ_low, the starting and lowest threshold.
+        device: where the thresholds and histogram live (the student's device).
+    """
+
+    def __init__(self, boxes_per_image, floor, device):
+        self.boxes_per_image = boxes_per_image.float().cpu()
+        self.floor = float(floor)
+        num_classes = len(boxes_per_image)
+        self.thresholds = torch.full((num_classes,), self.floor, device=device)
+        self.histogram = torch.zeros((num_classes, SCORE_BINS), dtype=torch.long, device=device)
+        self.images = 0
+        self.epoch = 0
+
+    def observe(self, detections):
+        """Count the scores of one batch's teacher detections (list of ``Instances``)."""
+        add_to_score_histogram(self.histogram, cat([d.scores for d in detections]),
+                               cat([d.pred_classes for d in detections]))
+        self.images += len(detections)
+
+    def end_epoch(self):
+        """Re-estimate the thresholds from the epoch's scores of every rank, start a new epoch
+        and return the thresholds (K,)."""
+        gathered = comm.all_gather((self.histogram.cpu(), self.images))
+        histogram = sum(h for h, _ in gathered)
+        images = sum(n for _, n in gathered)
+        self.thresholds = class_thresholds(histogram, images * self.boxes_per_image,
+                                           self.floor).to(self.thresholds.device)
+        self.histogram.zero_()
+        self.images = 0
+        self.epoch += 1
+        return self.thresholds
+
+    def state_dict(self):
+        return {"thresholds": self.thresholds.cpu(), "histogram": self.histogram.cpu(),
+                "images": self.images, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        if state["histogram"].shape != self.histogram.shape:
+            raise ValueError(
+                f"The checkpoint's per-class threshold state has shape "
+                f"{tuple(state['histogram'].shape)}, this run's {tuple(self.histogram.shape)} "
+                f"(classes × score bins): it was written for another number of classes.")
+        self.thresholds.copy_(state["thresholds"])
+        self.histogram.copy_(state["histogram"])
+        self.images = int(state["images"])
+        self.epoch = int(state["epoch"])
+
+
+def labeled_boxes_per_image(cfg, num_classes):
+    """(K,) boxes of each class per image of the labeled set ``DATASETS.TRAIN`` (the images the
+    labeled stream reads, crowd boxes left out), and the number of those images."""
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN,
+                                        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    classes = torch.tensor([a["category_id"] for d in dicts for a in d.get("annotations", ())
+                            if not a.get("iscrowd", 0)], dtype=torch.long)
+    if len(classes) == 0 or int(classes.max()) >= num_classes:
+        raise ValueError(
+            f"SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS=True needs labeled boxes with classes "
+            f"below MODEL.DENSE_DETECTOR.NUM_CLASSES={num_classes} in DATASETS.TRAIN "
+            f"{tuple(cfg.DATASETS.TRAIN)}; found {len(classes)} boxes"
+            + (f" up to class {int(classes.max())}" if len(classes) else "")
+            + ". Fix NUM_CLASSES or the dataset, or turn CLASS_THRESHOLDS off.")
+    return torch.bincount(classes, minlength=num_classes).float() / len(dicts), len(dicts)
 
 
 @METHOD_REGISTRY.register("efficient_teacher")
 class EfficientTeacher(SSODMethod):
-    """Efficient Teacher's Pseudo Label Assigner on the dense detector (module docstring)."""
+    """Efficient Teacher's Pseudo Label Assigner and Epoch Adaptor on the dense detector
+    (module docstring). Its training state (:class:`ClassThresholds`) is checkpointed through
+    :class:`~d2ssod.engine.hooks.MethodHook`."""
 
     default_loss_weight = 1.0
 
@@ -106,6 +253,28 @@ class EfficientTeacher(SSODMethod):
         # Uncertain boxes get a box term where the teacher's objectness is >= this threshold.
         _C.UNCERTAIN_BOX = True
         _C.UNCERTAIN_BOX_OBJ_THRESH = 0.99
+        # Epoch Adaptor, domain adaptation: a discriminator on the neck outputs (behind a
+        # gradient reversal layer) learns to tell labeled images (domain 0) from unlabeled ones
+        # (domain 1) during burn-in, which reads an unlabeled batch per step for it. Official
+        # default off (with_da_loss False in efficientteacher's COCO / VOC / custom configs, on
+        # for Cityscapes -> Foggy Cityscapes).
+        _C.DOMAIN_ADAPTATION = False
+        # Weight of each domain term (labeled, unlabeled) in the loss (da_loss_weights: 0.01 in
+        # the official COCO / custom configs, 0.1 for Cityscapes).
+        _C.DOMAIN_LOSS_WEIGHT = 0.01
+        # Keep the domain terms after burn-in, on the labeled images and the unlabeled strong
+        # views (the official code does; the paper uses them in burn-in only).
+        _C.DOMAIN_AFTER_BURN_IN = False
+        # Epoch Adaptor, distribution adaptation: τ_low per class, re-estimated at the end of
+        # every epoch so that each class keeps about (unlabeled images of the epoch × labeled
+        # boxes per image × the class's share of labeled boxes) pseudo boxes, never below
+        # SCORE_THRESH_LOW (efficientteacher's LabelMatch; official default off: its configs
+        # use the fixed thresholds of FairPseudoLabel).
+        _C.CLASS_THRESHOLDS = False
+        # Epoch Adaptor, epoch length: an epoch (when the thresholds are re-estimated) is one
+        # pass over the unlabeled set (True, efficientteacher epoch_adaptor) or over the labeled
+        # set (False), at SOLVER.IMS_PER_BATCH (× SSOD.UNLABELED_RATIO) images per iteration.
+        _C.EPOCH_FROM_UNLABELED = True
 
     @classmethod
     def validate_config(cls, cfg):
@@ -120,6 +289,29 @@ class EfficientTeacher(SSODMethod):
             raise ValueError(
                 f"SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW={c.SCORE_THRESH_LOW} and "
                 f"SCORE_THRESH_HIGH={c.SCORE_THRESH_HIGH} must satisfy 0 <= LOW <= HIGH <= 1.")
+        if c.DOMAIN_LOSS_WEIGHT < 0:
+            raise ValueError(f"SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT="
+                             f"{c.DOMAIN_LOSS_WEIGHT} must be >= 0.")
+
+    @classmethod
+    def reads_unlabeled_in_burn_in(cls, cfg):
+        """Domain adaptation needs unlabeled images from the first iteration."""
+        return cfg.SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION
+
+    @classmethod
+    def extend_student(cls, cfg, model):
+        """With domain adaptation, ``model.domain_discriminator``: one discriminator shared by
+        the neck levels (they must have the same number of channels, as an FPN's do)."""
+        if not cfg.SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION:
+            return
+        shapes = model.backbone.output_shape()
+        channels = {shapes[f].channels for f in model.head_in_features}
+        if len(channels) != 1:
+            raise ValueError(
+                f"SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION shares one discriminator between the "
+                f"levels {list(model.head_in_features)}, which have different channel counts "
+                f"{sorted(channels)}; use an FPN backbone or turn DOMAIN_ADAPTATION off.")
+        model.domain_discriminator = DomainDiscriminator(channels.pop()).to(model.device)
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
@@ -129,11 +321,35 @@ class EfficientTeacher(SSODMethod):
             thresh_high=c.SCORE_THRESH_HIGH, thresh_low=c.SCORE_THRESH_LOW,
             box_obj_thresh=c.UNCERTAIN_BOX_OBJ_THRESH, uncertain=c.UNCERTAIN,
             uncertain_box=c.UNCERTAIN_BOX)
+        self.domain_adaptation = c.DOMAIN_ADAPTATION
+        self.domain_weight = c.DOMAIN_LOSS_WEIGHT
+        self.domain_after_burn_in = c.DOMAIN_AFTER_BURN_IN
+        self.burn_in_iters = cfg.SSOD.BURN_IN_ITERS
+        # the distribution adaptation's state across steps (not the batch's): checkpointed
+        self.class_thresholds = None
+        if c.CLASS_THRESHOLDS:
+            num_classes = cfg.MODEL.DENSE_DETECTOR.NUM_CLASSES
+            boxes_per_image, num_labeled = labeled_boxes_per_image(cfg, num_classes)
+            num_unlabeled = (len(get_detection_dataset_dicts(cfg.DATASETS.TRAIN_UNLABELED,
+                                                             filter_empty=False))
+                             if c.EPOCH_FROM_UNLABELED else 0)
+            self.epoch_iters = epoch_iters(cfg, num_labeled, num_unlabeled)
+            self.class_thresholds = ClassThresholds(boxes_per_image, c.SCORE_THRESH_LOW,
+                                                    unwrap_model(student).device)
+            logger.info("Efficient Teacher: per-class thresholds re-estimated every %d "
+                        "iterations after burn-in", self.epoch_iters)
 
+    # ------------------------------------------------------------------- pseudo-labels
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        return [assign_pseudo_labels(d, **self.assigner_args)
-                for d in self.teacher_detections(unlabeled)], {}
+        detections = self.teacher_detections(unlabeled)
+        if self.class_thresholds is None:
+            return [assign_pseudo_labels(d, **self.assigner_args) for d in detections], {}
+        self.class_thresholds.observe(detections)
+        low = self.class_thresholds.thresholds
+        args = {k: v for k, v in self.assigner_args.items() if k != "thresh_low"}
+        return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes], **args)
+                for d in detections], {}
 
     def log_pseudo_labels(self, pseudo, unlabeled):
         """The base class's counts and quality, plus ``pseudo/reliable_per_image`` and
@@ -144,3 +360,87 @@ class EfficientTeacher(SSODMethod):
         storage.put_scalar("pseudo/reliable_per_image",
                            (sum(len(p) for p in pseudo) - uncertain) / len(pseudo))
         storage.put_scalar("pseudo/uncertain_per_image", uncertain / len(pseudo))
+
+    # ---------------------------------------------------------------- domain adaptation
+    def supervised_losses(self, student, labeled, unlabeled=None):
+        """The supervised losses, plus with domain adaptation ``loss_domain_labeled`` on the
+        labeled images' neck outputs (from the same forward) and, in burn-in,
+        ``loss_domain_unlabeled`` on the unlabeled weak views' (a backbone-only forward)."""
+        if not self.domain_adaptation:
+            return super().supervised_losses(student, labeled)
+        model = unwrap_model(student)
+        if unlabeled is None and not self.domain_after_burn_in:
+            losses = super().supervised_losses(student, labeled)
+            losses["loss_domain_labeled"] = self._idle_domain_term(model)
+            return losses
+        with neck_outputs(model) as captured:
+            losses = super().supervised_losses(student, labeled)
+        features = {"labeled": (captured, 0)}
+        if unlabeled is not None:
+            weak = model.preprocess_image([u["weak"] for u in unlabeled])
+            out = model.backbone(weak.tensor)
+            features["unlabeled"] = ([[out[f] for f in model.head_in_features]], 1)
+        losses.update(self._domain_losses(model, features))
+        return losses
+
+    def unsupervised_losses(self, student, unlabeled):
+        """The four stages, plus with domain adaptation after burn-in
+        ``loss_domain_unlabeled`` on the strong views' neck outputs (from the student's
+        forward in stage 3)."""
+        if not self.domain_adaptation:
+            return super().unsupervised_losses(student, unlabeled)
+        model = unwrap_model(student)
+        if not self.domain_after_burn_in:
+            losses = super().unsupervised_losses(student, unlabeled)
+            losses["loss_domain_unlabeled"] = self._idle_domain_term(model)
+            return losses
+        with neck_outputs(model) as captured:
+            losses = super().unsupervised_losses(student, unlabeled)
+        losses.update(self._domain_losses(model, {"unlabeled": (captured, 1)}))
+        return losses
+
+    def _domain_losses(self, model, features):
+        """``{"loss_domain_<name>": weight × discriminator loss}`` for ``features`` = {name:
+        (list of forwards' neck outputs, domain)}; the unweighted loss and the accuracy are
+        logged as ``domain/loss_<name>`` and ``domain/accuracy_<name>`` (one host copy)."""
+        losses, logged = {}, []
+        for name, (forwards, domain) in features.items():
+            loss, accuracy = model.domain_discriminator([f for fwd in forwards for f in fwd],
+                                                        domain)
+            losses[f"loss_domain_{name}"] = self.domain_weight * loss
+            logged += [(f"domain/loss_{name}", loss.detach()),
+                       (f"domain/accuracy_{name}", accuracy)]
+        values = torch.stack([v for _, v in logged]).tolist()
+        get_event_storage().put_scalars(**{k: v for (k, _), v in zip(logged, values)})
+        return losses
+
+    @staticmethod
+    def _idle_domain_term(model):
+        """0 × the discriminator's parameters: keeps them in the graph (DDP requires every
+        parameter to get a gradient) on steps without domain terms."""
+        return 0.0 * sum(p.sum() for p in model.domain_discriminator.parameters())
+
+    # ------------------------------------------------------------------ epoch boundary
+    def after_step(self, iteration):
+        """At the end of each epoch after burn-in, re-estimate the per-class thresholds and log
+        them (``epoch_adaptor/class_thresh/<class>``) with the epoch index."""
+        done = iteration + 1 - self.burn_in_iters
+        if self.class_thresholds is None or done <= 0 or done % self.epoch_iters:
+            return
+        thresholds = self.class_thresholds.end_epoch().tolist()
+        storage = get_event_storage()
+        storage.put_scalar("epoch_adaptor/epoch", self.class_thresholds.epoch,
+                           smoothing_hint=False)
+        for c, t in enumerate(thresholds):
+            storage.put_scalar(f"epoch_adaptor/class_thresh/{c}", t, smoothing_hint=False)
+        logger.info("Epoch Adaptor: epoch %d ended at iteration %d; per-class τ_low %s",
+                    self.class_thresholds.epoch, iteration,
+                    " ".join(f"{t:.3f}" for t in thresholds))
+
+    def state_dict(self):
+        return {} if self.class_thresholds is None else {
+            "class_thresholds": self.class_thresholds.state_dict()}
+
+    def load_state_dict(self, state):
+        if self.class_thresholds is not None and "class_thresholds" in state:
+            self.class_thresholds.load_state_dict(state["class_thresholds"])

@@ -44,3 +44,16 @@ def test_consumed_is_what_the_iterations_read(mode):
 def test_unknown_step_mode_names_the_key():
     with pytest.raises(ValueError, match=r"SSOD.STEP_MODE='alternating'.*'joint'"):
         StepSchedule(burn_in_iters=0, step_mode="alternating")
+
+
+def test_burn_in_reads_unlabeled_only_when_asked_and_consumed_counts_it():
+    s = StepSchedule(burn_in_iters=3, step_mode="joint", burn_in_reads_unlabeled=True)
+    assert [s.batches_at(i) for i in range(5)] == [(True, True)] * 5
+    assert s.consumed(2) == (2, 2) and s.consumed(5) == (5, 5)
+    alternate = StepSchedule(burn_in_iters=3, step_mode="alternate", burn_in_reads_unlabeled=True)
+    # burn-in 0..2 reads both, then L, U, L from iteration 3
+    assert alternate.consumed(6) == (3 + 2, 3 + 1)
+    assert [alternate.in_burn_in(i) for i in (2, 3)] == [True, False]
+    # a run without an unlabeled stream never reads one, whatever the method asks
+    supervised = StepSchedule(burn_in_iters=3, reads_unlabeled=False, burn_in_reads_unlabeled=True)
+    assert supervised.consumed(5) == (5, 0)

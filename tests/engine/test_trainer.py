@@ -123,3 +123,81 @@ def test_final_checkpoint_is_the_teacher_and_loads_in_default_predictor(config, 
     image = np.random.default_rng(0).integers(0, 255, (192, 192, 3), dtype=np.uint8)
     out = predictor(image)["instances"]
     assert out.image_size == (192, 192)
+
+
+def test_efficient_teacher_with_every_epoch_adaptor_part_runs_30_iterations(tmp_path):
+    # domain adaptation in burn-in and after, per-class thresholds re-estimated once: an epoch
+    # of the 50 labeled images at 2 per step is 25 iterations, so it ends at iteration 5 + 25 - 1
+    cfg = small_cfg(ET, tmp_path, "SOLVER.MAX_ITER", 30, "SSOD.BURN_IN_ITERS", 5,
+                    "SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION", True,
+                    "SSOD.EFFICIENT_TEACHER.DOMAIN_AFTER_BURN_IN", True,
+                    "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS", True,
+                    "SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED", False)
+    trainer, rows = train(cfg)
+    assert sorted(rows) == list(range(30))
+    for it, row in rows.items():
+        assert all(math.isfinite(v) for v in row.values()), (it, row)
+        assert {"loss_domain_labeled", "loss_domain_unlabeled", "domain/accuracy_labeled",
+                "domain/accuracy_unlabeled"} <= row.keys(), it
+        assert any(k.startswith("unsup/") for k in row) == (it >= 5)
+        assert ("epoch_adaptor/class_thresh/0" in row) == (it == 29)
+    assert trainer.method.class_thresholds.epoch == 1
+    assert trainer._trainer.schedule.consumed(30) == (30, 30)  # burn-in reads unlabeled too
+    # the thresholds are in the final checkpoint, under the trainer's hook states
+    ckpt = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)
+    saved = ckpt["trainer"]["hooks"]["MethodHook"]["class_thresholds"]
+    assert torch.equal(saved["thresholds"], trainer.method.class_thresholds.thresholds)
+    assert saved["epoch"] == 1
+    assert any(k.startswith("domain_discriminator.") for k in ckpt["student"])
+
+
+class _CountingStream:
+    def __init__(self, tag):
+        self.tag, self.reads = tag, 0
+
+    def __iter__(self):
+        while True:
+            self.reads += 1
+            yield [{"tag": self.tag, "n": self.reads}]
+
+
+class _RecordingMethod:
+    """The two stages the step calls, recording what they were given."""
+
+    def __init__(self, weight):
+        self.weight, self.calls = weight, []
+
+    def supervised_losses(self, student, labeled, unlabeled=None):
+        self.calls.append(("sup", labeled[0]["n"], unlabeled and unlabeled[0]["n"]))
+        return {"loss_sup": self.weight.sum()}
+
+    def unsupervised_losses(self, student, unlabeled):
+        self.calls.append(("unsup", unlabeled[0]["n"]))
+        return {"unsup/loss": self.weight.sum()}
+
+
+@pytest.mark.parametrize("asks", [False, True])
+def test_burn_in_step_reads_the_unlabeled_stream_only_when_the_method_asks(asks):
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from d2ssod.engine.schedule import StepSchedule
+    from d2ssod.engine.trainer import SSODStep
+
+    model = torch.nn.Linear(1, 1)
+    loader = SimpleNamespace(labeled=_CountingStream("l"), unlabeled=_CountingStream("u"))
+    method = _RecordingMethod(model.weight)
+    step = SSODStep(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), method,
+                    StepSchedule(burn_in_iters=2, burn_in_reads_unlabeled=asks))
+    with EventStorage(0) as storage:
+        for it in range(4):
+            step.iter = storage.iter = it
+            step.run_step()
+    # burn-in (0, 1): the unlabeled batch goes to supervised_losses when asked, else unread;
+    # afterwards it feeds the unsupervised stages only
+    burn_in = ([("sup", 1, 1), ("sup", 2, 2)] if asks else [("sup", 1, None), ("sup", 2, None)])
+    first = 3 if asks else 1
+    assert method.calls == burn_in + [("sup", 3, None), ("unsup", first),
+                                      ("sup", 4, None), ("unsup", first + 1)]
+    assert loader.unlabeled.reads == (4 if asks else 2)

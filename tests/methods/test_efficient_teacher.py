@@ -1,16 +1,30 @@
 """Efficient Teacher (d2ssod/methods/efficient_teacher.py): the Pseudo Label Assigner on
 hand-made teacher detections, and its targets in the dense detector's losses."""
+import math
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from d2ssod.config import get_ssod_cfg
+from d2ssod.engine import build_cfg
 from d2ssod.methods import METHOD_REGISTRY
 from d2ssod.methods.efficient_teacher import (
+    SCORE_BINS,
+    ClassThresholds,
     EfficientTeacher,
+    add_to_score_histogram,
     assign_pseudo_labels,
     class_thresholds,
+    epoch_iters,
+    neck_outputs,
 )
+from d2ssod.modeling.domain_discriminator import DomainDiscriminator
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _detections(scores, objectness):
@@ -62,16 +76,119 @@ def test_registered_learns_every_dense_term_and_checks_its_keys():
         EfficientTeacher.validate_config(cfg)
 
 
+def _histogram(scores, classes, num_classes=3):
+    hist = torch.zeros((num_classes, SCORE_BINS), dtype=torch.long)
+    return add_to_score_histogram(hist, torch.tensor(scores), torch.tensor(classes))
+
+
+# class 0: 6 scores, class 1: 4, class 2: 1
+SCORES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.95, 0.3, 0.2, 0.05, 0.99]
+CLASSES = [0] * 6 + [1] * 4 + [2]
+
+
 def test_per_class_thresholds_follow_the_labeled_class_distribution():
     # labeled set: 2 boxes per image, classes 0 / 1 / 2 in shares 0.5 / 0.3 / 0.2; an epoch of 5
     # unlabeled images expects 5 · 2 · share = 5, 3 and 2 boxes of each class
     expected = 5 * 2 * torch.tensor([0.5, 0.3, 0.2])
-    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4,   # class 0: the 5th highest is 0.5
-                           0.95, 0.3, 0.2, 0.05,           # class 1: the 3rd highest 0.2
-                           0.99])                          # class 2: 1 box < 2 expected
-    classes = torch.tensor([0] * 6 + [1] * 4 + [2])
-    got = class_thresholds(scores, classes, expected, floor=0.1)
-    assert got.tolist() == pytest.approx([0.5, 0.2, 0.1])
+    hist = _histogram(SCORES, CLASSES)
+    assert hist.sum().item() == 11 and hist[0, 500].item() == 1 and hist[2, 990].item() == 1
+    # class 0: the 5th highest is 0.5; class 1: the 3rd highest 0.2; class 2: 1 box < 2 expected
+    got = class_thresholds(hist, expected, floor=0.1)
+    assert got.tolist() == pytest.approx([0.5, 0.2, 0.1], abs=1e-6)
     # never below τ_low
-    assert class_thresholds(scores, classes, expected, floor=0.3).tolist() == pytest.approx(
-        [0.5, 0.3, 0.3])
+    assert class_thresholds(hist, expected, floor=0.3).tolist() == pytest.approx(
+        [0.5, 0.3, 0.3], abs=1e-6)
+
+
+def test_thresholds_are_re_estimated_at_the_epoch_boundary_and_survive_a_checkpoint(tmp_path):
+    # 2 labeled boxes per image in shares 0.5 / 0.3 / 0.2
+    state = ClassThresholds(torch.tensor([1.0, 0.6, 0.4]), floor=0.1, device="cpu")
+    dets = [Instances((8, 8), scores=torch.tensor(SCORES[:6]), pred_classes=torch.tensor(
+        CLASSES[:6])), Instances((8, 8), scores=torch.tensor(SCORES[6:]),
+                                 pred_classes=torch.tensor(CLASSES[6:]))]
+    state.observe(dets)
+    state.observe([Instances((8, 8), scores=torch.zeros(0), pred_classes=torch.zeros(
+        0, dtype=torch.long))] * 3)
+    assert state.thresholds.tolist() == pytest.approx([0.1] * 3) and state.images == 5
+    # 5 images → 5, 3, 2 boxes expected (as above)
+    assert state.end_epoch().tolist() == pytest.approx([0.5, 0.2, 0.1], abs=1e-6)
+    assert state.epoch == 1 and state.images == 0 and state.histogram.sum() == 0
+    state.observe(dets[:1])  # a part of the next epoch
+    path = tmp_path / "state.pth"
+    torch.save(state.state_dict(), path)
+    restored = ClassThresholds(torch.tensor([1.0, 0.6, 0.4]), floor=0.1, device="cpu")
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.thresholds, state.thresholds)
+    assert torch.equal(restored.histogram, state.histogram)
+    assert (restored.epoch, restored.images) == (1, 1)
+    with pytest.raises(ValueError, match="another number of classes"):
+        ClassThresholds(torch.ones(4), 0.1, "cpu").load_state_dict(state.state_dict())
+
+
+def _et_cfg(*opts):
+    cfg = build_cfg(os.path.join(REPO, "configs/demo/efficient_teacher.yaml"),
+                    [str(o) for o in opts])
+    cfg.defrost()
+    return cfg
+
+
+def test_epoch_length_and_the_boundary_after_burn_in():
+    cfg = _et_cfg("SOLVER.IMS_PER_BATCH", 4, "SSOD.BURN_IN_ITERS", 10)
+    assert epoch_iters(cfg, 50, 950) == 238  # ceil(950 unlabeled / 4)
+    cfg.SSOD.STEP_MODE = "alternate"
+    assert epoch_iters(cfg, 50, 950) == 476
+    cfg.SSOD.STEP_MODE = "joint"
+    cfg.SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED = False
+    assert epoch_iters(cfg, 50, 950) == 13  # ceil(50 labeled / 4)
+    cfg.SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS = True
+    method = EfficientTeacher(cfg, SimpleNamespace(device=torch.device("cpu")), None)
+    assert method.epoch_iters == 13  # the demo's 50 labeled images
+    # the demo's labeled boxes per image, from its annotations
+    assert method.class_thresholds.boxes_per_image.sum().item() > 0
+    with EventStorage(0) as storage:
+        for it in range(10 + 13 + 1):
+            storage.iter = it
+            method.after_step(it)
+        assert method.class_thresholds.epoch == 1  # at iteration 10 + 13 − 1 only
+        assert storage.history("epoch_adaptor/class_thresh/4").latest() == pytest.approx(0.1)
+        assert [i for _, i in storage.history("epoch_adaptor/epoch").values()] == [22]
+    assert method.state_dict()["class_thresholds"]["epoch"] == 1
+
+
+def test_domain_terms_on_a_hand_made_feature_batch():
+    cfg = _et_cfg("SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION", True,
+                  "SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT", 0.1)
+    method = EfficientTeacher(cfg, None, None)
+    disc = DomainDiscriminator(1)
+    with torch.no_grad():  # logits (0, relu(x)) per pixel
+        disc.classifier[0].weight.fill_(1.0)
+        disc.classifier[0].bias.zero_()
+        disc.classifier[2].weight.copy_(torch.tensor([[[[0.0]]], [[[1.0]]]]))
+        disc.classifier[2].bias.zero_()
+    # pixel ln 3: p(unlabeled) = 3/4, right; pixel −1: logits (0, 0), p = 1/2, argmax 0: wrong
+    features = [torch.tensor([[[[math.log(3.0), -1.0]]]])]
+    with EventStorage(0) as storage:
+        losses = method._domain_losses(SimpleNamespace(domain_discriminator=disc),
+                                       {"unlabeled": ([features], 1)})
+        raw = 0.5 * 0.5 * (0.25 ** 2 * -math.log(0.75) + 0.5 ** 2 * math.log(2.0))
+        assert losses["loss_domain_unlabeled"].item() == pytest.approx(0.1 * raw)
+        assert storage.history("domain/loss_unlabeled").latest() == pytest.approx(raw)
+        assert storage.history("domain/accuracy_unlabeled").latest() == 0.5
+
+
+def test_neck_outputs_are_those_of_the_forward_and_the_hook_goes_away():
+    class Model(torch.nn.Module):
+        head_in_features = ["p3", "p4"]
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.ModuleDict()
+            self.backbone.forward = lambda x: {"p3": x + 1, "p4": x + 2, "p6": x}
+
+    model = Model()
+    with neck_outputs(model) as captured:
+        out = model.backbone(torch.zeros(1))
+    assert len(captured) == 1 and [t.item() for t in captured[0]] == [1.0, 2.0]
+    assert captured[0][0] is out["p3"]
+    model.backbone(torch.zeros(1))
+    assert len(captured) == 1  # removed after the block
