@@ -255,7 +255,7 @@ def main():
         for m in methods:
             if m in own_burn_in:
                 job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
-                          common + ["SSOD.BURN_IN_ITERS", burn_in, *extra_opts.get(m, [])])
+                          common + ["SSOD.BURN_IN_ITERS", burn_ins[m], *extra_opts.get(m, [])])
                 job.teacher = True
                 jobs.append(job)
                 continue
