@@ -146,14 +146,18 @@ def _warnings(r, resized, min_boxes):
     if r.anchor_sizes:
         lo, hi = r.anchor_sizes[0] / math.sqrt(2), r.anchor_sizes[-1] * math.sqrt(2)
         below, above = int((resized < lo).sum()), int((resized > hi).sum())
-        suggestion = ", ".join(f"[{a}]" for a in r.suggested_anchor_sizes)
+        same = [float(a) for a in r.suggested_anchor_sizes] == r.anchor_sizes
+        fix = ("the anchors already start at the smallest suggested size: enlarge "
+               "INPUT.MIN_SIZE_TRAIN/TEST (and MAX_SIZE_*)" if same else
+               f"set MODEL.ANCHOR_GENERATOR.SIZES to "
+               f"[{', '.join(f'[{a}]' for a in r.suggested_anchor_sizes)}] (from the box sizes) or "
+               f"change INPUT.MIN_SIZE_TRAIN/TEST")
         for count, side, edge in ((below, "smaller than", lo), (above, "larger than", hi)):
             if count > WARN_FRACTION * n:
                 out.append(
                     f"{100 * count / n:.0f} % of the boxes ({count} of {n}) are {side} {edge:.0f} px "
                     f"(sqrt(w·h) after resizing to short side {short}), outside what the anchors "
-                    f"{[int(a) for a in r.anchor_sizes]} cover well: set MODEL.ANCHOR_GENERATOR.SIZES "
-                    f"to [{suggestion}] (suggested below) or change INPUT.MIN_SIZE_TRAIN/TEST.")
+                    f"{[int(a) for a in r.anchor_sizes]} cover well: {fix}.")
     median = float(np.median(resized))
     if median < TINY_PX:
         better = int(math.ceil(short * 32.0 / median / 32.0) * 32)
