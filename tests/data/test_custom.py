@@ -186,5 +186,5 @@ def test_class_count_that_contradicts_the_json_names_both(custom):
     assert cfg.MODEL.DENSE_DETECTOR.NUM_CLASSES == 2
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 5  # not read by the dense detector: left alone
     # auto without a json to read it from
-    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means .* DATASETS.CUSTOM.LABELED_JSON, which is not set"):
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means .*DATASETS.CUSTOM.LABELED_JSON', which is not set"):
         build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", 0])
