@@ -82,6 +82,9 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert len(merged["images"]) == 8 and len(merged["annotations"]) == len(oracle_anns) + sum(
         1 for _ in json.loads((data / "labeled.json").read_text())["annotations"])
     assert all(os.path.isabs(i["file_name"]) for i in merged["images"][4:])
+    # each training logs the class count it took from the json and the dataset check
+    log = (out / "supervised_cpu" / "log.txt").read_text()
+    assert "MODEL.ROI_HEADS.NUM_CLASSES = 5, from the categories of" in log and "Dataset check of" in log
     # the schedule was derived once and given to every run explicitly
     for run in ("supervised_cpu", "oracle", "soft_teacher_cpu"):
         cfg_text = (out / run / "config.yaml").read_text()
