@@ -1,7 +1,6 @@
 """tools/compare.py end to end on a slice of the demo data written as a user's own files (a folder
 of PNGs, COCO jsons, a folder of unlabeled images, an oracle json), with the custom CPU recipe
 shrunk to a 64-px input and an 8-iteration schedule derived by SSOD.AUTO_SCHEDULE."""
-import importlib.util
 import json
 import os
 
@@ -9,15 +8,9 @@ import cv2
 import pytest
 
 from d2ssod.data.demo import ensure_demo_data
+from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _write_slice(src_root, json_name, n, image_dir, json_path, strip_folder=False):
@@ -59,7 +52,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     oracle_anns = _write_slice(src, "unlabeled.json", 4, str(data / "unlabeled"),
                                str(data / "unlabeled_boxes.json"), strip_folder=True)
     out = tmp_path / "out"
-    summary = _tool("compare").main([
+    summary = load_tool("compare").main([
         "--config-file", os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"),
         "--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
         "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
@@ -101,7 +94,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
 
 
 def test_summary_table_without_oracle():
-    table = _tool("compare").summary_table(
+    table = load_tool("compare").summary_table(
         {"method": "soft_teacher_cpu", "supervised": {"AP": 30.0, "AP50": 50.0},
          "ssod": {"AP": 28.5, "AP50": 49.0}, "oracle": None, "ap_gain": -1.5, "gap_closed": None,
          "total_iters": 480, "test_dataset": "custom_val", "wall_seconds": 90.0}, 10, 40)

@@ -43,19 +43,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_runs import (  # noqa: E402  (tools/ is not a package)
-    REPO,
-    ap_curve,
-    finished,
-    hand_over_name,
-    last_iteration,
-    mark_finished,
-    plot,
-    run_training,
-    wait_all,
-    wait_for_file,
-    warm_start_from_supervised,
-)
+import training_runs as tr  # noqa: E402  (tools/ is not a package)
+from training_runs import REPO  # noqa: E402
 
 _SCHEDULE_KEYS = ("SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD", "SSOD.EMA_MOMENTUM")
 
@@ -101,7 +90,7 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def line(self):
-        parts = [f"{name} {min(max(last_iteration(d) + 1, 0), self.total)}/{self.total}" for name, d in self.dirs.items()]
+        parts = [f"{name} {min(max(tr.last_iteration(d) + 1, 0), self.total)}/{self.total}" for name, d in self.dirs.items()]
         return f"[{(time.time() - self.t0) / 60:5.1f} min] " + "  ".join(parts)
 
     def _loop(self):
@@ -150,7 +139,7 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     period = cfg.SOLVER.CHECKPOINT_PERIOD
     ckpt = ["SOLVER.CHECKPOINT_PERIOD",
             period if cfg.SSOD.AUTO_SCHEDULE and burn_in % period == 0 else burn_in]
-    hand_over = hand_over_name(burn_in)  # the supervised checkpoint the method starts from
+    hand_over = tr.hand_over_name(burn_in)  # the supervised checkpoint the method starts from
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
 
@@ -172,32 +161,32 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     # are reused when several methods are compared into the same output folder.
     baselines = {}
     for run in run_opts:
-        if finished(dirs[run], run_opts[run], hand_over if run == "supervised" else "model_final.pth"):
+        if tr.finished(dirs[run], run_opts[run], hand_over if run == "supervised" else "model_final.pth"):
             print(f"reusing the finished {run} run in {dirs[run]}")
             continue
         shutil.rmtree(dirs[run], ignore_errors=True)
-        baselines[run] = (run_training(baseline_cfgs[run], dirs[run], run_opts[run] + ckpt, threads=1), dirs[run])
+        baselines[run] = (tr.run_training(baseline_cfgs[run], dirs[run], run_opts[run] + ckpt, threads=1), dirs[run])
     dirs["ssod"] = os.path.join(out, name)
     with Progress({k: dirs[k] for k in ("supervised", "oracle") if k in dirs}, total, t0, progress_every):
-        wait_for_file(os.path.join(dirs["supervised"], hand_over), baselines.get("supervised", (None,))[0],
+        tr.wait_for_file(os.path.join(dirs["supervised"], hand_over), baselines.get("supervised", (None,))[0],
                       "supervised", dirs["supervised"])
     shutil.rmtree(dirs["ssod"], ignore_errors=True)
-    warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
+    tr.warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
     runs = dict(baselines)
-    runs["ssod"] = (run_training(method_cfg, dirs["ssod"], common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt,
+    runs["ssod"] = (tr.run_training(method_cfg, dirs["ssod"], common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt,
                                  threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
     shown = {("oracle" if k == "oracle" else name if k == "ssod" else k): d for k, d in dirs.items()}
     with Progress(shown, total, t0, progress_every):
-        wait_all(runs)
+        tr.wait_all(runs)
     for run in baselines:
-        mark_finished(dirs[run], run_opts[run])
+        tr.mark_finished(dirs[run], run_opts[run])
 
-    sup_curve = ap_curve(dirs["supervised"], "student", total)
+    sup_curve = tr.ap_curve(dirs["supervised"], "student", total)
     curves = {"supervised": sup_curve,
               # the method's first N iterations are the supervised run's
-              name: [p for p in sup_curve if p[0] <= burn_in] + ap_curve(dirs["ssod"], "teacher", total)}
+              name: [p for p in sup_curve if p[0] <= burn_in] + tr.ap_curve(dirs["ssod"], "teacher", total)}
     if "oracle" in dirs:
-        curves["oracle"] = ap_curve(dirs["oracle"], "student", total)
+        curves["oracle"] = tr.ap_curve(dirs["oracle"], "student", total)
     final = {k: {"AP": v[-1][1], "AP50": v[-1][2], "iteration": v[-1][0]}
              for k, v in zip(("supervised", "ssod", "oracle"), curves.values())}
     sup, ssod = final["supervised"]["AP"], final["ssod"]["AP"]
@@ -222,7 +211,7 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         with open(os.path.join(out, f"{base}_{name}.{ext}"), "w") as f:
             write(f)
         shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"), os.path.join(out, f"{base}.{ext}"))
-    plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
+    tr.plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
     shutil.copyfile(os.path.join(out, f"ap_curve_{name}.png"), os.path.join(out, "ap_curve.png"))
     print(table)
     return summary

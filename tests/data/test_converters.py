@@ -1,12 +1,12 @@
 """VOC XML and YOLO txt to COCO json: boxes checked exactly on hand-written files, and errors that
 name the file and line."""
-import importlib.util
 import json
 import os
 
 import cv2
 import numpy as np
 import pytest
+from training_helpers import load_tool
 
 from d2ssod.data.converters import ConversionError, read_class_names, voc_to_coco, yolo_to_coco
 
@@ -133,9 +133,7 @@ def test_yolo_label_without_image_and_duplicate_class(yolo):
 def test_tool_writes_the_json(yolo, capsys):
     root, names = yolo
     out = root / "out" / "labeled.json"
-    spec = importlib.util.spec_from_file_location("convert_to_coco", os.path.join(REPO, "tools", "convert_to_coco.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_to_coco")
     tool.main(["yolo", "--labels", str(root / "labels"), "--images", str(root / "images"),
                "--classes", str(names), "--out", str(out)])
     assert "3 images, 3 boxes, 2 classes (car, bike)" in capsys.readouterr().out

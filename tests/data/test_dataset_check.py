@@ -1,9 +1,9 @@
 """The dataset check on a hand-made json; every number worked out by hand."""
-import importlib.util
 import json
 import os
 
 import pytest
+from training_helpers import load_tool
 
 from d2ssod.data.dataset_check import dataset_report, format_report
 
@@ -65,9 +65,7 @@ def test_tiny_objects_at_a_small_input(labeled):
 
 
 def test_tool_prints_the_report_and_names_a_bad_json(labeled, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("check_dataset", os.path.join(REPO, "tools", "check_dataset.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("check_dataset")
     report = tool.main(["--json", labeled, "INPUT.MIN_SIZE_TEST", "100"])  # the CPU recipe's anchors
     printed = capsys.readouterr().out
     assert "resized to short side 100" in printed and "anchor sizes: [16, 32, 64, 128, 256]" in printed
