@@ -69,6 +69,41 @@ def add_ssod_config(cfg):
     _C.SSOD.PSEUDO_EVAL_PERIOD = 20
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
+    # Derive the schedule from the dataset sizes instead of reading it from the config: when
+    # True, SOLVER.MAX_ITER / STEPS / WARMUP_ITERS / CHECKPOINT_PERIOD, TEST.EVAL_PERIOD,
+    # SSOD.BURN_IN_ITERS and SSOD.EMA_MOMENTUM are computed from the number of labeled and
+    # unlabeled training images by the rule below (d2ssod/engine/auto_schedule.py; the rule and
+    # its reasons: docs/custom_data.md). The same data give the same schedule to a method and
+    # its supervised twin, so the twin's checkpoint at the burn-in is the method's hand-over.
+    _C.SSOD.AUTO_SCHEDULE = False
+    _R = _C.SSOD.AUTO_SCHEDULE_RULE = CN()
+    # Supervised iterations ≈ this many passes over the labeled images (the demo's burn-in:
+    # 16 × 50 images / batch 4 = 200). Pseudo-labels are only worth learning from once the
+    # teacher has seen each labeled image this often.
+    _R.BURN_IN_EPOCHS = 16.0
+    # Semi-supervised iterations ≈ this many passes over the unlabeled images at the unlabeled
+    # batch round(SOLVER.IMS_PER_BATCH × SSOD.UNLABELED_RATIO): the gain comes from the
+    # unlabeled images, so their count sets the length (COCO 10 % in Soft Teacher: ~54 passes).
+    _R.UNLABELED_EPOCHS = 20.0
+    # Bounds on the total iterations (burn-in + semi-supervised), before rounding to the period.
+    _R.MIN_ITER = 100
+    _R.MAX_ITER = 90000
+    # The burn-in takes at most this fraction of the total, so the semi-supervised phase keeps
+    # the rest when MAX_ITER cuts the schedule.
+    _R.MAX_BURN_IN_FRACTION = 0.5
+    # Evaluations (and checkpoints) per training: at least NUM_EVALS (the period is at most
+    # total / NUM_EVALS), more when the burn-in is shorter than that period, since the burn-in is
+    # a whole number of periods (the checkpoint at its end is the hand-over), up to MAX_EVALS
+    # (each costs an evaluation of TEST and a checkpoint on disk).
+    _R.NUM_EVALS = 4
+    _R.MAX_EVALS = 20
+    # Learning-rate drops at these fractions of the total (the demo schedule: 320, 380 of 400).
+    _R.STEPS = (0.8, 0.95)
+    # EMA time constant 1 / (1 − momentum) = this fraction of the semi-supervised iterations
+    # (the demo's Soft Teacher: 0.1 × 200 → 0.95), clamped to EMA_MOMENTUM_RANGE (the upper end
+    # is Soft Teacher's 0.999: long runs get the paper's value).
+    _R.EMA_TIME_FRACTION = 0.1
+    _R.EMA_MOMENTUM_RANGE = (0.9, 0.999)
     # The runs tools/demo.py compares this config's method with: its supervised baseline (whose
     # checkpoint at BURN_IN_ITERS the method starts from) and its oracle, as config paths from
     # the repository root. A method on another detector names the baselines of that detector.

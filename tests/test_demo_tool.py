@@ -1,4 +1,5 @@
-"""tools/demo.py's orchestration pieces (the full demo is `make demo`, minutes long)."""
+"""The orchestration pieces of tools/demo.py and tools/compare.py, in tools/training_runs.py (the
+full demo is `make demo`, minutes long; tests/test_compare_tool.py runs compare.py end to end)."""
 import importlib.util
 import os
 import subprocess
@@ -11,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool",
-                                                  os.path.join(REPO, "tools", "demo.py"))
+    spec = importlib.util.spec_from_file_location("training_runs",
+                                                  os.path.join(REPO, "tools", "training_runs.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

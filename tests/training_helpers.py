@@ -35,3 +35,15 @@ def train_recording(cfg):
     trainer.register_hooks([rec])
     trainer.train()
     return trainer, rec.rows
+
+
+def load_tool(name):
+    """``tools/<name>.py`` as a module (tools/ is not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

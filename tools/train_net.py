@@ -11,14 +11,21 @@ optimizer, scheduler, iteration and data position restored.
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
+from d2ssod.data.dataset_check import custom_dataset_report, format_report
 from d2ssod.engine import SSODTrainer, build_cfg
 
 
 def setup(args):
+    # d2ssod's messages, among them what build_cfg derives from the data (class count, schedule)
+    logger = setup_logger(distributed_rank=comm.get_rank(), name="d2ssod")
     cfg = build_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    report = custom_dataset_report(cfg)  # own data: the dataset check before training
+    if report is not None and comm.is_main_process() and not args.eval_only:
+        logger.info("\n" + format_report(report))
     return cfg
 
 

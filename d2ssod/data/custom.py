@@ -27,6 +27,9 @@ __all__ = [
     "check_images_exist",
     "register_custom_datasets",
     "apply_custom_datasets",
+    "AUTO_NUM_CLASSES",
+    "num_classes_key",
+    "resolve_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,4 +238,52 @@ def apply_custom_datasets(cfg):
             cfg.DATASETS.TRAIN_UNLABELED = (names["unlabeled"],)
         if "val" in names:
             cfg.DATASETS.TEST = (names["val"],)
+    return names
+
+
+# MODEL.*.NUM_CLASSES value meaning "the number of categories of DATASETS.CUSTOM.LABELED_JSON".
+AUTO_NUM_CLASSES = 0
+# The class-count key each meta-architecture reads; any other reads MODEL.ROI_HEADS.NUM_CLASSES.
+_NUM_CLASSES_KEYS = {
+    "YOLODenseDetector": ("DENSE_DETECTOR", "NUM_CLASSES"),
+    "RetinaNet": ("RETINANET", "NUM_CLASSES"),
+}
+
+
+def num_classes_key(cfg):
+    """``("MODEL.<NODE>.NUM_CLASSES", node)`` for the class count ``cfg``'s detector reads."""
+    node, leaf = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE, ("ROI_HEADS", "NUM_CLASSES"))
+    return f"MODEL.{node}.{leaf}", cfg.MODEL[node]
+
+
+def resolve_num_classes(cfg):
+    """Make the detector's class count agree with the labeled json's categories.
+
+    With custom data (``DATASETS.CUSTOM.LABELED_JSON``, registered by
+    :func:`apply_custom_datasets`), the key the meta-architecture reads (:func:`num_classes_key`)
+    left at :data:`AUTO_NUM_CLASSES` is set to the json's category count; any other value must
+    equal it, else ``ValueError`` naming both numbers, the json and the key. Without custom data
+    the auto value is an error (there is no json to read). ``cfg`` must be unfrozen; returns the
+    class names (``[]`` without custom data)."""
+    key, node = num_classes_key(cfg)
+    value = node.NUM_CLASSES
+    if not cfg.DATASETS.CUSTOM.LABELED_JSON:
+        if value == AUTO_NUM_CLASSES:
+            raise ValueError(f"{key}={AUTO_NUM_CLASSES} means 'the number of categories of "
+                             f"DATASETS.CUSTOM.LABELED_JSON', which is not set: set the json or "
+                             f"give {key} the number of classes.")
+        return []
+    from detectron2.data import MetadataCatalog
+
+    names = list(MetadataCatalog.get(f"{cfg.DATASETS.CUSTOM.NAME}_labeled").thing_classes)
+    json_file = cfg.DATASETS.CUSTOM.LABELED_JSON
+    if value == AUTO_NUM_CLASSES:
+        node.NUM_CLASSES = len(names)
+        logger.info("%s = %d, from the categories of %s: %s", key, len(names), json_file,
+                    ", ".join(names))
+    elif value != len(names):
+        raise ValueError(
+            f"{key}={value} contradicts DATASETS.CUSTOM.LABELED_JSON={json_file!r}, which has "
+            f"{len(names)} categories ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}). "
+            f"Set {key} to {len(names)}, or to {AUTO_NUM_CLASSES} to take it from the json.")
     return names

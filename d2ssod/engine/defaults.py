@@ -2,7 +2,8 @@
 from detectron2.data import DatasetCatalog
 
 from d2ssod.config import get_ssod_cfg, unknown_key_message, validate_ssod_config
-from d2ssod.data.custom import apply_custom_datasets
+from d2ssod.data.custom import apply_custom_datasets, resolve_num_classes
+from d2ssod.engine.auto_schedule import apply_auto_schedule
 from d2ssod.methods import METHOD_REGISTRY
 
 __all__ = ["build_cfg"]
@@ -39,14 +40,19 @@ def _check_datasets(cfg):
 
 def build_cfg(config_file=None, opts=()):
     """Detectron2 defaults + d2ssod keys, merged with ``config_file`` and ``KEY VALUE`` pairs,
-    custom datasets registered, choices validated; returned frozen. Errors name the file/key."""
+    custom datasets registered, the class count taken from the custom labeled json where left
+    at 0 (:func:`~d2ssod.data.custom.resolve_num_classes`), the schedule derived from the
+    dataset sizes with ``SSOD.AUTO_SCHEDULE`` (:mod:`d2ssod.engine.auto_schedule`), choices
+    validated; returned frozen. Errors name the file/key."""
     cfg = get_ssod_cfg()
     if config_file:
         _merge(cfg, config_file, lambda: cfg.merge_from_file(config_file))
     if opts:
         _merge(cfg, "command line", lambda: cfg.merge_from_list(list(opts)))
     apply_custom_datasets(cfg)
+    resolve_num_classes(cfg)
     validate_ssod_config(cfg)
     _check_datasets(cfg)
+    apply_auto_schedule(cfg)
     cfg.freeze()
     return cfg

@@ -142,3 +142,49 @@ def test_image_check_lists_each_folder_once(tmp_path, monkeypatch):
     dicts.append({"file_name": str(tmp_path / "p" / "missing.jpg")})
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         C.check_images_exist(dicts, "x.json")
+
+
+def _custom_opts(cfg):
+    c = cfg.DATASETS.CUSTOM
+    return ["DATASETS.CUSTOM.NAME", c.NAME, "DATASETS.CUSTOM.LABELED_JSON", c.LABELED_JSON,
+            "DATASETS.CUSTOM.VAL_JSON", c.VAL_JSON, "DATASETS.CUSTOM.IMAGE_ROOT", c.IMAGE_ROOT,
+            "SSOD.METHOD", "supervised"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_class_count_and_names_from_the_labeled_json(custom):
+    from d2ssod.engine import build_cfg
+
+    opts = _custom_opts(custom[0])
+    cfg = build_cfg(os.path.join(REPO, "configs", "custom", "supervised_cpu.yaml"), opts)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2  # 0 = auto; categories 3 "cat", 7 "dog"
+    assert MetadataCatalog.get("tcustom_labeled").thing_classes == ["cat", "dog"]
+    # an explicit value equal to the json's count is accepted
+    cfg = build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), opts + ["MODEL.ROI_HEADS.NUM_CLASSES", 2])
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2
+
+
+def test_class_count_that_contradicts_the_json_names_both(custom):
+    from d2ssod.engine import build_cfg
+
+    opts = _custom_opts(custom[0])
+    json_file = custom[0].DATASETS.CUSTOM.LABELED_JSON
+    # the demo config says 5 classes, the json has 2
+    with pytest.raises(ValueError) as e:
+        build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), opts)
+    msg = str(e.value)
+    assert msg.startswith(f"MODEL.ROI_HEADS.NUM_CLASSES=5 contradicts DATASETS.CUSTOM.LABELED_JSON={json_file!r}, "
+                          "which has 2 categories (cat, dog)")
+    assert "Set MODEL.ROI_HEADS.NUM_CLASSES to 2, or to 0" in msg
+    # the dense detector reads its own key, and that is the one checked
+    with pytest.raises(ValueError, match=r"^MODEL.DENSE_DETECTOR.NUM_CLASSES=5 contradicts .* 2 categories"):
+        build_cfg(os.path.join(REPO, "configs", "demo", "dense_supervised.yaml"), opts)
+    cfg = build_cfg(os.path.join(REPO, "configs", "demo", "dense_supervised.yaml"),
+                    opts + ["MODEL.DENSE_DETECTOR.NUM_CLASSES", 0])
+    assert cfg.MODEL.DENSE_DETECTOR.NUM_CLASSES == 2
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 5  # not read by the dense detector: left alone
+    # auto without a json to read it from
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means .*DATASETS.CUSTOM.LABELED_JSON', which is not set"):
+        build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", 0])

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Did the unlabeled images help? Supervised vs a semi-supervised method (vs an oracle) on your data.
+
+    python tools/compare.py --config-file configs/custom/soft_teacher_cpu.yaml \
+        --labeled-json labeled.json --image-root images/ --unlabeled-dir unlabeled/ \
+        --val-json val.json [--oracle-json unlabeled_labels.json] --output output/compare \
+        [--burn-in N] [--ssod-iters M] [KEY VALUE ...]
+
+Trainings of the same detector, evaluated with Detectron2's COCO evaluator on the validation
+json (``DATASETS.TEST``):
+
+* **supervised**: the labeled images only (the first of the method config's
+  ``SSOD.DEMO_BASELINES``, its supervised twin), ``N + M`` iterations;
+* **the method**: the config given; its first ``N`` iterations are the supervised burn-in, which
+  is exactly the supervised run's first ``N`` iterations (same seed and schedule), so it starts
+  from the supervised run's checkpoint at ``N`` (teacher and student = that model) and trains
+  ``M`` semi-supervised iterations;
+* **oracle** (upper bound): the twin trained on the labeled images plus the unlabeled ones with
+  their boxes, when ``--oracle-json`` gives them (a COCO json of images under ``--unlabeled-dir``,
+  file names relative to it, the labeled json's categories). Configs that name registered
+  datasets (the demo) run the second of ``SSOD.DEMO_BASELINES`` instead.
+
+``N`` and ``M`` are the config's (with ``SSOD.AUTO_SCHEDULE`` derived once from the data and
+given to every run, so all share one schedule) unless ``--burn-in`` / ``--ssod-iters`` say
+otherwise. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
+Progress (iterations of each run) is printed every ``--progress-every`` seconds.
+
+Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised, ``gap_closed = (method −
+sup) / (oracle − sup)``, wall time), ``summary.md`` (the table, printed at the end) and
+``ap_curve.png`` (AP against iteration), each also kept as ``*_<name>.*`` where ``name`` is the
+method config's file name. Finished baselines in the same output folder (same overrides) are
+reused, so comparing a second method costs only its own run. The supervised and oracle runs (one
+thread each) start together; the method's run (one thread per core) starts as soon as the
+supervised checkpoint at ``N`` exists. ``make demo`` is this tool on the embedded demo data
+(``tools/demo.py``).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import training_runs as tr  # noqa: E402  (tools/ is not a package)
+from training_runs import REPO  # noqa: E402
+
+_SCHEDULE_KEYS = ("SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD", "SSOD.EMA_MOMENTUM")
+
+
+def _cfg_value(cfg, key):
+    node, leaf = key.split(".")
+    return cfg[node][leaf]
+
+
+def merge_oracle_json(labeled_json, oracle_json, unlabeled_dir, out_path):
+    """The labeled json plus the boxes of the unlabeled images (``oracle_json``, file names
+    relative to ``unlabeled_dir``, stored absolute here so they resolve under any image root),
+    with fresh image and annotation ids; the categories must be the labeled json's."""
+    with open(labeled_json) as f:
+        lab = json.load(f)
+    with open(oracle_json) as f:
+        orc = json.load(f)
+    cats = lambda d: sorted((c["id"], c["name"]) for c in d.get("categories", []))  # noqa: E731
+    if cats(orc) != cats(lab):
+        raise SystemExit(f"--oracle-json {oracle_json}: categories {cats(orc)} differ from those "
+                         f"of the labeled json {labeled_json}: {cats(lab)}; they must be the same.")
+    images, annotations = [], []
+    for data, root in ((lab, None), (orc, os.path.abspath(unlabeled_dir))):
+        new_id = {}
+        for img in data["images"]:
+            new_id[img["id"]] = len(images) + 1
+            name = img["file_name"] if root is None else os.path.join(root, img["file_name"])
+            images.append(dict(img, id=new_id[img["id"]], file_name=name))
+        for ann in data["annotations"]:
+            annotations.append(dict(ann, id=len(annotations) + 1, image_id=new_id[ann["image_id"]]))
+    with open(out_path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": lab["categories"]}, f)
+    return out_path
+
+
+class Progress:
+    """Prints ``[t min] run i/total ...`` for the runs' output folders every ``every`` seconds
+    (from a daemon thread) while running."""
+
+    def __init__(self, dirs, total, t0, every):
+        self.dirs, self.total, self.t0, self.every = dirs, total, t0, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def line(self):
+        parts = [f"{name} {min(max(tr.last_iteration(d) + 1, 0), self.total)}/{self.total}" for name, d in self.dirs.items()]
+        return f"[{(time.time() - self.t0) / 60:5.1f} min] " + "  ".join(parts)
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            print(self.line(), flush=True)
+
+    def __enter__(self):
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters=None,
+                   oracle_json=None, min_boxes=10, progress_every=30.0):
+    """Train and compare as the module docstring says; returns the summary dict."""
+    sys.path.insert(0, REPO)
+    from detectron2.data import DatasetCatalog
+
+    from d2ssod.data.dataset_check import custom_dataset_report, format_report
+    from d2ssod.engine import build_cfg
+
+    t0 = time.time()
+    name = name or os.path.splitext(os.path.basename(method_cfg))[0]
+    opts = [str(o) for o in opts]
+    cfg = build_cfg(method_cfg, opts)
+    custom = bool(cfg.DATASETS.CUSTOM.LABELED_JSON)
+    if custom:
+        print(format_report(custom_dataset_report(cfg, min_boxes)), flush=True)
+        # explicit image root: the oracle's json lives elsewhere than the labeled one
+        opts += ["DATASETS.CUSTOM.IMAGE_ROOT", cfg.DATASETS.CUSTOM.IMAGE_ROOT
+                 or os.path.dirname(os.path.abspath(cfg.DATASETS.CUSTOM.LABELED_JSON))]
+    burn_in = burn_in if burn_in is not None else cfg.SSOD.BURN_IN_ITERS
+    total = burn_in + ssod_iters if ssod_iters is not None else cfg.SOLVER.MAX_ITER
+    if not 0 < burn_in < total:
+        raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total})")
+    common = ["SOLVER.MAX_ITER", total, *opts]
+    if cfg.SSOD.AUTO_SCHEDULE:  # derived once from the data, the same for every run
+        common += ["SSOD.AUTO_SCHEDULE", False,
+                   *[x for k in _SCHEDULE_KEYS for x in (k, _cfg_value(cfg, k))]]
+        print(f"schedule from the data (SSOD.AUTO_SCHEDULE): {total} iterations, burn-in "
+              f"{burn_in}, " + ", ".join(f"{k} {_cfg_value(cfg, k)}" for k in _SCHEDULE_KEYS))
+    # checkpoints at the hand-over: the derived period ends the derived burn-in on one
+    period = cfg.SOLVER.CHECKPOINT_PERIOD
+    ckpt = ["SOLVER.CHECKPOINT_PERIOD",
+            period if cfg.SSOD.AUTO_SCHEDULE and burn_in % period == 0 else burn_in]
+    hand_over = tr.hand_over_name(burn_in)  # the supervised checkpoint the method starts from
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+
+    baseline_cfgs = dict(zip(("supervised", "oracle"), (os.path.join(REPO, p) for p in cfg.SSOD.DEMO_BASELINES)))
+    dirs = {"supervised": os.path.join(out, os.path.splitext(os.path.basename(baseline_cfgs["supervised"]))[0])}
+    run_opts = {"supervised": common}
+    if custom and oracle_json:
+        if not cfg.DATASETS.CUSTOM.UNLABELED_DIR:
+            raise SystemExit("--oracle-json labels the images of --unlabeled-dir, which is not set.")
+        merged = merge_oracle_json(cfg.DATASETS.CUSTOM.LABELED_JSON, oracle_json,
+                                   cfg.DATASETS.CUSTOM.UNLABELED_DIR, os.path.join(out, "oracle_labeled.json"))
+        run_opts["oracle"] = common + ["DATASETS.CUSTOM.LABELED_JSON", merged]
+        dirs["oracle"] = os.path.join(out, "oracle")
+    elif not custom:
+        run_opts["oracle"] = common
+        dirs["oracle"] = os.path.join(out, os.path.splitext(os.path.basename(baseline_cfgs["oracle"]))[0])
+
+    # The baselines do not depend on the method: finished ones (same iterations and overrides)
+    # are reused when several methods are compared into the same output folder.
+    baselines = {}
+    for run in run_opts:
+        if tr.finished(dirs[run], run_opts[run], hand_over if run == "supervised" else "model_final.pth"):
+            print(f"reusing the finished {run} run in {dirs[run]}")
+            continue
+        shutil.rmtree(dirs[run], ignore_errors=True)
+        baselines[run] = (tr.run_training(baseline_cfgs[run], dirs[run], run_opts[run] + ckpt, threads=1), dirs[run])
+    dirs["ssod"] = os.path.join(out, name)
+    with Progress({k: dirs[k] for k in ("supervised", "oracle") if k in dirs}, total, t0, progress_every):
+        tr.wait_for_file(os.path.join(dirs["supervised"], hand_over), baselines.get("supervised", (None,))[0],
+                      "supervised", dirs["supervised"])
+    shutil.rmtree(dirs["ssod"], ignore_errors=True)
+    tr.warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
+    runs = dict(baselines)
+    runs["ssod"] = (tr.run_training(method_cfg, dirs["ssod"], common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt,
+                                 threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
+    shown = {("oracle" if k == "oracle" else name if k == "ssod" else k): d for k, d in dirs.items()}
+    with Progress(shown, total, t0, progress_every):
+        tr.wait_all(runs)
+    for run in baselines:
+        tr.mark_finished(dirs[run], run_opts[run])
+
+    sup_curve = tr.ap_curve(dirs["supervised"], "student", total)
+    curves = {"supervised": sup_curve,
+              # the method's first N iterations are the supervised run's
+              name: [p for p in sup_curve if p[0] <= burn_in] + tr.ap_curve(dirs["ssod"], "teacher", total)}
+    if "oracle" in dirs:
+        curves["oracle"] = tr.ap_curve(dirs["oracle"], "student", total)
+    final = {k: {"AP": v[-1][1], "AP50": v[-1][2], "iteration": v[-1][0]}
+             for k, v in zip(("supervised", "ssod", "oracle"), curves.values())}
+    sup, ssod = final["supervised"]["AP"], final["ssod"]["AP"]
+    oracle = final.get("oracle", {}).get("AP")
+    test_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "test"
+    summary = {
+        "method": name,
+        **final,
+        "oracle": final.get("oracle"),
+        "ap_gain": ssod - sup,
+        "gap_closed": (ssod - sup) / (oracle - sup) if oracle is not None and oracle != sup else None,
+        "burn_in_iters": burn_in,
+        "total_iters": total,
+        "test_dataset": test_name,
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    labeled, unlabeled = (sum(len(DatasetCatalog.get(d)) for d in names)
+                          for names in (cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_UNLABELED))
+    table = summary_table(summary, labeled, unlabeled)
+    for base, ext, write in (("summary", "json", lambda f: json.dump(summary, f, indent=2)),
+                             ("summary", "md", lambda f: f.write(table + "\n"))):
+        with open(os.path.join(out, f"{base}_{name}.{ext}"), "w") as f:
+            write(f)
+        shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"), os.path.join(out, f"{base}.{ext}"))
+    tr.plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
+    shutil.copyfile(os.path.join(out, f"ap_curve_{name}.png"), os.path.join(out, "ap_curve.png"))
+    print(table)
+    return summary
+
+
+def summary_table(s, labeled, unlabeled):
+    """The markdown table of a summary (rows: supervised, the method, the oracle if run), the gap
+    closed and wall time, and whether the unlabeled images helped."""
+    share = 100.0 * labeled / max(labeled + unlabeled, 1)
+    rows = [(f"supervised ({labeled} labeled, {share:.0f} %)", s["supervised"]),
+            (f"{s['method']} (+{unlabeled} unlabeled)", s["ssod"])]
+    if s["oracle"] is not None:
+        rows.append(("oracle (100% labeled)", s["oracle"]))
+    gap = "n/a" if s["gap_closed"] is None else f"{s['gap_closed']:.2f}"
+    gain = s["ap_gain"]
+    verdict = (f"the unlabeled images helped: {gain:+.2f} AP over supervised (one seed)" if gain > 0 else
+               f"the unlabeled images did not help: {gain:+.2f} AP against supervised (one seed)")
+    return "\n".join([
+        f"| run ({s['total_iters']} iterations, {s['test_dataset']}) | AP | AP50 |",
+        "|---|---|---|",
+        *(f"| {label} | {r['AP']:.2f} | {r['AP50']:.2f} |" for label, r in rows),
+        "",
+        f"gap closed: {gap} — wall time {s['wall_seconds'] / 60:.1f} min",
+        verdict,
+    ])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"),
+                        help="the method's config (its SSOD.DEMO_BASELINES name the baselines)")
+    for flag, key in (("--labeled-json", "LABELED_JSON"), ("--image-root", "IMAGE_ROOT"),
+                      ("--unlabeled-dir", "UNLABELED_DIR"), ("--val-json", "VAL_JSON")):
+        parser.add_argument(flag, help=f"DATASETS.CUSTOM.{key}")
+    parser.add_argument("--oracle-json", help="COCO json with the boxes of the unlabeled images "
+                        "(file names relative to --unlabeled-dir): adds the oracle run")
+    parser.add_argument("--output", default="output/compare")
+    parser.add_argument("--burn-in", type=int, default=None,
+                        help="N: supervised iterations before SSOD (default: the config's)")
+    parser.add_argument("--ssod-iters", type=int, default=None,
+                        help="M: semi-supervised iterations (default: the config's)")
+    parser.add_argument("--min-boxes", type=int, default=10,
+                        help="the dataset check warns for classes with fewer boxes")
+    parser.add_argument("--progress-every", type=float, default=30.0, help="seconds; 0 = quiet")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args(argv)
+    data = [x for flag, key in (("labeled_json", "LABELED_JSON"), ("image_root", "IMAGE_ROOT"),
+                                ("unlabeled_dir", "UNLABELED_DIR"), ("val_json", "VAL_JSON"))
+            if getattr(args, flag) for x in (f"DATASETS.CUSTOM.{key}", os.path.abspath(getattr(args, flag)))]
+    return run_comparison(args.config_file, args.output, data + list(args.opts), burn_in=args.burn_in,
+                          ssod_iters=args.ssod_iters, oracle_json=args.oracle_json,
+                          min_boxes=args.min_boxes, progress_every=args.progress_every)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Convert VOC XML or YOLO txt labels to the COCO json that d2ssod's custom datasets read.
+
+    python tools/convert_to_coco.py voc --xml-dir Annotations/ [--classes names.txt] \
+        [--skip-difficult] --out labeled.json
+    python tools/convert_to_coco.py yolo --labels labels/ --images images/ --classes names.txt \
+        --out labeled.json
+
+The json's file names are the XMLs' <filename> (VOC) or the image paths relative to --images
+(YOLO): point DATASETS.CUSTOM.IMAGE_ROOT (compare.py --image-root) at the image folder. Box
+conventions and errors: d2ssod/data/converters.py.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d2ssod.data.converters import (  # noqa: E402
+    ConversionError,
+    read_class_names,
+    voc_to_coco,
+    write_json,
+    yolo_to_coco,
+)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="format", required=True)
+    voc = sub.add_parser("voc", help="a folder of Pascal-VOC XML files")
+    voc.add_argument("--xml-dir", required=True)
+    voc.add_argument("--classes", help="class names, one per line (default: the names found, sorted)")
+    voc.add_argument("--skip-difficult", action="store_true", help="drop objects marked difficult")
+    yolo = sub.add_parser("yolo", help="YOLO txt labels + class names + images")
+    yolo.add_argument("--labels", required=True, help="folder of .txt label files")
+    yolo.add_argument("--images", required=True, help="folder of the images (for their sizes)")
+    yolo.add_argument("--classes", required=True, help="class names, one per line (line k = class k)")
+    for p in (voc, yolo):
+        p.add_argument("--out", required=True, help="COCO json to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.format == "voc":
+            names = read_class_names(args.classes) if args.classes else None
+            coco = voc_to_coco(args.xml_dir, names, args.skip_difficult)
+        else:
+            coco = yolo_to_coco(args.labels, args.images, args.classes)
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}")
+    write_json(coco, args.out)
+    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+          f"{len(coco['categories'])} classes ({', '.join(c['name'] for c in coco['categories'])})")
+
+
+if __name__ == "__main__":
+    main()
