@@ -9,6 +9,8 @@ produced (``unlabeled``, ``pseudo``, ``batch_info``); boxes are drawn with Detec
 ``SSOD.VIS_PERIOD`` iterations (TensorBoard's image tab); ``tools/visualize_pseudo_labels.py``
 writes the same pictures to PNG files for a checkpoint.
 """
+import math
+
 import cv2
 import numpy as np
 import torch
@@ -23,11 +25,12 @@ from matplotlib import colors as mcolors
 
 from d2ssod.methods.base import ExplainedDetections
 
-__all__ = ["class_names", "explain_views", "draw_detections", "render_sample", "render_record",
+__all__ = ["class_names", "explain_views", "view_scale", "draw_detections", "render_sample", "render_record",
            "stack_images", "outcome_rgb", "PseudoLabelVisHook"]
 
 _GAP = 6  # pixels between the two panels and between stacked images
 _LEGEND_LINE = 18  # pixels per legend line
+MIN_DRAWN_SIZE = 384  # views with a shorter short side are drawn enlarged (view_scale)
 
 
 def outcome_rgb(outcome):
@@ -61,17 +64,29 @@ def _class_name(class_names, c):
     return class_names[c] if 0 <= c < len(class_names) else str(c)
 
 
+def view_scale(height, width):
+    """The integer factor small views are drawn enlarged by (short side at least
+    :data:`MIN_DRAWN_SIZE` pixels), so that box labels stay legible."""
+    return max(1, math.ceil(MIN_DRAWN_SIZE / max(min(height, width), 1)))
+
+
 def draw_detections(image_rgb, dets, outcomes, class_names):
     """``image_rgb`` (H×W×3 uint8) with ``dets`` (:class:`ExplainedDetections`, CPU) drawn by
-    Detectron2's ``Visualizer``: each box in its outcome's colour, labelled "class score"."""
-    vis = Visualizer(image_rgb)
-    if len(dets.scores) == 0:
-        return vis.output.get_image()
-    labels = [f"{_class_name(class_names, c)} {s:.2f}"
-              for c, s in zip(dets.classes.tolist(), dets.scores.tolist())]
-    colors = [outcome_rgb(outcomes[o]) for o in dets.outcomes.tolist()]
-    return vis.overlay_instances(boxes=dets.boxes.numpy(), labels=labels,
-                                 assigned_colors=colors).get_image()
+    Detectron2's ``Visualizer``, enlarged by :func:`view_scale`: each box in its outcome's
+    colour; boxes that reach a loss are labelled "class score", dropped ones are not (they are
+    often many, and their count is in the legend)."""
+    vis = Visualizer(image_rgb, scale=view_scale(*image_rgb.shape[:2]))
+    used = torch.tensor([outcomes[o].used for o in dets.outcomes.tolist()], dtype=torch.bool)
+    for rows, labelled in ((~used, False), (used, True)):
+        if not rows.any():
+            continue
+        labels = ([f"{_class_name(class_names, c)} {s:.2f}"
+                   for c, s in zip(dets.classes[rows].tolist(), dets.scores[rows].tolist())]
+                  if labelled else None)
+        colors = [outcome_rgb(outcomes[o]) for o in dets.outcomes[rows].tolist()]
+        vis.overlay_instances(boxes=dets.boxes[rows].numpy(), labels=labels,
+                              assigned_colors=colors)
+    return vis.output.get_image()
 
 
 def _legend(width, outcomes, counts):

@@ -16,6 +16,7 @@ from d2ssod.engine.visualization import (
     draw_detections,
     outcome_rgb,
     render_sample,
+    view_scale,
 )
 from d2ssod.methods.base import ExplainedDetections, Outcome
 from d2ssod.methods.soft_teacher import SoftTeacher
@@ -23,7 +24,7 @@ from d2ssod.methods.soft_teacher import SoftTeacher
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
 
-# one box per Soft Teacher outcome, side by side on a black 120x400 image
+# one box per Soft Teacher outcome, side by side on a black 400x400 image (drawn unscaled)
 BOXES = torch.tensor([[10.0 + 78 * i, 20.0, 70.0 + 78 * i, 100.0] for i in range(5)])
 
 
@@ -45,7 +46,7 @@ def _edge_color(image, box):
 def test_outcome_colours_are_the_method_table_entries():
     assert outcome_rgb(Outcome("x", "lime", True)) == (0.0, 1.0, 0.0)
     assert outcome_rgb(Outcome("x", "#ff0000", False)) == (1.0, 0.0, 0.0)
-    image = np.zeros((120, 400, 3), dtype=np.uint8)
+    image = np.zeros((400, 400, 3), dtype=np.uint8)
     codes = [0, 1, 2, 3, 4]
     drawn = draw_detections(image, _dets(codes), SoftTeacher.outcomes, ["thing"])
     assert drawn.shape == image.shape
@@ -65,8 +66,10 @@ def test_sample_picture_has_both_views_and_a_legend_line_per_outcome():
     picture = render_sample(sample, _dets([0, 4]), _dets([0]), SoftTeacher.outcomes, ["thing"],
                             "BGR")
     assert picture.dtype == np.uint8 and picture.shape[2] == 3
-    assert picture.shape[1] == 400 + 6 + 300
-    legend = picture[120:]
+    # small views are enlarged by an integer factor (ceil(384 / short side)): 4 for both
+    assert (view_scale(120, 400), view_scale(100, 300), view_scale(400, 420)) == (4, 4, 1)
+    assert picture.shape[1] == 4 * 400 + 6 + 4 * 300
+    legend = picture[4 * 120:]
     assert legend.shape[0] == 18 * len(SoftTeacher.outcomes) + 4
     # each legend line is written in its outcome's colour: lime on line 0, red on line 4
     line0 = legend[:18].reshape(-1, 3).astype(int)
@@ -79,9 +82,8 @@ def test_hook_puts_a_picture_every_vis_period_iterations_after_burn_in(tmp_path)
     cfg = build_cfg(UT, [str(o) for o in (
         "OUTPUT_DIR", tmp_path, "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
         "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 1000,
-        "SEED", 7, "INPUT.MIN_SIZE_TRAIN", "(160,)", "SOLVER.MAX_ITER", 6,
-        "SSOD.BURN_IN_ITERS", 2, "SSOD.VIS_PERIOD", 2,
-        "SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05)])
+        "SEED", 7, "INPUT.MIN_SIZE_TRAIN", "(160,)", "SOLVER.MAX_ITER", 4,
+        "SSOD.BURN_IN_ITERS", 2, "SSOD.VIS_PERIOD", 2)])
     seed_all_rng(cfg.SEED)
     trainer = SSODTrainer(cfg)
     assert sum(isinstance(h, PseudoLabelVisHook) for h in trainer._hooks) == 1
@@ -93,11 +95,11 @@ def test_hook_puts_a_picture_every_vis_period_iterations_after_burn_in(tmp_path)
     acc = EventAccumulator(events, size_guidance={"images": 0})
     acc.Reload()
     assert "pseudo_labels" in acc.Tags()["images"]
-    # iterations 1, 3, 5 are due; 1 is still burn-in (no unlabeled batch), so 3 and 5 draw
+    # iterations 1 and 3 are due; 1 is still burn-in (no unlabeled batch), so only 3 draws
     pictures = acc.Images("pseudo_labels")
-    assert [p.step for p in pictures] == [3, 5]
-    # two images stacked, each 160 px high plus its legend of two lines (UT's outcomes)
-    assert pictures[0].height == 2 * (160 + 18 * 2 + 4) + 6
+    assert [p.step for p in pictures] == [3]
+    # two images stacked, each 160 px high drawn 3x, plus its legend of two lines (UT's)
+    assert pictures[0].height == 2 * (3 * 160 + 18 * 2 + 4) + 6
 
 
 def test_vis_period_must_not_be_negative():
