@@ -63,6 +63,7 @@ def main():
 
     sys.path.insert(0, REPO)
     from d2ssod.engine import build_cfg
+    from d2ssod.engine.offline_teacher import write_pseudo_label_pictures
     from d2ssod.data.demo import ensure_demo_data
     from detectron2.data import DatasetCatalog
 
@@ -153,6 +154,8 @@ def main():
     plot(curves, os.path.join(out, f"ap_curve_{args.method}.png"))
     shutil.copyfile(os.path.join(out, f"ap_curve_{args.method}.png"),
                     os.path.join(out, "ap_curve.png"))
+    # one picture of the final teacher's pseudo-labels (tools/visualize_pseudo_labels.py)
+    write_pseudo_label_pictures(cfg, os.path.join(dirs["ssod"], "model_final.pth"), out, 1)
     print(table)
 
 
