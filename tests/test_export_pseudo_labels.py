@@ -1,6 +1,5 @@
 """tools/export_pseudo_labels.py end to end on a tiny checkpoint: a folder with an undecodable
 file → a COCO json that Detectron2's loader reads, with scores and rule outcomes."""
-import importlib.util
 import json
 import os
 
@@ -9,30 +8,22 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
 import d2ssod  # noqa: F401
-from training_helpers import biased_checkpoint, image_folder
+from training_helpers import biased_checkpoint, image_folder, load_tool
 
 REPO = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0]
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "export_pseudo_labels", os.path.join(REPO, "tools", "export_pseudo_labels.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_help_names_the_options(capsys):
     with pytest.raises(SystemExit) as e:
-        _tool().main(["--help"])
+        load_tool("export_pseudo_labels").main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(k in out for k in ("--checkpoint", "--input", "--include-dropped", "COCO json"))
 
 
 def test_exported_json_loads_in_detectron2_with_scores_and_outcomes(tmp_path):
-    tool = _tool()
+    tool = load_tool("export_pseudo_labels")
     ckpt = biased_checkpoint(tmp_path / "tiny.pth", UT)
     folder = image_folder(tmp_path / "images")
     common = ["--config-file", UT, "--checkpoint", ckpt, "--input", folder]
@@ -70,7 +61,7 @@ def test_exported_json_loads_in_detectron2_with_scores_and_outcomes(tmp_path):
 
 
 def test_clear_errors_for_a_wrong_path_or_method(tmp_path):
-    tool = _tool()
+    tool = load_tool("export_pseudo_labels")
     base = ["--config-file", UT, "--output", str(tmp_path / "x.json")]
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         tool.main(base + ["--checkpoint", str(tmp_path / "missing.pth")])

@@ -1,6 +1,5 @@
 """tools/visualize_pseudo_labels.py end to end on a tiny checkpoint: one PNG per image, the two
 views side by side above the legend."""
-import importlib.util
 import os
 
 import cv2
@@ -8,22 +7,14 @@ import pytest
 
 import d2ssod  # noqa: F401
 from d2ssod.engine.visualization import view_scale
-from training_helpers import biased_checkpoint, image_folder
+from training_helpers import biased_checkpoint, image_folder, load_tool
 
 REPO = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0]
 ST = os.path.join(REPO, "configs/demo/soft_teacher.yaml")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "visualize_pseudo_labels", os.path.join(REPO, "tools", "visualize_pseudo_labels.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_writes_one_picture_per_image_for_a_checkpoint(tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("visualize_pseudo_labels")
     with pytest.raises(SystemExit):
         tool.main(["--help"])
     assert "--num-images" in capsys.readouterr().out

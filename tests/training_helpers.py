@@ -69,3 +69,16 @@ def image_folder(path, names=("a.jpg", "sub/b.jpg"), broken="broken.jpg"):
     with open(os.path.join(path, broken), "w") as f:
         f.write("not an image")
     return str(path)
+
+
+def load_tool(name):
+    """The module ``tools/<name>.py`` (tools are scripts, not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,6 @@ import sys
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
 from d2ssod.engine.offline_teacher import export_pseudo_labels, tool_config, tool_parser
-from detectron2.utils.logger import setup_logger
 
 
 def main(argv=None):
@@ -33,7 +32,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    setup_logger(name="d2ssod")
     cfg = tool_config(args)
     summary = export_pseudo_labels(cfg, args.checkpoint, args.output, folder=args.input,
                                    batch_size=args.batch_size, score_thresh=args.score_thresh,

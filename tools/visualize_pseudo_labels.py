@@ -14,7 +14,6 @@ import sys
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
 from d2ssod.engine.offline_teacher import tool_config, tool_parser, write_pseudo_label_pictures
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 
 
 def main(argv=None):
@@ -25,7 +24,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num-images must be >= 1")
-    setup_logger(name="d2ssod")
     cfg = tool_config(args)
     seed_all_rng(args.seed)
     paths, skipped = write_pseudo_label_pictures(cfg, args.checkpoint, args.output,

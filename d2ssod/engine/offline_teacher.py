@@ -56,8 +56,8 @@ def load_method(cfg, checkpoint):
                          f"teacher-based method (or override SSOD.METHOD, e.g. "
                          f"'SSOD.METHOD unbiased_teacher').")
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a .pth written by "
-                                f"tools/train_net.py (e.g. OUTPUT_DIR/model_final.pth).")
+        hint = "pass a .pth written by tools/train_net.py (e.g. OUTPUT_DIR/model_final.pth)"
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; {hint}.")
     model = build_model(cfg)
     checkpointer = _KeyCheckingCheckpointer(model)
     checkpointer.load(checkpoint)
@@ -225,9 +225,12 @@ def tool_parser(description):
 
 def tool_config(args):
     """The checked config of a tool's arguments (:func:`~d2ssod.engine.build_cfg`), with a
-    one-line error for a missing config file."""
+    one-line error for a missing config file; d2ssod's log lines go to the console."""
+    from detectron2.utils.logger import setup_logger
+
     from .defaults import build_cfg
 
+    setup_logger(name="d2ssod")
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"--config-file {args.config_file} does not exist.")
     if len(args.opts) % 2:

@@ -93,10 +93,6 @@ class EfficientTeacher(SSODMethod):
     """Efficient Teacher's Pseudo Label Assigner on the dense detector (module docstring)."""
 
     default_loss_weight = 1.0
-    outcomes = (Outcome("reliable", "lime", True),
-                Outcome("uncertain: with box term", "cyan", True),
-                Outcome("uncertain", "yellow", True),
-                Outcome("dropped: score", "red", False))
 
     @classmethod
     def add_config(cls, cfg):
@@ -141,6 +137,11 @@ class EfficientTeacher(SSODMethod):
         detections = self.teacher_detections(unlabeled)
         return ([assign_pseudo_labels(d, **self.assigner_args) for d in detections],
                 {"detections": detections})
+
+    outcomes = (Outcome("reliable", "lime", True),
+                Outcome("uncertain: with box term", "cyan", True),
+                Outcome("uncertain", "yellow", True),
+                Outcome("dropped: score", "red", False))
 
     def explain(self, pseudo, batch_info):
         """Kept boxes are reliable (``gt_objectness`` −1) or uncertain, with or without a box

@@ -11,13 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import SSODTrainer, build_cfg
-from d2ssod.engine.visualization import (
-    PseudoLabelVisHook,
-    draw_detections,
-    outcome_rgb,
-    render_sample,
-    view_scale,
-)
+from d2ssod.engine import visualization as vis
 from d2ssod.methods.base import ExplainedDetections, Outcome
 from d2ssod.methods.soft_teacher import SoftTeacher
 
@@ -44,18 +38,18 @@ def _edge_color(image, box):
 
 
 def test_outcome_colours_are_the_method_table_entries():
-    assert outcome_rgb(Outcome("x", "lime", True)) == (0.0, 1.0, 0.0)
-    assert outcome_rgb(Outcome("x", "#ff0000", False)) == (1.0, 0.0, 0.0)
+    assert vis.outcome_rgb(Outcome("x", "lime", True)) == (0.0, 1.0, 0.0)
+    assert vis.outcome_rgb(Outcome("x", "#ff0000", False)) == (1.0, 0.0, 0.0)
     image = np.zeros((400, 400, 3), dtype=np.uint8)
     codes = [0, 1, 2, 3, 4]
-    drawn = draw_detections(image, _dets(codes), SoftTeacher.outcomes, ["thing"])
+    drawn = vis.draw_detections(image, _dets(codes), SoftTeacher.outcomes, ["thing"])
     assert drawn.shape == image.shape
     for box, code in zip(BOXES, codes):
-        want = np.array(outcome_rgb(SoftTeacher.outcomes[code]))
+        want = np.array(vis.outcome_rgb(SoftTeacher.outcomes[code]))
         assert _edge_color(drawn, box) == pytest.approx(want / np.linalg.norm(want), abs=0.05)
     # the same box with another outcome is drawn in the other colour
-    again = draw_detections(image, _dets([4, 0]), SoftTeacher.outcomes, ["thing"])
-    red = np.array(outcome_rgb(SoftTeacher.outcomes[4]))
+    again = vis.draw_detections(image, _dets([4, 0]), SoftTeacher.outcomes, ["thing"])
+    red = np.array(vis.outcome_rgb(SoftTeacher.outcomes[4]))
     assert _edge_color(again, BOXES[0]) == pytest.approx(red / np.linalg.norm(red), abs=0.05)
 
 
@@ -63,11 +57,11 @@ def test_sample_picture_has_both_views_and_a_legend_line_per_outcome():
     weak = torch.zeros(3, 120, 400, dtype=torch.uint8)
     strong = torch.zeros(3, 100, 300, dtype=torch.uint8)
     sample = {"weak": {"image": weak}, "strong": {"image": strong}}
-    picture = render_sample(sample, _dets([0, 4]), _dets([0]), SoftTeacher.outcomes, ["thing"],
+    picture = vis.render_sample(sample, _dets([0, 4]), _dets([0]), SoftTeacher.outcomes, ["thing"],
                             "BGR")
     assert picture.dtype == np.uint8 and picture.shape[2] == 3
     # small views are enlarged by an integer factor (ceil(384 / short side)): 4 for both
-    assert (view_scale(120, 400), view_scale(100, 300), view_scale(400, 420)) == (4, 4, 1)
+    assert (vis.view_scale(120, 400), vis.view_scale(100, 300), vis.view_scale(400, 420)) == (4, 4, 1)
     assert picture.shape[1] == 4 * 400 + 6 + 4 * 300
     legend = picture[4 * 120:]
     assert legend.shape[0] == 18 * len(SoftTeacher.outcomes) + 4
@@ -86,7 +80,7 @@ def test_hook_puts_a_picture_every_vis_period_iterations_after_burn_in(tmp_path)
         "SSOD.BURN_IN_ITERS", 2, "SSOD.VIS_PERIOD", 2)])
     seed_all_rng(cfg.SEED)
     trainer = SSODTrainer(cfg)
-    assert sum(isinstance(h, PseudoLabelVisHook) for h in trainer._hooks) == 1
+    assert sum(isinstance(h, vis.PseudoLabelVisHook) for h in trainer._hooks) == 1
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert trainer._trainer.unsup_record is None  # nothing kept after the last picture
