@@ -67,6 +67,11 @@ def add_ssod_config(cfg):
     # Every this many iterations, log precision/recall at IoU 0.5 of the pseudo boxes against the
     # hidden ground truth of the unlabeled images where the dataset has it (0 disables).
     _C.SSOD.PSEUDO_EVAL_PERIOD = 20
+    # Every this many iterations, a TensorBoard image ("pseudo_labels") of two unlabeled images
+    # of the step: the weak view with the teacher's detections coloured by what the method's
+    # rules did with each, beside the strong view with the same boxes (0 disables; main
+    # process only; d2ssod/engine/visualization.py).
+    _C.SSOD.VIS_PERIOD = 0
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
     # Derive the schedule from the dataset sizes instead of reading it from the config: when
@@ -240,6 +245,9 @@ def validate_ssod_config(cfg):
                          "momentum ramps; choose one (set the other False / 0).")
     if cfg.SSOD.BURN_IN_ITERS < 0:
         raise ValueError(f"SSOD.BURN_IN_ITERS={cfg.SSOD.BURN_IN_ITERS} must be >= 0.")
+    if cfg.SSOD.VIS_PERIOD < 0:
+        raise ValueError(f"SSOD.VIS_PERIOD={cfg.SSOD.VIS_PERIOD} must be >= 0 (0 turns the "
+                         f"pseudo-label pictures off).")
     validate_scale_consistency_config(cfg)
     METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
 

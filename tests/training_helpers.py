@@ -37,13 +37,48 @@ def train_recording(cfg):
     return trainer, rec.rows
 
 
+def biased_checkpoint(path, config):
+    """Save an untrained model of ``config`` as a training checkpoint (``"model"`` and
+    ``"student"``) whose ROI classifier favours class 0 (bias 3: softmax ≈ 0.82 for class 0,
+    ≈ 0.04 for each other class and background on the demo's 5 classes), so that its teacher
+    has confident and unconfident detections without training. Returns ``path``."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from d2ssod.engine import build_cfg
+
+    torch.manual_seed(0)
+    state = build_model(build_cfg(config)).state_dict()
+    state["roi_heads.box_predictor.cls_score.bias"][0] = 3.0
+    torch.save({"model": state, "student": state}, path)
+    return str(path)
+
+
+def image_folder(path, names=("a.jpg", "sub/b.jpg"), broken="broken.jpg"):
+    """A folder with copies of the first demo training images under ``names`` and an
+    undecodable file ``broken``; returns the folder."""
+    import os
+    import shutil
+
+    from d2ssod.data.demo import demo_root
+
+    demo = os.path.join(demo_root(), "images")
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(demo, f"train_{i:06d}.jpg"), os.path.join(path, name))
+    with open(os.path.join(path, broken), "w") as f:
+        f.write("not an image")
+    return str(path)
+
+
 def load_tool(name):
-    """``tools/<name>.py`` as a module (tools/ is not a package)."""
+    """The module ``tools/<name>.py`` (tools are scripts, not a package)."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -114,6 +114,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
 
     from d2ssod.data.dataset_check import custom_dataset_report, format_report
     from d2ssod.engine import build_cfg
+    from d2ssod.engine.offline_teacher import write_pseudo_label_pictures
+    from d2ssod.methods import METHOD_REGISTRY
 
     t0 = time.time()
     name = name or os.path.splitext(os.path.basename(method_cfg))[0]
@@ -213,6 +215,9 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"), os.path.join(out, f"{base}.{ext}"))
     tr.plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
     shutil.copyfile(os.path.join(out, f"ap_curve_{name}.png"), os.path.join(out, "ap_curve.png"))
+    if METHOD_REGISTRY.get(cfg.SSOD.METHOD).uses_teacher:
+        # one picture of the final teacher's pseudo-labels (tools/visualize_pseudo_labels.py)
+        write_pseudo_label_pictures(cfg, os.path.join(dirs["ssod"], "model_final.pth"), out, 1)
     print(table)
     return summary
 

@@ -31,7 +31,7 @@ def dataset_category_ids(dataset_name, num_classes):
 
 
 def write_pseudo_label_json(path, images, detections, thing_classes, category_ids=None,
-                            image_fields=None):
+                            image_fields=None, annotation_fields=None):
     """Write pseudo-labels as a COCO instances json, atomically (a crash leaves no partial file).
 
     Args:
@@ -44,6 +44,8 @@ def write_pseudo_label_json(path, images, detections, thing_classes, category_id
         category_ids: json category id of each contiguous class (default ``1..C``).
         image_fields: optional per-image dicts of extra fields for the ``images`` entries
             (e.g. the stability score).
+        annotation_fields: optional per image a list with one dict of extra fields per box
+            for its ``annotations`` entries (e.g. the method's rule outcome).
     """
     category_ids = list(category_ids or range(1, len(thing_classes) + 1))
     out_images, annotations = [], []
@@ -55,12 +57,17 @@ def write_pseudo_label_json(path, images, detections, thing_classes, category_id
         out_images.append(entry)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
-        for box, cls, score in zip(xywh.tolist(), np.asarray(classes).tolist(),
-                                   np.asarray(scores, dtype=np.float64).round(4).tolist()):
+        extra = annotation_fields[i] if annotation_fields is not None else [{}] * len(xywh)
+        if len(extra) != len(xywh):
+            raise ValueError(f"annotation_fields of image {entry['file_name']} has {len(extra)} "
+                             f"entries for {len(xywh)} boxes.")
+        for box, cls, score, fields in zip(xywh.tolist(), np.asarray(classes).tolist(),
+                                           np.asarray(scores, dtype=np.float64).round(4).tolist(),
+                                           extra):
             annotations.append({"id": len(annotations) + 1, "image_id": entry["id"],
                                 "category_id": category_ids[int(cls)], "bbox": box,
                                 "area": round(box[2] * box[3], 2), "iscrowd": 0,
-                                "score": score})
+                                "score": score, **fields})
     data = {"images": out_images, "annotations": annotations,
             "categories": [{"id": c, "name": n} for c, n in zip(category_ids, thing_classes)]}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

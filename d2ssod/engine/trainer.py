@@ -1,13 +1,15 @@
 """The SSOD trainer: Detectron2's ``DefaultTrainer`` with a teacher, a method and two streams.
 
 ``SSODTrainer`` keeps everything ``DefaultTrainer`` does (model, optimizer, LR schedule,
-checkpoints, evaluation, writers, DDP through ``launch()``) and changes four things:
+checkpoints, evaluation, writers, DDP through ``launch()``) and changes five things:
 
 * ``build_train_loader`` returns the two-stream loader (labeled + unlabeled);
 * the step object is :class:`SSODStep`, whose ``run_step`` is the algorithm;
 * a frozen EMA teacher (:class:`~d2ssod.engine.ema.EMATeacher`) is kept by :class:`EMAHook`
   and checkpointed as the file's ``"model"`` entry, with the student beside it;
-* evaluation reports teacher and student (``teacher/bbox/AP``, ``student/bbox/AP``).
+* evaluation reports teacher and student (``teacher/bbox/AP``, ``student/bbox/AP``);
+* with ``SSOD.VIS_PERIOD`` > 0, :class:`~d2ssod.engine.visualization.PseudoLabelVisHook` puts
+  a picture of the pseudo-labels into the event storage (TensorBoard).
 
 Construction: ``DefaultTrainer.__init__`` builds the student, optimizer, loader, DDP wrapper,
 LR scheduler and hooks; ``SSODTrainer.__init__`` then builds the SSOD parts from them (teacher,
@@ -40,6 +42,7 @@ from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
 from .hooks import EMAHook, MethodHook, TrainerCheckpointHook
 from .schedule import StepSchedule
+from .visualization import PseudoLabelVisHook
 
 __all__ = ["SSODTrainer", "SSODStep"]
 
@@ -98,6 +101,9 @@ class SSODStep(SimpleTrainer):
         self.schedule = schedule
         self.skipped = SkippedFilesMeter()
         self._labeled_it = self._unlabeled_it = None
+        # A dict while a hook wants this step's unlabeled batch, pseudo-labels and batch_info
+        # (see SSODMethod.unsupervised_losses); None otherwise.
+        self.unsup_record = None
 
     def reset_data_loader(self, data_loader_builder):
         super().reset_data_loader(data_loader_builder)
@@ -131,7 +137,8 @@ class SSODStep(SimpleTrainer):
             loss_dict.update(self.method.supervised_losses(
                 self.model, labeled, unlabeled if burn_in else None))
         if unlabeled is not None and not burn_in:
-            loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled))
+            record = {} if self.unsup_record is None else {"record": self.unsup_record}
+            loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled, **record))
         losses = sum(loss_dict.values())
 
         self.optimizer.zero_grad()
@@ -264,6 +271,11 @@ class SSODTrainer(DefaultTrainer):
                           ssod.EMA_RAMP, ssod.EMA_RAMP_EXP_ITERS)
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
             ret[at:at] = [ema, MethodHook()]
+        if self.uses_teacher(cfg) and cfg.SSOD.VIS_PERIOD > 0:
+            # before the writers, so a picture is written with its iteration's metrics
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
+                      len(ret))
+            ret.insert(at, PseudoLabelVisHook.from_config(cfg))
         return ret
 
     def resume_or_load(self, resume=True):

@@ -29,6 +29,11 @@ gives it the end of every iteration (:meth:`~SSODMethod.after_step`, through
 :class:`~d2ssod.engine.hooks.MethodHook`, which also checkpoints the method's training state:
 :meth:`~SSODMethod.state_dict`).
 
+For people rather than losses, :meth:`SSODMethod.explain` says what the method's rules did
+with each teacher detection (one code per box, named and coloured by the class's
+:attr:`~SSODMethod.outcomes` table); it reads only what ``pseudo_label`` returned and runs
+only when asked (the pseudo-label view of :mod:`d2ssod.engine.visualization`, the export tool).
+
 A method declares its own config keys (:meth:`SSODMethod.add_config`, called for every
 registered method by :func:`d2ssod.config.add_ssod_config`) and checks them
 (:meth:`SSODMethod.validate_config`). Methods are found through ``METHOD_REGISTRY``; adding one
@@ -36,6 +41,7 @@ means adding a module to :mod:`d2ssod.methods` (imported automatically), a confi
 tests.
 """
 import abc
+from typing import NamedTuple
 
 import torch
 from detectron2.layers import cat
@@ -46,7 +52,50 @@ from d2ssod.data.view_geometry import map_boxes, view_matrices, view_sizes, view
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.modeling.box_ops import clip_boxes
 
-__all__ = ["SSODMethod", "clip_to_view", "map_view_boxes", "threshold_detections"]
+__all__ = ["SSODMethod", "Outcome", "ExplainedDetections", "explained", "concat_explained",
+           "clip_to_view", "map_view_boxes", "threshold_detections"]
+
+
+class Outcome(NamedTuple):
+    """One entry of a method's rule-outcome table (:attr:`SSODMethod.outcomes`).
+
+    Attributes:
+        name (str): what the rules did with the box, e.g. "dropped: score".
+        color (str): a matplotlib colour (name or "#rrggbb") to draw such boxes with.
+        used (bool): whether such a box reaches an unsupervised loss (the export tool writes
+            only these unless asked for all).
+    """
+
+    name: str
+    color: str
+    used: bool
+
+
+class ExplainedDetections(NamedTuple):
+    """One image's teacher detections with the method's verdict on each (row-aligned).
+
+    Attributes:
+        boxes (Tensor): (N, 4) XYXY in the view's pixels.
+        scores (Tensor): (N,) teacher scores.
+        classes (Tensor): (N,) contiguous class indices.
+        outcomes (Tensor): (N,) int64 indices into the method's :attr:`SSODMethod.outcomes`.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+    outcomes: torch.Tensor
+
+
+def explained(boxes, scores, classes, codes):
+    """:class:`ExplainedDetections` from tensors and per-row codes (a tensor or an int)."""
+    codes = torch.as_tensor(codes, dtype=torch.int64, device=scores.device)
+    return ExplainedDetections(boxes, scores, classes, codes.expand(scores.shape[0]).clone())
+
+
+def concat_explained(parts):
+    """One :class:`ExplainedDetections` from several (rows in order)."""
+    return ExplainedDetections(*(cat(list(field), dim=0) for field in zip(*parts)))
 
 
 def clip_to_view(boxes, counts, batch, view):
@@ -97,6 +146,7 @@ class SSODMethod(abc.ABC):
     """Base class of teacher–student methods; see the module docstring for the stages.
 
     Attributes:
+        outcomes (tuple[Outcome]): the rule outcomes :meth:`explain` reports, by code.
         uses_teacher (bool): whether the trainer must keep an EMA teacher and read the
             unlabeled stream.
         supports_scale_consistency (bool): whether the method adds SED's scale-consistency terms
@@ -115,6 +165,8 @@ class SSODMethod(abc.ABC):
     supports_scale_consistency = False
     loss_weights = {}
     default_loss_weight = None
+    # What :meth:`explain` can say about a teacher detection; codes index this tuple.
+    outcomes = (Outcome("pseudo label", "lime", True),)
 
     def __init__(self, cfg, student, teacher):
         type(self).validate_config(cfg)
@@ -224,14 +276,31 @@ class SSODMethod(abc.ABC):
             weights.update({k: self.default_loss_weight for k in losses if k not in weights})
         return {f"unsup/{k}": losses[k] * (w * self.unsup_weight) for k, w in weights.items()}
 
-    def unsupervised_losses(self, student, unlabeled):
-        """Run the four stages on an unlabeled batch; returns the weighted, named losses."""
+    def unsupervised_losses(self, student, unlabeled, record=None):
+        """Run the four stages on an unlabeled batch; returns the weighted, named losses.
+
+        ``record``, when a dict, receives this batch's ``unlabeled``, ``pseudo`` and
+        ``batch_info`` (references only: the trainer passes one on the iterations a
+        visualisation hook draws, ``None`` otherwise)."""
         pseudo, batch_info = self.pseudo_label(unlabeled)
+        if record is not None:
+            record.update(unlabeled=unlabeled, pseudo=pseudo, batch_info=batch_info)
         self.log_pseudo_labels(pseudo, unlabeled)
         targets = self.project(pseudo, unlabeled, batch_info)
         with get_event_storage().name_scope("unsup"):
             losses = self.student_losses(student, unlabeled, targets, batch_info)
         return self.weight_losses(losses)
+
+    # ----------------------------------------------------------------------------- explain
+    def explain(self, pseudo, batch_info):
+        """What the method's rules did with each teacher detection of each image, from what
+        :meth:`pseudo_label` returned (no teacher call): a list of
+        :class:`ExplainedDetections` in weak-view pixels, codes indexing :attr:`outcomes`.
+        Here every pseudo box is a "pseudo label"; methods whose rules drop or split
+        detections override this."""
+        return [explained(p.gt_boxes.tensor,
+                          p.gt_scores if p.has("gt_scores") else torch.ones(len(p)),
+                          p.gt_classes, 0) for p in pseudo]
 
     # ----------------------------------------------------------------------------- logging
     def log_pseudo_labels(self, pseudo, unlabeled):

@@ -51,7 +51,7 @@ from detectron2.utils.events import get_event_storage
 from d2ssod.ddp import unwrap_model
 from d2ssod.modeling.domain_discriminator import DomainDiscriminator
 
-from .base import SSODMethod
+from .base import Outcome, SSODMethod, concat_explained, explained
 from .build import METHOD_REGISTRY
 
 __all__ = ["EfficientTeacher", "ClassThresholds", "assign_pseudo_labels", "class_thresholds",
@@ -342,14 +342,41 @@ class EfficientTeacher(SSODMethod):
     # ------------------------------------------------------------------- pseudo-labels
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
+        """The assigner's targets per image; ``batch_info["detections"]`` = all the teacher's
+        detections (for :meth:`explain`)."""
         detections = self.teacher_detections(unlabeled)
+        info = {"detections": detections}
         if self.class_thresholds is None:
-            return [assign_pseudo_labels(d, **self.assigner_args) for d in detections], {}
+            return [assign_pseudo_labels(d, **self.assigner_args) for d in detections], info
         self.class_thresholds.observe(detections)
         low = self.class_thresholds.thresholds
         args = {k: v for k, v in self.assigner_args.items() if k != "thresh_low"}
         return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes], **args)
-                for d in detections], {}
+                for d in detections], info
+
+    outcomes = (Outcome("reliable", "lime", True),
+                Outcome("uncertain: with box term", "cyan", True),
+                Outcome("uncertain", "yellow", True),
+                Outcome("dropped: score", "red", False))
+
+    def explain(self, pseudo, batch_info):
+        """Kept boxes are reliable (``gt_objectness`` −1) or uncertain, with or without a box
+        term (``gt_reg_valid``); teacher detections the assigner did not keep (found by
+        box, class and score, so whatever rule the assigner applies) are dropped."""
+        out = []
+        for kept, det in zip(pseudo, batch_info["detections"]):
+            codes = torch.where(kept.gt_objectness < 0, 0, torch.where(kept.gt_reg_valid, 1, 2))
+            rows = torch.cat([det.pred_boxes.tensor, det.pred_classes[:, None].to(det.scores.dtype),
+                              det.scores[:, None]], dim=1)
+            kept_rows = torch.cat([kept.gt_boxes.tensor,
+                                   kept.gt_classes[:, None].to(kept.gt_scores.dtype),
+                                   kept.gt_scores[:, None]], dim=1)
+            dropped = ~(rows[:, None, :] == kept_rows[None, :, :]).all(dim=2).any(dim=1)
+            low = det[dropped]
+            out.append(concat_explained([
+                explained(kept.gt_boxes.tensor, kept.gt_scores, kept.gt_classes, codes),
+                explained(low.pred_boxes.tensor, low.scores, low.pred_classes, 3)]))
+        return out
 
     def log_pseudo_labels(self, pseudo, unlabeled):
         """The base class's counts and quality, plus ``pseudo/reliable_per_image`` and

@@ -62,7 +62,14 @@ from d2ssod.modeling.scale_consistency import (
 from d2ssod.modeling.scale_levels import padded_image_list
 from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
 
-from .base import SSODMethod, clip_to_view, map_view_boxes, threshold_detections
+from .base import (
+    Outcome,
+    SSODMethod,
+    clip_to_view,
+    explained,
+    map_view_boxes,
+    threshold_detections,
+)
 from .build import METHOD_REGISTRY
 
 __all__ = ["SED", "TeacherPass", "TeacherROITargets", "rpn_distill_losses", "roi_distill_losses"]
@@ -109,6 +116,11 @@ class SED(SSODMethod):
     timed_parts = {"teacher": ("teacher_pass", "teacher_roi_predictions"),
                    "student": ("student_losses",),
                    "scale": ("scale_branch",)}
+    # No thresholds: every detection is a soft target; the bins show how much the teacher's
+    # outputs there weigh (score^γ, a lower bound of the re-weighting's (1 − p_bg)^γ).
+    outcomes = (Outcome("soft target: weight >= 0.7", "lime", True),
+                Outcome("soft target: weight 0.3-0.7", "yellow", True),
+                Outcome("soft target: weight < 0.3", "orange", True))
 
     @classmethod
     def add_config(cls, cfg):
@@ -195,9 +207,23 @@ class SED(SSODMethod):
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
         """Teacher detections with score ≥ ``LOG_SCORE_THRESH``, for the logs only;
-        ``batch_info["teacher"]`` is the :class:`TeacherPass` the losses learn from."""
+        ``batch_info["teacher"]`` is the :class:`TeacherPass` the losses learn from,
+        ``batch_info["detections"]`` all the teacher's detections (for :meth:`explain`)."""
         detections, teacher = self.teacher_pass(unlabeled)
-        return threshold_detections(detections, self.log_thresh), {"teacher": teacher}
+        return (threshold_detections(detections, self.log_thresh),
+                {"teacher": teacher, "detections": detections})
+
+    def explain(self, pseudo, batch_info):
+        """SED has no thresholds: every teacher detection is a soft target, binned by its
+        weight ``score^γ`` (``REWEIGHT_GAMMA``; the detection's class probability is at most
+        its foreground probability 1 − p_bg, so this bounds the re-weighting ``(1 − p_bg)^γ``
+        of student proposals on it from below; γ = 0 weighs everything 1)."""
+        out = []
+        for d in batch_info["detections"]:
+            weight = d.scores.pow(self.gamma)
+            codes = (weight < 0.7).long() + (weight < 0.3).long()
+            out.append(explained(d.pred_boxes.tensor, d.scores, d.pred_classes, codes))
+        return out
 
     # ----------------------------------------------------------------------------- stage 3
     def student_losses(self, student, unlabeled, targets, batch_info):

@@ -45,7 +45,14 @@ from d2ssod.modeling.box_jitter import jitter_uncertainty
 from d2ssod.modeling.scale_consistency import ScaleConsistency
 from d2ssod.modeling.soft_roi_heads import SoftTeacherROIHeads
 
-from .base import SSODMethod, map_view_boxes, threshold_detections
+from .base import (
+    Outcome,
+    SSODMethod,
+    concat_explained,
+    explained,
+    map_view_boxes,
+    threshold_detections,
+)
 from .build import METHOD_REGISTRY
 
 __all__ = ["SoftTeacher"]
@@ -62,6 +69,11 @@ class SoftTeacher(SSODMethod):
     timed_parts = {"teacher": ("teacher_pass",),
                    "jitter": ("jitter_uncertainty",),
                    "bg_score": ("background_probabilities",)}
+    outcomes = (Outcome("kept: classification + regression", "lime", True),
+                Outcome("kept: classification", "yellow", True),
+                Outcome("kept: regression", "cyan", True),
+                Outcome("dropped: uncertainty", "magenta", False),
+                Outcome("dropped: score", "red", False))
 
     @classmethod
     def add_config(cls, cfg):
@@ -136,7 +148,8 @@ class SoftTeacher(SSODMethod):
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
         """Candidates (score ≥ ``min(CLS_THRESH, REG_THRESH)``) with ``gt_uncertainty`` and
-        ``gt_reg_valid``; ``batch_info["features"]`` = the teacher's weak-view features."""
+        ``gt_reg_valid``; ``batch_info["features"]`` = the teacher's weak-view features,
+        ``batch_info["detections"]`` all its detections (for :meth:`explain`)."""
         detections, features = self.teacher_pass(unlabeled)
         candidates = threshold_detections(detections, min(self.cls_thresh, self.reg_thresh))
         uncertainty = self.jitter_uncertainty(candidates, features)
@@ -144,7 +157,23 @@ class SoftTeacher(SSODMethod):
             inst.gt_uncertainty = unc
             inst.gt_reg_valid = (inst.gt_scores >= self.reg_thresh) & (
                 unc < self.uncertainty_thresh)
-        return candidates, {"features": features}
+        return candidates, {"features": features, "detections": detections}
+
+    def explain(self, pseudo, batch_info):
+        """Candidates (``pseudo``) are kept for classification (score ≥ ``CLS_THRESH``), for
+        regression (``gt_reg_valid``), for both, or dropped by their jitter uncertainty
+        (score ≥ ``REG_THRESH`` but uncertainty ≥ ``UNCERTAINTY_THRESH``, and below
+        ``CLS_THRESH``); the other teacher detections are dropped by their score."""
+        out = []
+        for cand, det in zip(pseudo, batch_info["detections"]):
+            cls = cand.gt_scores >= self.cls_thresh
+            reg = cand.gt_reg_valid
+            codes = torch.where(cls, torch.where(reg, 0, 1), torch.where(reg, 2, 3))
+            low = det[det.scores < min(self.cls_thresh, self.reg_thresh)]
+            out.append(concat_explained([
+                explained(cand.gt_boxes.tensor, cand.gt_scores, cand.gt_classes, codes),
+                explained(low.pred_boxes.tensor, low.scores, low.pred_classes, 4)]))
+        return out
 
     @torch.no_grad()
     def jitter_uncertainty(self, candidates, features):

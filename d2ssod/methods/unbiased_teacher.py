@@ -19,7 +19,7 @@ What this method contributes to the shared trainer:
 import torch
 from detectron2.config import CfgNode as CN
 
-from .base import SSODMethod, threshold_detections
+from .base import Outcome, SSODMethod, explained, threshold_detections
 from .build import METHOD_REGISTRY
 
 __all__ = ["UnbiasedTeacher"]
@@ -29,6 +29,8 @@ __all__ = ["UnbiasedTeacher"]
 class UnbiasedTeacher(SSODMethod):
     loss_weights = {"loss_rpn_cls": 1.0, "loss_cls": 1.0, "loss_rpn_loc": 0.0, "loss_box_reg": 0.0}
     default_loss_weight = 1.0
+    outcomes = (Outcome("kept: classification", "lime", True),
+                Outcome("dropped: score", "red", False))
 
     @classmethod
     def add_config(cls, cfg):
@@ -42,4 +44,15 @@ class UnbiasedTeacher(SSODMethod):
 
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
-        return threshold_detections(self.teacher_detections(unlabeled), self.score_thresh), {}
+        """Detections with score ≥ ``SCORE_THRESH``; ``batch_info["detections"]`` = all of the
+        teacher's detections (for :meth:`explain`)."""
+        detections = self.teacher_detections(unlabeled)
+        return (threshold_detections(detections, self.score_thresh),
+                {"detections": detections})
+
+    def explain(self, pseudo, batch_info):
+        """Each teacher detection is kept (score ≥ ``SCORE_THRESH``: classification targets) or
+        dropped by its score."""
+        return [explained(d.pred_boxes.tensor, d.scores, d.pred_classes,
+                          (d.scores < self.score_thresh).long())
+                for d in batch_info["detections"]]
