@@ -72,12 +72,14 @@ def watch_teacher(trainer, alive):
     the current step, and the optimizer's ``zero_grad`` (called right before the backward) so
     that the live ones are counted there, with the RSS."""
     method = trainer._trainer.method
-    refs = {}  # id → weak reference: a tensor returned by two stages counts once
+    refs = []
 
     def watched(fn):
         def wrapper(*args, **kwargs):
             out = fn(*args, **kwargs)
-            refs.update((id(t), weakref.ref(t)) for t in _tensors(out))
+            for t in _tensors(out):  # a tensor returned by two stages counts once
+                if not any(r() is t for r in refs):
+                    refs.append(weakref.ref(t))
             return out
         return wrapper
 
@@ -88,7 +90,7 @@ def watch_teacher(trainer, alive):
     zero_grad = optimizer.zero_grad
 
     def counting_zero_grad(*args, **kwargs):
-        alive.append((sum(r() is not None for r in refs.values()), len(refs), rss_mb()))
+        alive.append((sum(r() is not None for r in refs), len(refs), rss_mb()))
         refs.clear()
         return zero_grad(*args, **kwargs)
 
