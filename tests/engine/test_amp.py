@@ -133,3 +133,14 @@ def test_ema_refuses_low_precision_weights():
 
     with pytest.raises(ValueError, match="float32 weights.*SOLVER.AMP.ENABLED"):
         EMATeacher(nn.Linear(2, 2).to(torch.bfloat16))
+
+
+def test_trainer_state_carries_the_scaler_and_loads_without_it(tmp_path):
+    trainer, _, _ = _train(_cfg("supervised.yaml", str(tmp_path), True, 1))
+    step = trainer._trainer
+    state = step.state_dict()
+    assert state["grad_scaler"] == {}  # the CPU bfloat16 scaler is disabled: no state
+    state.pop("grad_scaler")  # a checkpoint from before the scaler was kept
+    state["iteration"] = 7
+    step.load_state_dict(state)
+    assert step.iter == 7
