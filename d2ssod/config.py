@@ -31,6 +31,11 @@ EMA_BUFFER_MODES = ("average", "copy")
 def add_ssod_config(cfg):
     """Add d2ssod's keys (with defaults) to ``cfg`` in place and return it."""
     _C = cfg
+    # Mixed precision: SOLVER.AMP.PRECISION beside Detectron2's SOLVER.AMP.ENABLED
+    # (d2ssod/engine/amp.py).
+    from d2ssod.engine.amp import add_amp_config
+
+    add_amp_config(cfg)
 
     # ---------------------------------------------------------------------------------------
     # Semi-supervised training
@@ -237,9 +242,9 @@ def validate_ssod_config(cfg):
         raise ValueError(f"SSOD.EMA_MOMENTUM={cfg.SSOD.EMA_MOMENTUM} must lie in [0, 1].")
     if cfg.SSOD.UNLABELED_RATIO <= 0:
         raise ValueError(f"SSOD.UNLABELED_RATIO={cfg.SSOD.UNLABELED_RATIO} must be > 0.")
-    if cfg.SOLVER.AMP.ENABLED:
-        raise ValueError("SOLVER.AMP.ENABLED=True: mixed precision is not implemented in d2ssod's "
-                         "SSOD step yet (it would be silently ignored); set SOLVER.AMP.ENABLED False.")
+    from d2ssod.engine.amp import validate_amp_config
+
+    validate_amp_config(cfg)
     if cfg.SSOD.EMA_RAMP and cfg.SSOD.EMA_RAMP_EXP_ITERS > 0:
         raise ValueError("SSOD.EMA_RAMP=True and SSOD.EMA_RAMP_EXP_ITERS > 0 are two different "
                          "momentum ramps; choose one (set the other False / 0).")

@@ -162,3 +162,34 @@ def test_noise_split_subtracts_evaluation_variance_in_quadrature():
     assert rows["m"]["gain_mean"] == pytest.approx(3.5)
     assert rows["m"]["gain_eval_std"] == pytest.approx(1.0)
     assert rows["m"]["gain_train_std"] == 0.0  # 0.5 - 1 < 0: all of it is evaluation noise
+
+
+def test_memory_tool_sees_teacher_outputs_freed_before_the_backward_and_a_kept_one(tmp_path):
+    """tools/benchmark_memory.py's check on a small Soft Teacher step (every detection a pseudo
+    box and a jitter candidate): nothing the teacher produced is alive when the backward starts;
+    a reference kept on purpose across the step is seen."""
+    from training_helpers import PSEUDO_BOX_OPTS
+
+    mem = _tool("benchmark_memory")
+    _, trainer = mem.build_trainer(
+        os.path.join(REPO, "configs/demo/soft_teacher.yaml"),
+        ["OUTPUT_DIR", tmp_path, "SOLVER.IMS_PER_BATCH", 1, "DATALOADER.NUM_WORKERS", 0,
+         "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 192,
+         "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "TEST.DETECTIONS_PER_IMAGE", 20,
+         *PSEUDO_BOX_OPTS["soft_teacher.yaml"]])
+    alive = []
+    mem.watch_teacher(trainer, alive)
+    method, kept = trainer._trainer.method, []
+    pseudo_label = method.pseudo_label
+
+    def leaking(unlabeled):  # from the second step on, keeps the teacher's features
+        out = pseudo_label(unlabeled)
+        if alive:
+            kept.append(out[1]["features"])
+        return out
+
+    method.pseudo_label = leaking
+    mem.run_steps(trainer, 2, lambda it, seconds: None)
+    (freed, total, _), (leaked, total2, _) = alive
+    assert freed == 0 and total > 5  # features, detections, pseudo boxes, uncertainties
+    assert leaked == len(kept[0]) > 0

@@ -90,13 +90,3 @@ def test_bad_values_of_ssod_keys():
         build_cfg(UT, ["SSOD.EMA_MOMENTUM", "1.5"])
     with pytest.raises(ValueError, match=r"SSOD.UNLABELED_RATIO=0.0 must be > 0"):
         build_cfg(UT, ["SSOD.UNLABELED_RATIO", "0.0"])
-
-
-def test_amp_is_refused_rather_than_silently_ignored():
-    import pytest as _pytest
-
-    from d2ssod.engine import build_cfg as _build
-
-    with _pytest.raises(ValueError, match="SOLVER.AMP.ENABLED"):
-        _build(None, ["SOLVER.AMP.ENABLED", "True", "SSOD.METHOD", "supervised",
-                      "DATASETS.TRAIN", "('demo_labeled',)", "DATASETS.TEST", "()"])

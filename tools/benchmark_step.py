@@ -2,7 +2,7 @@
 """Where the time of one SSOD training step goes.
 
     python tools/benchmark_step.py [--config-file configs/demo/unbiased_teacher.yaml]
-        [--iters 20] [--warmup 5] [--output benchmarks/step.json] [KEY VALUE ...]
+        [--iters 20] [--warmup 5] [--output benchmarks/step.json] [--amp] [KEY VALUE ...]
 
 Builds the real trainer (demo data, semi-supervised phase: burn-in set to 0), runs ``--warmup``
 untimed iterations, then times ``--iters`` iterations of ``run_step`` + hooks, split into
@@ -22,7 +22,9 @@ is exclusive, i.e. time spent in a part called from inside another counts only f
 The parts are measured with wall-clock timers around the trainer's own functions (the timers
 synchronise CUDA when the model is on a GPU; training code itself never does). ``ratio`` is
 the full step time over the sum of the measured parts except ``other``: how much of the step
-the named parts explain. Results (median per part, seconds) go to ``--output``.
+the named parts explain. Results (median per part, seconds) go to ``--output``. ``--amp``
+trains with ``SOLVER.AMP.ENABLED`` (bfloat16 autocast on CPU, float16 + gradient scaler on
+CUDA); its label gets ``+amp``.
 """
 import argparse
 import json
@@ -107,18 +109,10 @@ def instrument(trainer, timer):
         trainer.teacher.update = timer.wrap("ema", trainer.teacher.update)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=os.path.join(REPO, "configs/demo/unbiased_teacher.yaml"))
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks/step.json"))
-    parser.add_argument("--label", default=None, help="key of this run in the output file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-
+def build_trainer(config_file, opts, amp=False):
+    """The real trainer for ``config_file`` in its semi-supervised phase (burn-in 0, no
+    evaluation or checkpoints), ``opts`` applied; with ``amp``, ``SOLVER.AMP.ENABLED``."""
     sys.path.insert(0, REPO)
-    from detectron2.utils.events import EventStorage
     from detectron2.utils.logger import setup_logger
 
     import d2ssod  # noqa: F401
@@ -126,32 +120,74 @@ def main():
 
     setup_logger(name="d2ssod")
     opts = ["SSOD.BURN_IN_ITERS", 0, "TEST.EVAL_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD", 10**9,
-            "OUTPUT_DIR", os.path.join(REPO, "output/benchmark_step"), *args.opts]
-    cfg = build_cfg(args.config_file, [str(o) for o in opts])
+            "OUTPUT_DIR", os.path.join(REPO, "output/benchmark_step"), *opts,
+            *(["SOLVER.AMP.ENABLED", True] if amp else [])]
+    cfg = build_cfg(config_file, [str(o) for o in opts])
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    timer = PartTimer(cfg.MODEL.DEVICE)
-    instrument(trainer, timer)
+    return cfg, trainer
 
-    records = []
+
+def run_steps(trainer, iterations, after_step, sync=lambda: None):
+    """Run ``iterations`` training iterations (hooks included) in an event storage, calling
+    ``after_step(it, seconds)`` after each, ``seconds`` = before_step + run_step + after_step
+    between two calls of ``sync`` (CUDA: wait for the device)."""
+    from detectron2.utils.events import EventStorage
+
     with EventStorage(0) as storage:
         trainer.storage = storage
         trainer.before_train()
-        for it in range(args.warmup + args.iters):
+        for it in range(iterations):
             trainer.iter = storage.iter = it
-            timer.current = {}
-            timer.sync()
+            sync()
             t = time.perf_counter()
             trainer.before_step()
             trainer.run_step()
             trainer.after_step()
-            timer.sync()
-            total = time.perf_counter() - t
-            if it >= args.warmup:
-                parts = dict(timer.current)
-                parts["step"] = total
-                records.append(parts)
+            sync()
+            after_step(it, time.perf_counter() - t)
             storage.step()
+
+
+def store_result(path, label, result):
+    """Put ``result`` under ``label`` in the json file ``path`` (other labels kept); returns
+    the file's whole content."""
+    existing = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    existing[label] = result
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(existing, f, indent=2)
+    return existing
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", default=os.path.join(REPO, "configs/demo/unbiased_teacher.yaml"))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks/step.json"))
+    parser.add_argument("--label", default=None, help="key of this run in the output file")
+    parser.add_argument("--amp", action="store_true",
+                        help="SOLVER.AMP.ENABLED (bfloat16 autocast on CPU, float16 on CUDA)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    cfg, trainer = build_trainer(args.config_file, args.opts, args.amp)
+    timer = PartTimer(cfg.MODEL.DEVICE)
+    instrument(trainer, timer)
+
+    records = []
+
+    def record(it, seconds):
+        if it >= args.warmup:
+            records.append(dict(timer.current, step=seconds))
+        timer.current = {}
+
+    timer.current = {}
+    run_steps(trainer, args.warmup + args.iters, record, timer.sync)
 
     names = ["data", "teacher", "student", "ema"]
     names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
@@ -168,20 +204,14 @@ def main():
         "labeled_batch": cfg.SOLVER.IMS_PER_BATCH,
         "unlabeled_batch": round(cfg.SOLVER.IMS_PER_BATCH * cfg.SSOD.UNLABELED_RATIO),
         "iters": args.iters,
+        "amp": str(trainer._trainer.precision).replace("torch.", "") if args.amp else None,
         "median_seconds": {k: round(v, 4) for k, v in med.items()},
         "share_of_step": {k: round(med[k] / med["step"], 3) for k in names + ["other"]},
         "ratio_step_to_parts": round(statistics.median(
             r["step"] / e for r, e in zip(records, explained)), 3),
     }
-    label = args.label or f"{cfg.SSOD.METHOD}@{cfg.MODEL.DEVICE}"
-    existing = {}
-    if os.path.exists(args.output):
-        with open(args.output) as f:
-            existing = json.load(f)
-    existing[label] = result
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(existing, f, indent=2)
+    label = args.label or f"{cfg.SSOD.METHOD}@{cfg.MODEL.DEVICE}{'+amp' if args.amp else ''}"
+    store_result(args.output, label, result)
     print(json.dumps({label: result}, indent=2))
 
 

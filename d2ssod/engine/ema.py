@@ -5,7 +5,9 @@ The teacher is a deep copy of the student that is only ever changed by
 2017; used by Unbiased Teacher and Soft Teacher). It stays in ``eval()`` mode, never requires
 grad and is never seen by the optimizer. Parameters are updated with ``torch._foreach_*`` over
 tensor lists built once, so a step costs two fused kernels per dtype/device group rather than a
-state-dict rebuild.
+state-dict rebuild. The weights, hence the average, are float32 also under mixed precision
+(``SOLVER.AMP.ENABLED`` autocasts computations only; the update runs after the step, outside
+its autocast region); lower-precision weights are refused.
 """
 import copy
 import math
@@ -71,6 +73,14 @@ class EMATeacher(nn.Module):
             else:
                 self._copy_t.append(tb)
                 self._copy_s.append(s_buffers[k])
+        low = sorted({str(t.dtype) for t in self._avg_t} - {"torch.float32", "torch.float64"})
+        if low:
+            # m·θ_t + (1 − m)·θ_s with m ≈ 0.999 moves a weight by ~0.1 % of the difference, below
+            # the resolution of float16 / bfloat16 weights: the average has to be float32.
+            raise ValueError(f"EMATeacher: the student has {low} parameters or buffers; the EMA "
+                             f"needs float32 weights. Keep the model float32 and use "
+                             f"SOLVER.AMP.ENABLED for mixed precision (it autocasts the "
+                             f"computations, not the weights).")
 
     def train(self, mode=True):
         """The teacher never leaves eval mode (dropout off, BatchNorm uses running stats)."""

@@ -23,11 +23,12 @@ import functools
 import logging
 import random
 import time
+import warnings
 import weakref
 
 import numpy as np
 import torch
-from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -38,6 +39,7 @@ from d2ssod.ddp import unwrap_model
 from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
+from .amp import amp_precision, autocast, build_grad_scaler
 from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
 from .hooks import EMAHook, MethodHook, TrainerCheckpointHook
@@ -84,8 +86,8 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-class SSODStep(SimpleTrainer):
-    """One semi-supervised iteration (``run_step``) on top of Detectron2's ``SimpleTrainer``.
+class SSODStep(AMPTrainer):
+    """One semi-supervised iteration (``run_step``) on top of Detectron2's ``AMPTrainer``.
 
     What an iteration reads follows ``schedule`` (:class:`~d2ssod.engine.schedule.StepSchedule`):
     ``joint`` mode (default, as the official methods) takes a labeled and an unlabeled batch and
@@ -93,10 +95,21 @@ class SSODStep(SimpleTrainer):
     on even and unsupervised-only steps on odd iterations. During burn-in, supervised only; the
     unlabeled stream is read only when the method asks for it, and then goes to its
     :meth:`~d2ssod.methods.base.SSODMethod.supervised_losses` with the labeled batch.
+
+    Mixed precision (:mod:`d2ssod.engine.amp`): with ``precision`` (a torch dtype) every forward
+    of the iteration, the teacher's included, runs in one autocast region on ``device_type``,
+    and the loss terms are summed in float32 outside it. ``AMPTrainer`` provides the gradient
+    scaler (enabled for CUDA float16 only, see :func:`~d2ssod.engine.amp.build_grad_scaler`)
+    and checkpoints its state; with ``precision=None`` the step is plain float32 and the
+    disabled scaler passes the loss and the optimizer step through unchanged.
     """
 
-    def __init__(self, model, data_loader, optimizer, method, schedule):
-        super().__init__(model, data_loader, optimizer)
+    def __init__(self, model, data_loader, optimizer, method, schedule, precision=None,
+                 device_type="cpu"):
+        super().__init__(model, data_loader, optimizer,
+                         grad_scaler=build_grad_scaler(device_type, precision),
+                         precision=precision)
+        self.device_type = device_type
         self.method = method
         self.schedule = schedule
         self.skipped = SkippedFilesMeter()
@@ -133,23 +146,29 @@ class SSODStep(SimpleTrainer):
 
         burn_in = self.schedule.in_burn_in(self.iter)
         loss_dict = {}
-        if labeled is not None:
-            loss_dict.update(self.method.supervised_losses(
-                self.model, labeled, unlabeled if burn_in else None))
-        if unlabeled is not None and not burn_in:
-            record = {} if self.unsup_record is None else {"record": self.unsup_record}
-            loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled, **record))
+        with autocast(self.device_type, self.precision):
+            if labeled is not None:
+                loss_dict.update(self.method.supervised_losses(
+                    self.model, labeled, unlabeled if burn_in else None))
+            if unlabeled is not None and not burn_in:
+                record = {} if self.unsup_record is None else {"record": self.unsup_record}
+                loss_dict.update(self.method.unsupervised_losses(self.model, unlabeled, **record))
+        loss_dict = {k: v.float() for k, v in loss_dict.items()}
         losses = sum(loss_dict.values())
 
         self.optimizer.zero_grad()
-        losses.backward()
+        self.grad_scaler.scale(losses).backward()
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
     def load_state_dict(self, state_dict):
-        """Detectron2's (iteration, optimizer), with a clear error when the checkpoint's optimizer
-        state does not fit the student's parameters."""
+        """``AMPTrainer``'s (iteration, optimizer, gradient scaler). A checkpoint without scaler
+        state (written with AMP off, or before d2ssod kept one) leaves the scaler fresh; an
+        optimizer state that does not fit the student's parameters is a clear error."""
+        if not state_dict.get("grad_scaler"):
+            state_dict = dict(state_dict, grad_scaler=self.grad_scaler.state_dict())
         try:
             super().load_state_dict(state_dict)
         except ValueError as e:
@@ -203,7 +222,10 @@ class SSODTrainer(DefaultTrainer):
     ``trainer.method`` the SSOD method (``METHOD_REGISTRY[cfg.SSOD.METHOD]``)."""
 
     def __init__(self, cfg):
-        with _cpu_ddp(cfg):
+        with _cpu_ddp(cfg), warnings.catch_warnings():
+            # with SOLVER.AMP.ENABLED DefaultTrainer builds Detectron2's AMPTrainer, whose CUDA
+            # GradScaler warns on CPU; SSODStep (below) replaces it with the right scaler
+            warnings.filterwarnings("ignore", message=".*GradScaler.*")
             super().__init__(cfg)
         # The SSOD parts, built from what DefaultTrainer built: the student (DDP-wrapped under
         # several processes), its loader and optimizer.
@@ -212,7 +234,8 @@ class SSODTrainer(DefaultTrainer):
                         if self.uses_teacher(cfg) else None)
         self.method = build_method(cfg, student=self.model, teacher=self.teacher)
         self._trainer = SSODStep(self.model, self.data_loader, self.optimizer, self.method,
-                                 self.build_schedule(cfg))
+                                 self.build_schedule(cfg), precision=amp_precision(cfg),
+                                 device_type=torch.device(cfg.MODEL.DEVICE).type)
         extra = {"student": self.student} if self.teacher is not None else {}
         self.checkpointer = SSODCheckpointer(
             self.teacher.model if self.teacher is not None else self.student,

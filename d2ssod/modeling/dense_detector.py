@@ -185,6 +185,13 @@ class YOLODenseDetector(DenseDetector):
             return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
         return results
 
+    def _transpose_dense_predictions(self, predictions, dims_per_anchor):
+        """``DenseDetector``'s transposition, returning float32 predictions: under mixed
+        precision the head runs in the autocast dtype, and the decoding, matching and losses
+        that read these are float32 (a no-op cast without autocast)."""
+        return [[x.float() for x in level]
+                for level in super()._transpose_dense_predictions(predictions, dims_per_anchor)]
+
     def _flat_anchors(self, features):
         """Anchors (list[Boxes] per level), their strides (R,) and level ids (R,)."""
         anchors = self.anchor_generator(features)

@@ -71,6 +71,14 @@ class SSODFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret["focal_gamma"] = cfg.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA
         return ret
 
+    def forward(self, x):
+        """``FastRCNNOutputLayers.forward`` with float32 outputs: under mixed precision the two
+        linear layers run in the autocast dtype, and everything computed from their outputs
+        (softmax scores and score thresholds, box decoding, background probabilities, soft
+        targets, losses) is float32. Without autocast the cast is a no-op."""
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
     @staticmethod
     def _gather_field(proposals, name, fill, dtype, device):
         """Concatenate a per-proposal field over images, filling images that lack it; None if

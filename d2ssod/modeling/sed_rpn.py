@@ -66,9 +66,11 @@ class SEDRPN(RPN):
         anchors = self.anchor_generator(features)
         box_dim = self.anchor_generator.box_dim
         # The layout of RPN.forward: location-major, then cell anchor (row = (y·W + x)·A + a).
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in raw_logits]
+        # float32 whatever the head's dtype (mixed precision): the distillation and scale
+        # targets and losses built from these are computed in float32.
+        logits = [x.permute(0, 2, 3, 1).flatten(1).float() for x in raw_logits]
         deltas = [x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
-                  .permute(0, 3, 4, 1, 2).flatten(1, -2) for x in raw_deltas]
+                  .permute(0, 3, 4, 1, 2).flatten(1, -2).float() for x in raw_deltas]
         grids = [tuple(x.shape[-2:]) for x in raw_logits]
         return RPNOutputs(list(self.in_features), grids, anchors, logits, deltas)
 

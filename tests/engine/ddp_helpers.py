@@ -13,6 +13,9 @@ plus the caller's options on each rank and returns what each rank saved:
 * ``logged``: the latest value of every ``unsup/`` scalar in this rank's event storage (filled on
   rank 0 only: Detectron2 writes the gathered metrics there);
 * whatever ``extra(cfg, trainer)`` returns (a module-level function, pickled into the workers).
+
+:func:`train_runs_two_processes` runs several such trainings one after the other in the same
+two processes (one spawn), each with optional per-rank config options.
 """
 import os
 
@@ -55,9 +58,7 @@ def build_cfg_for(config, out_dir, opts=()):
     return build_cfg(config, [str(o) for o in (*BASE_OPTS, *opts, "OUTPUT_DIR", out_dir)])
 
 
-def _worker(out_dir, config, opts, extra):
-    torch.set_num_threads(1)  # two processes share the machine's cores
-    import d2ssod  # noqa: F401
+def _train_one(out_dir, config, opts, extra):
     from d2ssod.engine import SSODTrainer
 
     cfg = build_cfg_for(config, out_dir, opts)
@@ -90,15 +91,41 @@ def _worker(out_dir, config, opts, extra):
              "logged": logged}
     if extra is not None:
         saved.update(extra(cfg, trainer))
-    torch.save(saved, os.path.join(out_dir, f"rank{comm.get_rank()}.pth"))
+    return saved
+
+
+def _worker(runs, extra):
+    """Each rank trains every ``(out_dir, config, opts, opts_per_rank)`` of ``runs`` in turn and
+    saves what it saw as ``out_dir/rank<r>.pth``."""
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    import d2ssod  # noqa: F401
+
+    rank = comm.get_rank()
+    for out_dir, config, opts, opts_per_rank in runs:
+        os.makedirs(out_dir, exist_ok=True)
+        saved = _train_one(out_dir, config, [*opts, *opts_per_rank[rank]], extra)
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def _load_ranks(out_dir):
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pth"), weights_only=False)
+            for r in (0, 1)]
 
 
 def train_two_processes(out_dir, config, opts=(), extra=None):
     """Train ``config`` in two gloo processes; returns the two ranks' saved dicts (module
     docstring). ``opts``: config overrides after :data:`BASE_OPTS` (e.g. ``SOLVER.MAX_ITER``)."""
-    launch(_worker, 2, dist_url="auto", args=(str(out_dir), config, list(opts), extra))
-    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pth"), weights_only=False)
-            for r in (0, 1)]
+    return train_runs_two_processes([(out_dir, config, opts, ((), ()))], extra)[0]
+
+
+def train_runs_two_processes(runs, extra=None):
+    """Several trainings in one pair of gloo processes (one spawn, one process group): each run
+    is ``(out_dir, config, opts, (rank-0 opts, rank-1 opts))``, the per-rank options applied
+    after ``opts`` on that rank only. Returns ``[(rank 0 dict, rank 1 dict)]`` per run."""
+    runs = [(str(d), c, list(o), tuple(list(r) for r in per_rank))
+            for d, c, o, per_rank in runs]
+    launch(_worker, 2, dist_url="auto", args=(runs, extra))
+    return [_load_ranks(d) for d, _, _, _ in runs]
 
 
 def assert_ranks_in_sync(r0, r1):

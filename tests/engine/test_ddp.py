@@ -11,7 +11,13 @@ import math
 import os
 
 import pytest
-from ddp_helpers import REPO, assert_ranks_in_sync, train_two_processes
+from ddp_helpers import (
+    REPO,
+    assert_ranks_in_sync,
+    train_runs_two_processes,
+    train_two_processes,
+)
+from training_helpers import PSEUDO_BOX_OPTS
 
 MAX_ITER, BURN_IN = 4, 1
 DENSE_UNSUP = {"unsup/loss_cls", "unsup/loss_box_reg", "unsup/loss_obj"}
@@ -58,3 +64,49 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, config, opts, p
         counts = (r["pseudo"]["pseudo/reliable_per_image"],
                   r["pseudo"]["pseudo/uncertain_per_image"])
         assert (min(counts) > 0) if pseudo_boxes else counts == (0, 0)
+
+
+# Uneven pseudo-labels across ranks, every teacher method in one spawn (the run table below is
+# the parametrisation: one pair of processes trains them in turn, which costs one process start
+# instead of five). How "no pseudo boxes" is forced deterministically: each rank builds its own
+# config, and rank 1 gets the method's score threshold(s) at 1.0 — the untrained teacher's
+# scores (softmax or σ(obj)·σ(cls)) are below 1, so none of its detections passes — while
+# rank 0 gets the thresholds of training_helpers.PSEUDO_BOX_OPTS, under which every detection
+# is a pseudo box (Soft Teacher: also a regression target, so box jitter runs on rank 0 and
+# not on rank 1). SED has no hard pseudo boxes in its losses (soft targets on every anchor and
+# proposal); its threshold only decides what the logs count, so there the check is that the
+# per-rank count differs and nothing else does.
+_NONE = {"unbiased_teacher.yaml": ("SSOD.UNBIASED_TEACHER.SCORE_THRESH", 1.0),
+         "soft_teacher.yaml": ("SSOD.SOFT_TEACHER.CLS_THRESH", 1.0,
+                               "SSOD.SOFT_TEACHER.REG_THRESH", 1.0),
+         "sed.yaml": ("SSOD.SED.LOG_SCORE_THRESH", 1.0),
+         "efficient_teacher.yaml": ("SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 1.0,
+                                    "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 1.0)}
+_NONE["soft_teacher_sed.yaml"] = _NONE["soft_teacher.yaml"]
+UNEVEN_SMALL = ("MODEL.MOBILENETV2.PRETRAINED", "", "SOLVER.MAX_ITER", 2,
+                "SSOD.BURN_IN_ITERS", 0, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "INPUT.MIN_SIZE_TRAIN_SAMPLING",
+                "choice", "SSOD.UNLABELED_RATIO", 1.0)
+
+
+def _box_counts(cfg, trainer):
+    """This rank's own ``pseudo/num_boxes`` (and Soft Teacher's ``num_reg_boxes``) per step."""
+    histories = trainer.storage.histories()
+    return {"counts": {k: [v for v, _ in histories[k].values()]
+                       for k in ("pseudo/num_boxes", "pseudo/num_reg_boxes") if k in histories}}
+
+
+def test_uneven_pseudo_boxes_across_ranks_for_every_teacher_method(tmp_path):
+    many = dict(PSEUDO_BOX_OPTS, **{"sed.yaml": ("SSOD.SED.LOG_SCORE_THRESH", 0.0)})
+    runs = [(tmp_path / config, os.path.join(REPO, "configs/demo", config), UNEVEN_SMALL,
+             (many[config], _NONE[config])) for config in sorted(_NONE)]
+    results = train_runs_two_processes(runs, extra=_box_counts)
+    for config, (r0, r1) in zip(sorted(_NONE), results):
+        # no hang (we got here), no unused-parameter error, teacher and student identical
+        assert_ranks_in_sync(r0, r1)
+        assert r0["iter"] == r1["iter"] == 2, config
+        assert "pseudo/num_boxes" in r0["counts"], config
+        for key, values in r0["counts"].items():
+            assert len(values) == 2 and min(values) > 0, (config, key, values)
+            assert r1["counts"][key] == [0, 0], (config, key, r1["counts"][key])
+        assert all(math.isfinite(v) for r in (r0, r1) for v in r["losses"].values()), config
