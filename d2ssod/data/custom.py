@@ -140,7 +140,8 @@ def list_image_files(folder, cache_dir=None, relative=False):
             _write_cache(path, folder, dirs, files)
         cached = (dirs, files)
     _LISTINGS[folder] = cached
-    return list(files) if relative else [os.path.join(folder, r) for r in files]
+    prefix = os.path.join(folder, "")
+    return list(files) if relative else [prefix + r for r in files]
 
 
 def _has_image(folder):
@@ -167,7 +168,7 @@ def _has_image(folder):
 def _stable_image_id(relpath):
     """A 60-bit integer id from the image's path relative to its folder (stable across runs,
     machines and additions of other files)."""
-    return int(hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:15], 16)
+    return int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big") >> 4
 
 
 def load_image_folder(folder, cache_dir=None):
@@ -184,7 +185,8 @@ def load_image_folder(folder, cache_dir=None):
     files = list_image_files(folder, cache_dir, relative=True)
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}.")
-    dicts = [{"file_name": os.path.join(folder, r), "image_id": _stable_image_id(r)} for r in files]
+    prefix = os.path.join(folder, "")
+    dicts = [{"file_name": prefix + r, "image_id": _stable_image_id(r)} for r in files]
     if len({d["image_id"] for d in dicts}) != len(dicts):
         raise ValueError(f"Image id collision among the {len(dicts)} images under {folder}.")
     return dicts

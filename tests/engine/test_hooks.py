@@ -82,3 +82,47 @@ def test_long_run_keys_are_validated():
         build_cfg(SUP, ["SOLVER.CHECKPOINT_MAX_TO_KEEP", "-1"])
     with pytest.raises(ValueError, match="SOLVER.PREEMPTION_CHECK_PERIOD=0"):
         build_cfg(SUP, ["SOLVER.PREEMPTION_CHECK_PERIOD", "0"])
+
+
+def _two_rank_stop(out_dir):
+    """One rank of the two-process test below: rank 1 receives SIGTERM at iteration 2."""
+    import json
+    import types
+
+    import torch
+    from detectron2.utils import comm
+
+    from d2ssod.engine.hooks import PreemptionHook, TrainingPreempted
+
+    save_dir = os.path.join(out_dir, "ckpt")
+    os.makedirs(save_dir, exist_ok=True)
+    trainer = types.SimpleNamespace(max_iter=10, iter=0,
+                                    checkpointer=SSODCheckpointer(torch.nn.Linear(2, 2), save_dir))
+    hook = PreemptionHook(sync_period=4)
+    hook.trainer = trainer
+    hook.before_train()
+    stopped = None
+    try:
+        for trainer.iter in range(trainer.max_iter):
+            if trainer.iter == 2 and comm.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            hook.after_step()
+    except TrainingPreempted as stop:
+        stopped = [stop.iteration, stop.checkpoint]
+    finally:
+        hook.after_train()
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+        json.dump(stopped, f)
+
+
+def test_under_ddp_every_rank_stops_at_the_same_checked_iteration(tmp_path):
+    import json
+
+    from detectron2.engine import launch
+
+    launch(_two_rank_stop, 2, dist_url="auto", args=(str(tmp_path),))
+    ckpt = str(tmp_path / "ckpt" / "model_0000004.pth")
+    # the signal reached rank 1 during iteration 2; the ranks compare flags at multiples of 4
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [4, ckpt]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["last_checkpoint", "model_0000004.pth"]
