@@ -10,13 +10,8 @@ import pytest
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import build_cfg
-from d2ssod.engine.output_dir import (
-    ConfigChangedError,
-    OutputDirBusyError,
-    OutputDirLock,
-    check_resume_config,
-    config_differences,
-)
+from d2ssod.engine import output_dir as OD
+from d2ssod.engine.output_dir import OutputDirBusyError, OutputDirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
@@ -81,27 +76,27 @@ def test_resume_with_changed_keys_lists_them_and_needs_the_flag(tmp_path):
     same = build_cfg(SUP, ["OUTPUT_DIR", str(tmp_path), "SOLVER.BASE_LR", "0.01", "SEED", "5",
                            # free to change on resume
                            "MODEL.WEIGHTS", "other.pth", "DATALOADER.NUM_WORKERS", "7"])
-    assert check_resume_config(same) == []
+    assert OD.check_resume_config(same) == []
 
     changed = build_cfg(SUP, ["OUTPUT_DIR", str(tmp_path), "SOLVER.BASE_LR", "0.02",
                               "SOLVER.STEPS", "(10, 20)"])
     expected = [("SEED", 5, -1), ("SOLVER.BASE_LR", 0.01, 0.02),
                 ("SOLVER.STEPS", list(build_cfg(SUP).SOLVER.STEPS), [10, 20])]
-    assert config_differences(changed, tmp_path / "config.yaml") == expected
-    with pytest.raises(ConfigChangedError) as e:
-        check_resume_config(changed)
+    assert OD.config_differences(changed, tmp_path / "config.yaml") == expected
+    with pytest.raises(OD.ConfigChangedError) as e:
+        OD.check_resume_config(changed)
     msg = str(e.value)
     assert "in 3 key(s)" in msg and "SOLVER.BASE_LR: 0.01 -> 0.02" in msg and "SEED: 5 -> -1" in msg
     assert "--allow-config-change" in msg
-    assert check_resume_config(changed, allow_change=True) == expected
+    assert OD.check_resume_config(changed, allow_change=True) == expected
 
     # a key only one side has (e.g. a d2ssod version that added one) counts as a difference
     text = (tmp_path / "config.yaml").read_text().replace("SEED: 5\n", "SEED: 5\nOLD_KEY: 1\n")
     (tmp_path / "config.yaml").write_text(text)
-    assert ("OLD_KEY", 1, "<absent>") in config_differences(changed, tmp_path / "config.yaml")
+    assert ("OLD_KEY", 1, "<absent>") in OD.config_differences(changed, tmp_path / "config.yaml")
     # nothing to compare with: no checkpoint yet (a first run started with --resume)
     os.remove(tmp_path / "last_checkpoint")
-    assert check_resume_config(changed) == []
+    assert OD.check_resume_config(changed) == []
 
 
 def test_train_net_refuses_a_changed_resume_and_accepts_it_with_the_flag(tmp_path):
