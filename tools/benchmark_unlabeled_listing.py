@@ -185,8 +185,8 @@ def main():
     assert cold["images"] == cached["images"] == images, (cold, cached)
     worst = max(memory["workers"], key=lambda w: w["rss_mb"])
     result = {
-        "command": "nice -n 10 python tools/benchmark_unlabeled_listing.py " + " ".join(
-            a for a in sys.argv[1:]),
+        "command": " ".join(["nice -n 10 python tools/benchmark_unlabeled_listing.py",
+                             *sys.argv[1:]]),
         "images": images, "subdirs": args.subdirs, "folder_creation_seconds": create_s,
         "cold_listing": cold, "cached_listing": cached,
         "memory": memory,

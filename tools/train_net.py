@@ -10,7 +10,7 @@ optimizer, scheduler, iteration and data position restored; a config that differ
 run's ``OUTPUT_DIR/config.yaml`` is refused with the differing keys unless
 ``--allow-config-change`` is given. The main process locks ``OUTPUT_DIR`` (``run.lock``) before
 writing anything there, so a second run on the same folder is refused while the first lives.
-SIGTERM saves a checkpoint after the current iteration and exits normally; ``--resume``
+SIGTERM saves a checkpoint after the current iteration and exits with status 0; ``--resume``
 continues from it.
 """
 import contextlib
@@ -23,6 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
 from d2ssod.engine import SSODTrainer, build_cfg
+from d2ssod.engine.hooks import TrainingPreempted
 from d2ssod.engine.output_dir import OutputDirLock, check_resume_config
 
 
@@ -53,7 +54,10 @@ def run(cfg, args):
         return SSODTrainer.test(cfg, model)
     trainer = SSODTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except TrainingPreempted:  # PreemptionHook has saved and logged how to resume
+        return None
     comm.synchronize()
     return result
 

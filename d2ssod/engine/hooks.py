@@ -78,7 +78,10 @@ class TrainingPreempted(BaseException):
     """Raised by :class:`PreemptionHook` to leave Detectron2's training loop after the stop
     checkpoint is written. A ``BaseException`` (like ``KeyboardInterrupt``), so the loop's
     ``except Exception`` does not log it as a crash, while its ``finally`` still runs every
-    hook's ``after_train``; :meth:`SSODTrainer.train` catches it and returns normally.
+    hook's ``after_train``. It leaves ``trainer.train()`` too, so that code written to run after
+    a finished training (evaluation, export, the next stage of ``tools/self_train.py``) does not
+    run on an unfinished one; ``tools/train_net.py`` and ``tools/self_train.py`` catch it and
+    exit with status 0.
 
     Attributes:
         iteration (int): the last completed iteration.

@@ -38,7 +38,7 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
-from .hooks import EMAHook, PreemptionHook, TrainerCheckpointHook, TrainingPreempted
+from .hooks import EMAHook, PreemptionHook, TrainerCheckpointHook
 from .schedule import StepSchedule
 
 __all__ = ["SSODTrainer", "SSODStep"]
@@ -241,14 +241,6 @@ class SSODTrainer(DefaultTrainer):
         # last, so that its stop checkpoint holds every other hook's update of the iteration
         ret.append(PreemptionHook(cfg.SOLVER.PREEMPTION_CHECK_PERIOD))
         return ret
-
-    def train(self):
-        """``DefaultTrainer.train``; a stop requested by SIGTERM (:class:`PreemptionHook`) ends
-        it normally after the stop checkpoint, returning ``None``."""
-        try:
-            return super().train()
-        except TrainingPreempted:  # the hook has logged the checkpoint and how to resume
-            return None
 
     def resume_or_load(self, resume=True):
         """Resume teacher, student, optimizer, scheduler and iteration from the last checkpoint

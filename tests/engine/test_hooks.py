@@ -9,6 +9,7 @@ import pytest
 import d2ssod  # noqa: F401
 from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import SSODCheckpointer
+from d2ssod.engine.hooks import TrainingPreempted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
@@ -69,7 +70,9 @@ def test_preemption_hook_stops_at_the_end_of_the_iteration_with_its_checkpoint(t
     trainer = SSODTrainer(_cfg(tmp_path, 6, 0, period=1000))
     trainer.resume_or_load(resume=False)
     trainer.register_hooks([SendSigterm()])
-    assert trainer.train() is None
+    with pytest.raises(TrainingPreempted) as stop:
+        trainer.train()
+    assert (stop.value.iteration, stop.value.checkpoint) == (1, str(tmp_path / "model_0000001.pth"))
     assert trainer.iter == 1
     assert _checkpoints(tmp_path) == ["model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
@@ -92,7 +95,7 @@ def _two_rank_stop(out_dir):
     import torch
     from detectron2.utils import comm
 
-    from d2ssod.engine.hooks import PreemptionHook, TrainingPreempted
+    from d2ssod.engine.hooks import PreemptionHook
 
     save_dir = os.path.join(out_dir, "ckpt")
     os.makedirs(save_dir, exist_ok=True)
