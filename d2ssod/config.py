@@ -213,6 +213,19 @@ def add_ssod_config(cfg):
     _ST.INFERENCE_BATCH_SIZE = 4
 
     # ---------------------------------------------------------------------------------------
+    # Long runs (trainer-wide; d2ssod/engine/hooks.py)
+    # ---------------------------------------------------------------------------------------
+    # Keep only the newest K periodic checkpoints (model_<iter>.pth) in OUTPUT_DIR; the oldest
+    # is deleted after the next one is completely written. model_final.pth is always kept.
+    # 0 keeps them all (Detectron2's behaviour). Same meaning as max_to_keep of Detectron2's
+    # PeriodicCheckpointer (train.checkpointer.max_to_keep in its LazyConfig trainings).
+    _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # After SIGTERM, training saves a checkpoint and stops at the end of an iteration. Under DDP
+    # the ranks agree on that iteration by exchanging one CPU flag every this many iterations
+    # (so a stop can take up to this many more iterations); a single process checks every one.
+    _C.SOLVER.PREEMPTION_CHECK_PERIOD = 10
+
+    # ---------------------------------------------------------------------------------------
     # Methods: each registered method declares its own keys (d2ssod/methods/<name>.py)
     # ---------------------------------------------------------------------------------------
     from d2ssod.methods import METHOD_REGISTRY
@@ -254,7 +267,17 @@ def validate_ssod_config(cfg):
         raise ValueError(f"SSOD.VIS_PERIOD={cfg.SSOD.VIS_PERIOD} must be >= 0 (0 turns the "
                          f"pseudo-label pictures off).")
     validate_scale_consistency_config(cfg)
+    _validate_long_run_config(cfg)
     METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
+
+
+def _validate_long_run_config(cfg):
+    if cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP < 0:
+        raise ValueError(f"SOLVER.CHECKPOINT_MAX_TO_KEEP={cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP} must "
+                         f"be >= 0 (0 keeps every periodic checkpoint).")
+    if cfg.SOLVER.PREEMPTION_CHECK_PERIOD < 1:
+        raise ValueError(f"SOLVER.PREEMPTION_CHECK_PERIOD={cfg.SOLVER.PREEMPTION_CHECK_PERIOD} "
+                         f"must be >= 1 (iterations between the ranks' checks for a SIGTERM).")
 
 
 def unknown_key_message(cfg, key):

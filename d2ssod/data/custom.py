@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 
 from detectron2.data.datasets.coco import load_coco_json
 
@@ -41,41 +42,154 @@ def _is_image(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(folder):
+def _scan_tree(folder):
+    """One pass over ``folder`` with ``os.scandir``: ``(image paths relative to folder, sorted,
+    with "/" separators; {relative dir: mtime_ns} of every directory visited)``.
+
+    No file is opened or stat'ed: the entry type comes from the directory listing itself (one
+    ``stat`` per directory only, for its modification time and to stop symlink loops).
+    Symlinked directories are followed. Each directory's time is read before it is listed, so
+    a file added while the listing runs makes the recorded time stale, never the list."""
+    files, dirs, seen = [], {}, set()
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        path = os.path.join(folder, rel) if rel else folder
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[rel] = st.st_mtime_ns
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    if entry.is_dir():
+                        pending.append(child)
+                    elif _is_image(entry.name):
+                        files.append(child)
+        except OSError as e:
+            logger.warning("Cannot list %s (%s); its images are left out.", path, e)
+    files.sort()
+    return files, dirs
+
+
+def _tree_unchanged(folder, dirs):
+    """Whether every directory recorded by :func:`_scan_tree` still has its recorded time (one
+    ``stat`` per directory). A file added, removed or renamed changes the time of the directory
+    holding it, and a new subdirectory that of its parent, so this detects any change of the
+    listing; a file rewritten in place does not change it, and needs no re-listing."""
+    try:
+        return all(os.stat(os.path.join(folder, rel) if rel else folder).st_mtime_ns == mtime
+                   for rel, mtime in dirs.items())
+    except OSError:
+        return False
+
+
+_LISTINGS = {}  # folder -> (dirs, files): this process's listings
+_CACHE_VERSION = 1
+
+
+def _cache_file(cache_dir, folder):
+    digest = hashlib.sha1(folder.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(cache_dir, f"unlabeled_list_{digest}.pkl")
+
+
+def _read_cache(path, folder):
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or data.get("folder") != folder:
+        return None
+    return data["dirs"], data["files"]
+
+
+def _write_cache(path, folder, dirs, files):
+    tmp = f"{path}.{os.getpid()}.incomplete"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            pickle.dump({"version": _CACHE_VERSION, "folder": folder, "dirs": dirs,
+                         "files": files}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("Cannot write the listing cache %s (%s); the folder will be listed again "
+                       "next time.", path, e)
+
+
+def list_image_files(folder, cache_dir=None, relative=False):
     """Image files under ``folder`` (recursive, extensions :data:`IMAGE_EXTENSIONS`, any case),
-    as absolute paths in a deterministic order (sorted by their path relative to ``folder``)."""
+    in a deterministic order (sorted by their path relative to ``folder``): absolute paths, or
+    relative ones with "/" separators when ``relative``.
+
+    The listing is cached in this process and, with ``cache_dir``, in a file there (so other
+    processes, DDP ranks and resumed runs reuse it), keyed by the modification times of
+    ``folder`` and of all its subdirectories (:func:`_tree_unchanged`): any file added, removed
+    or renamed anywhere in the tree makes the folder be listed again."""
     folder = os.path.abspath(folder)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, folder)
-        found.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if _is_image(f))
-    return [os.path.join(folder, r) for r in sorted(p.replace(os.sep, "/") for p in found)]
+    cached = _LISTINGS.get(folder)
+    path = _cache_file(cache_dir, folder) if cache_dir else None
+    if cached is None and path:
+        cached = _read_cache(path, folder)
+    if cached is not None and _tree_unchanged(folder, cached[0]):
+        files = cached[1]
+        if path and not os.path.exists(path):
+            _write_cache(path, folder, *cached)
+    else:
+        files, dirs = _scan_tree(folder)
+        if path:
+            _write_cache(path, folder, dirs, files)
+        cached = (dirs, files)
+    _LISTINGS[folder] = cached
+    prefix = os.path.join(folder, "")
+    return list(files) if relative else [prefix + r for r in files]
 
 
 def _has_image(folder):
-    return any(any(_is_image(f) for f in files) for _, _, files in os.walk(folder, followlinks=True))
+    """Whether ``folder`` holds an image anywhere below it; stops at the first one found."""
+    pending, seen = [folder], set()
+    while pending:
+        path = pending.pop()
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:  # a symlink loop
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif _is_image(entry.name):
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def _stable_image_id(relpath):
     """A 60-bit integer id from the image's path relative to its folder (stable across runs,
     machines and additions of other files)."""
-    return int(hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:15], 16)
+    return int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big") >> 4
 
 
-def load_image_folder(folder):
-    """Dataset dicts ``{"file_name", "image_id"}`` of every image under ``folder``.
+def load_image_folder(folder, cache_dir=None):
+    """Dataset dicts ``{"file_name", "image_id"}`` of every image under ``folder``, listed by
+    :func:`list_image_files` (cached in ``cache_dir``).
 
-    Nothing is decoded, so ``height``/``width`` are absent: Detectron2's mappers take them from
-    the decoded image (``detection_utils.check_image_size`` fills them in). ``image_id`` is
-    derived from the relative path (:func:`_stable_image_id`).
+    Nothing is opened, so ``height``/``width`` are absent (Detectron2's mappers take them from
+    the decoded image: ``detection_utils.check_image_size`` fills them in), and empty or corrupt
+    files are listed like the others: the unlabeled mapper skips them when it fails to decode
+    them and the trainer counts and reports them (:mod:`d2ssod.data.skipped_files`).
+    ``image_id`` is derived from the relative path (:func:`_stable_image_id`).
     """
     folder = os.path.abspath(folder)
-    files = list_image_files(folder)
+    files = list_image_files(folder, cache_dir, relative=True)
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}.")
-    dicts = [{"file_name": f, "image_id": _stable_image_id(os.path.relpath(f, folder).replace(os.sep, "/"))}
-             for f in files]
+    prefix = os.path.join(folder, "")
+    dicts = [{"file_name": prefix + r, "image_id": _stable_image_id(r)} for r in files]
     if len({d["image_id"] for d in dicts}) != len(dicts):
         raise ValueError(f"Image id collision among the {len(dicts)} images under {folder}.")
     return dicts
@@ -169,7 +283,9 @@ def register_custom_datasets(cfg, overwrite=True):
 
     * ``<NAME>_labeled``: ``LABELED_JSON`` with images relative to ``IMAGE_ROOT`` (default: the
       json's folder); every image must exist (checked at load, fails naming image and json).
-    * ``<NAME>_unlabeled``: every image under ``UNLABELED_DIR`` (:func:`load_image_folder`), if set.
+    * ``<NAME>_unlabeled``: every image under ``UNLABELED_DIR`` (:func:`load_image_folder`), if set;
+      its listing is cached in ``OUTPUT_DIR/unlabeled_list_<hash>.pkl`` until a file is added,
+      removed or renamed anywhere under the folder.
     * ``<NAME>_val``: ``VAL_JSON``, if set; its categories must equal the labeled json's.
 
     Errors name the config key and path: missing json or folder, unlabeled folder without
@@ -217,7 +333,8 @@ def register_custom_datasets(cfg, overwrite=True):
     names["labeled"] = name
     if c.UNLABELED_DIR:
         name = f"{c.NAME}_unlabeled"
-        register_dataset(name, functools.partial(load_image_folder, folder), dict(meta, image_root=folder), overwrite)
+        register_dataset(name, functools.partial(load_image_folder, folder, cache_dir=cfg.OUTPUT_DIR),
+                         dict(meta, image_root=folder), overwrite)
         names["unlabeled"] = name
     if val_json:
         name = f"{c.NAME}_val"

@@ -17,8 +17,10 @@ Because grouping happens in the sampler, the stock loader is called with
 sampler groups.
 """
 import contextlib
+import functools
 import logging
 import random
+import signal
 
 import numpy as np
 import torch
@@ -178,10 +180,24 @@ def _stream(cfg, dataset_dicts, mapper, base_sampler, *, seed, stream, batch_siz
                                group_ids=group_ids)
     dataset = SeededMapDataset(dataset_dicts, mapper, seed=seed, stream=stream, name=name)
     # The per-rank batch size is given directly: it must equal the sampler's chunk size.
-    return build_detection_train_loader(
+    loader = build_detection_train_loader(
         dataset, mapper=None, sampler=sampler, total_batch_size=None,
         single_gpu_batch_size=batch_size, aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS)
+    loader.worker_init_fn = functools.partial(_worker_init_ignoring_sigterm, loader.worker_init_fn)
+    return loader
+
+
+def _worker_init_ignoring_sigterm(init_fn, worker_id):
+    """Detectron2's worker initialisation, then SIGTERM ignored in the worker. A scheduler that
+    preempts a job sends SIGTERM to all its processes; torch's workers would die on it (their
+    handler only exits quietly for their parent's SIGTERM) and the training process would fail
+    reading from them before its :class:`~d2ssod.engine.hooks.PreemptionHook` could save. The
+    workers still end when the loader shuts them down, and when the training process is gone
+    (torch's workers watch their parent)."""
+    if init_fn is not None:
+        init_fn(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_ssod_train_loader(cfg, with_unlabeled=True, *, labeled_start=0, unlabeled_start=0,

@@ -42,7 +42,7 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 from .amp import amp_precision, autocast, build_grad_scaler
 from .checkpoint import SSODCheckpointer
 from .ema import EMATeacher
-from .hooks import EMAHook, MethodHook, TrainerCheckpointHook
+from .hooks import EMAHook, MethodHook, PreemptionHook, TrainerCheckpointHook
 from .schedule import StepSchedule
 from .visualization import PseudoLabelVisHook
 
@@ -276,18 +276,21 @@ class SSODTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        """Detectron2's hooks with three changes: evaluation reports teacher and student, the
+        """Detectron2's hooks with four changes: evaluation reports teacher and student, the
         periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
-        starts (the SSOD one, built after DefaultTrainer's constructor), and an
-        :class:`EMAHook` followed by a :class:`MethodHook` runs right after the LR scheduler,
-        before checkpointing and evaluation, when the method keeps a teacher."""
+        starts (the SSOD one, built after DefaultTrainer's constructor) and keeps
+        ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files, an :class:`EMAHook` followed by a
+        :class:`MethodHook` runs right after the LR scheduler, before checkpointing and
+        evaluation, when the method keeps a teacher, and a :class:`PreemptionHook` (SIGTERM →
+        checkpoint and clean stop) runs last."""
         ret = super().build_hooks()
         cfg = self.cfg
         for i, h in enumerate(ret):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
             elif isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = TrainerCheckpointHook(h.checkpointer, h.period, max_to_keep=h.max_to_keep)
+                ret[i] = TrainerCheckpointHook(h.checkpointer, h.period,
+                                               max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
         if self.uses_teacher(cfg):
             ssod = cfg.SSOD
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
@@ -299,6 +302,8 @@ class SSODTrainer(DefaultTrainer):
             at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
                       len(ret))
             ret.insert(at, PseudoLabelVisHook.from_config(cfg))
+        # last, so that its stop checkpoint holds every other hook's update of the iteration
+        ret.append(PreemptionHook(cfg.SOLVER.PREEMPTION_CHECK_PERIOD))
         return ret
 
     def resume_or_load(self, resume=True):

@@ -45,6 +45,7 @@ def custom(tmp_path):
     c.VAL_JSON = _coco_json(tmp_path / "val.json", ["b.png"])
     c.IMAGE_ROOT = str(images)
     c.UNLABELED_DIR = str(unl)
+    cfg.OUTPUT_DIR = str(tmp_path / "out")  # where the unlabeled listing is cached
     return cfg, tmp_path
 
 
@@ -188,3 +189,65 @@ def test_class_count_that_contradicts_the_json_names_both(custom):
     # auto without a json to read it from
     with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means .*DATASETS.CUSTOM.LABELED_JSON', which is not set"):
         build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", 0])
+
+
+def test_listing_keeps_unreadable_files_for_the_mapper_to_skip_and_count(tmp_path):
+    from d2ssod.data.mappers import UnlabeledDatasetMapper
+    from d2ssod.data.skipped_files import SkippedFilesMeter
+
+    _img(str(tmp_path / "good.png"))
+    _img(str(tmp_path / "sub" / "deeper" / "good2.jpg"))
+    (tmp_path / "sub" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "sub" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    dicts = C.load_image_folder(tmp_path)
+    rel = [os.path.relpath(d["file_name"], tmp_path) for d in dicts]
+    assert rel == ["good.png", "sub/corrupt.png", "sub/deeper/good2.jpg", "sub/zero.jpg"]
+
+    mapper, meter = UnlabeledDatasetMapper(get_ssod_cfg(), True), SkippedFilesMeter()
+    mapped = [mapper(d) for d in dicts]
+    assert [m is not None for m in mapped] == [True, False, True, False]
+    # a failure travels with the process's next successful sample
+    for m in mapped + [mapper(dicts[0])]:
+        if m is not None:
+            meter.update([m])
+    assert meter.count == 2 and sorted(map(os.path.basename, meter.paths)) == ["corrupt.png", "zero.jpg"]
+
+
+def test_listing_is_cached_by_the_directories_times_and_relisted_on_a_change(tmp_path, monkeypatch):
+    tree, cache = tmp_path / "tree", tmp_path / "cache"
+    for f in ("a.jpg", "x/b.jpg", "x/y/c.png"):
+        os.makedirs(os.path.dirname(tree / f), exist_ok=True)
+        (tree / f).write_bytes(b"")
+    scans = []
+    real_scan = C._scan_tree
+    monkeypatch.setattr(C, "_scan_tree", lambda folder: scans.append(folder) or real_scan(folder))
+    monkeypatch.setattr(C, "_LISTINGS", {})
+
+    def listing():
+        return C.list_image_files(tree, cache_dir=cache, relative=True)
+
+    assert listing() == ["a.jpg", "x/b.jpg", "x/y/c.png"] and len(scans) == 1
+    assert listing() == ["a.jpg", "x/b.jpg", "x/y/c.png"] and len(scans) == 1  # this process
+    C._LISTINGS.clear()  # another process: reads the cache file, no walk either
+    assert len(os.listdir(cache)) == 1 and listing() == ["a.jpg", "x/b.jpg", "x/y/c.png"]
+    assert len(scans) == 1
+    # a file added two levels down changes only x/y's time: relisted
+    (tree / "x" / "y" / "d.jpg").write_bytes(b"")
+    assert listing() == ["a.jpg", "x/b.jpg", "x/y/c.png", "x/y/d.jpg"] and len(scans) == 2
+    # a new subfolder (its parent's time changes), then a removal: relisted each time
+    os.makedirs(tree / "x" / "z")
+    (tree / "x" / "z" / "e.jpg").write_bytes(b"")
+    assert listing()[-1] == "x/z/e.jpg" and len(scans) == 3
+    os.remove(tree / "a.jpg")
+    assert listing() == ["x/b.jpg", "x/y/c.png", "x/y/d.jpg", "x/z/e.jpg"] and len(scans) == 4
+    # rewriting a file's content does not change the list: no relisting
+    (tree / "x" / "b.jpg").write_bytes(b"new content")
+    C._LISTINGS.clear()
+    assert len(listing()) == 4 and len(scans) == 4
+    # a cache file that cannot be read is ignored and rewritten
+    (cache / os.listdir(cache)[0]).write_bytes(b"garbage")
+    C._LISTINGS.clear()
+    assert len(listing()) == 4 and len(scans) == 5
+    C._LISTINGS.clear()
+    assert len(listing()) == 4 and len(scans) == 5
