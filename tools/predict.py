@@ -222,12 +222,12 @@ def main():
         num_workers=args.num_workers, score_thresh=args.score_thresh or 0.0,
         vis_dir=args.vis_dir, vis_thresh=args.vis_thresh, root=root)
     os.makedirs(args.output_dir, exist_ok=True)
-    written = {"results": os.path.join(args.output_dir, "results.json")}
-    with open(written["results"], "w") as f:
+    written = {"results_json": os.path.join(args.output_dir, "results.json")}
+    with open(written["results_json"], "w") as f:
         json.dump(results, f)
     if not args.images_json:
-        written["images"] = os.path.join(args.output_dir, "images.json")
-        with open(written["images"], "w") as f:
+        written["images_json"] = os.path.join(args.output_dir, "images.json")
+        with open(written["images_json"], "w") as f:
             json.dump({"info": {"description": f"images of {args.weights}", "root": root},
                        "images": images, "annotations": [], "categories": categories}, f)
     summary = {"images": len(images), "detections": len(results), "root": root,
@@ -235,8 +235,8 @@ def main():
                "not_in_images_json": unmatched, **written}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"{len(images)} images, {len(results)} detections -> {written['results']}"
-          + (f" (image ids: {written['images']})" if "images" in written else ""))
+    print(f"{len(images)} images, {len(results)} detections -> {written['results_json']}"
+          + (f" (image ids: {written['images_json']})" if "images_json" in written else ""))
     if skipped:
         print(f"skipped {len(skipped)} file(s) that cannot be decoded:")
         for path, error in skipped[:20]:
