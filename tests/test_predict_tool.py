@@ -108,6 +108,9 @@ def test_images_json_ids_are_reused_and_cocoeval_scores_the_results(
     evaluator.accumulate()
     evaluator.summarize()
     assert 0.0 <= evaluator.stats[0] <= 1.0  # -1 would mean nothing was matched to evaluate
+    # the tool's own evaluation: the same numbers, in percent
+    assert summary["coco_eval"] == pytest.approx({"AP": 100 * evaluator.stats[0],
+                                                  "AP50": 100 * evaluator.stats[1], "images": 2})
 
 
 def test_clear_errors_for_wrong_paths(tiny_checkpoint, tmp_path, monkeypatch):

@@ -26,6 +26,9 @@ second method costs only its own semi-supervised run. The runs overlap: the supe
 oracle runs (one thread each) start together, and the SSOD run (one thread per core: it is the
 longest and runs alone at the end) starts as soon as the supervised run has written its
 checkpoint at iteration ``N`` (a finished, reused supervised run lets it start at once).
+
+``plots_<method>/`` holds ``tools/plot_metrics.py``'s plots of the SSOD run (teacher AP,
+unsupervised losses, pseudo boxes per image, pseudo-label precision/recall).
 """
 import argparse
 import json
@@ -153,6 +156,8 @@ def main():
     plot(curves, os.path.join(out, f"ap_curve_{args.method}.png"))
     shutil.copyfile(os.path.join(out, f"ap_curve_{args.method}.png"),
                     os.path.join(out, "ap_curve.png"))
+    from plot_metrics import plot_metrics  # tools/plot_metrics.py: the SSOD run's own plots
+    plot_metrics(dirs["ssod"], os.path.join(out, f"plots_{args.method}"))
     print(table)
 
 

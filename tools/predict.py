@@ -21,7 +21,8 @@ Writes into ``--output-dir``:
   relative to the inputs' common folder and sizes; ``categories``) that the image ids refer to.
   With ``--images-json`` (e.g. the ground truth of the images) no ``images.json`` is written:
   the ids and category ids are that file's, images are matched by the longest common end of
-  their paths, and ``results.json`` evaluates directly against it;
+  their paths, and ``results.json`` evaluates directly against it (when it has annotations,
+  the tool prints the COCO box AP and AP50 of the images it ran on);
 * ``summary.json``: counts, skipped (undecodable) files and files not found in ``--images-json``.
 
 With ``--vis-dir``, each image is also written there (same relative path) with its detections
@@ -156,6 +157,26 @@ def predict(predictor, files, categories, image_ids, batch_size=8, num_workers=0
     return results, images, skipped
 
 
+def coco_ap(reference_json, results):
+    """Box AP and AP50 (percent) of ``results`` against the annotations of
+    ``reference_json``, over the images the results were made for (pycocotools' COCOeval)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every step
+        gt = COCO(reference_json)
+        evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
+        evaluator.params.imgIds = sorted({r["image_id"] for r in results})
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"AP": 100.0 * evaluator.stats[0], "AP50": 100.0 * evaluator.stats[1],
+            "images": len(evaluator.params.imgIds)}
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -233,6 +254,8 @@ def main():
     summary = {"images": len(images), "detections": len(results), "root": root,
                "skipped_files": [{"file": p, "error": e} for p, e in skipped],
                "not_in_images_json": unmatched, **written}
+    if args.images_json and reference.get("annotations") and results:
+        summary["coco_eval"] = coco_ap(args.images_json, results)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"{len(images)} images, {len(results)} detections -> {written['results_json']}"
@@ -244,6 +267,10 @@ def main():
     if unmatched:
         print(f"{len(unmatched)} input file(s) are not in {args.images_json} and were not run, "
               f"e.g. {unmatched[:3]}")
+    if "coco_eval" in summary:
+        ev = summary["coco_eval"]
+        print(f"COCO box AP {ev['AP']:.2f}, AP50 {ev['AP50']:.2f} against {args.images_json} "
+              f"({ev['images']} images)")
     if args.vis_dir:
         print(f"drawn images: {args.vis_dir}")
 
