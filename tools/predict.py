@@ -157,9 +157,10 @@ def predict(predictor, files, categories, image_ids, batch_size=8, num_workers=0
     return results, images, skipped
 
 
-def coco_ap(reference_json, results):
+def coco_ap(reference_json, results, image_ids):
     """Box AP and AP50 (percent) of ``results`` against the annotations of
-    ``reference_json``, over the images the results were made for (pycocotools' COCOeval)."""
+    ``reference_json``, over the images ``image_ids`` that were run (those without detections
+    included: their objects count as missed), with pycocotools' COCOeval."""
     import contextlib
     import io
 
@@ -169,7 +170,7 @@ def coco_ap(reference_json, results):
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every step
         gt = COCO(reference_json)
         evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
-        evaluator.params.imgIds = sorted({r["image_id"] for r in results})
+        evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -255,7 +256,7 @@ def main():
                "skipped_files": [{"file": p, "error": e} for p, e in skipped],
                "not_in_images_json": unmatched, **written}
     if args.images_json and reference.get("annotations") and results:
-        summary["coco_eval"] = coco_ap(args.images_json, results)
+        summary["coco_eval"] = coco_ap(args.images_json, results, [im["id"] for im in images])
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"{len(images)} images, {len(results)} detections -> {written['results_json']}"
