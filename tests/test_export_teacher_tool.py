@@ -1,26 +1,21 @@
 """tools/export_teacher.py end to end on a tiny d2ssod checkpoint."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
 from d2ssod.engine.export import onnx_available
+from tool_helpers import load_tool, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo", "soft_teacher.yaml")
-_spec = importlib.util.spec_from_file_location("export_teacher_tool",
-                                               os.path.join(REPO, "tools", "export_teacher.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_tool("export_teacher")
 
 
 def _run(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["export_teacher.py", *map(str, args)])
-    tool.main()
+    run_main(monkeypatch, tool, *args)
 
 
 def test_all_formats_written_and_torchscript_checked_against_the_predictor(

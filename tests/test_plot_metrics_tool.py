@@ -1,17 +1,12 @@
 """tools/plot_metrics.py on hand-written metrics.json files."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("plot_metrics_tool",
-                                               os.path.join(REPO, "tools", "plot_metrics.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+from tool_helpers import load_tool, run_main
 
+tool = load_tool("plot_metrics")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -69,9 +64,7 @@ def test_supervised_run_plots_only_what_it_logged_and_cli_reports_it(tmp_path, m
         {"iteration": 0, "total_loss": 1.0}, {"iteration": 1, "total_loss": 0.9},
         {"iteration": 2, "bbox/AP": 30.0, "bbox/AP50": 50.0})))
     out = tmp_path / "figures"
-    monkeypatch.setattr(sys, "argv", ["plot_metrics.py", str(run / "metrics.json"),
-                                      "--out-dir", str(out)])
-    tool.main()
+    run_main(monkeypatch, tool, run / "metrics.json", "--out-dir", out)
     assert capsys.readouterr().out.strip() == f"{out / 'ap.png'}: bbox/AP, bbox/AP50"
     assert sorted(os.listdir(out)) == ["ap.png"]
     # the final evaluation (after the loop, iteration 2 > last step 1) stays at 2
@@ -84,6 +77,5 @@ def test_clear_errors_for_a_wrong_path_or_an_empty_file(tmp_path, monkeypatch):
     (tmp_path / "metrics.json").write_text("")
     with pytest.raises(ValueError, match="holds no metrics lines"):
         tool.plot_metrics(str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["plot_metrics.py", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="does not exist"):
-        tool.main()
+        run_main(monkeypatch, tool, tmp_path / "nowhere")

@@ -1,10 +1,8 @@
 """tools/predict.py end to end on a tiny d2ssod checkpoint: a folder with an undecodable file,
 COCO results that pycocotools loads and evaluates, drawn images."""
-import importlib.util
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -14,20 +12,17 @@ from pycocotools.cocoeval import COCOeval
 
 from d2ssod.data.mappers import read_image
 from d2ssod.engine.inference import BatchPredictor
+from tool_helpers import load_tool, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo", "soft_teacher.yaml")
 
-_spec = importlib.util.spec_from_file_location("predict_tool",
-                                               os.path.join(REPO, "tools", "predict.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_tool("predict")
 
 
 def _run(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["predict.py", "--config-file", CONFIG, "--num-workers", "0",
-                                      "--score-thresh", "0.0", *map(str, args)])
-    tool.main()
+    run_main(monkeypatch, tool, "--config-file", CONFIG, "--num-workers", 0, "--score-thresh",
+             0.0, *args)
 
 
 def _val_files(n):
@@ -93,8 +88,9 @@ def test_images_json_ids_are_reused_and_cocoeval_scores_the_results(
     (tmp_path / "gt.json").write_text(json.dumps(subset))
     for f in files:  # the third is not in gt.json
         shutil.copy(f, tmp_path / os.path.basename(f))
-    _run(monkeypatch, "--weights", weights, "--input", tmp_path / "val_*.jpg", "--output-dir",
-         tmp_path / "out", "--images-json", tmp_path / "gt.json")
+    _run(monkeypatch, "--weights", weights, "--output-dir", tmp_path / "out", "--images-json",
+         tmp_path / "gt.json", "--input", tmp_path / "val_*.jpg",
+         "TEST.DETECTIONS_PER_IMAGE", 7)  # an override after the inputs
     assert "1 input file(s) are not in" in capsys.readouterr().out
     assert not (tmp_path / "out" / "images.json").exists()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -103,6 +99,7 @@ def test_images_json_ids_are_reused_and_cocoeval_scores_the_results(
     gt = COCO(str(tmp_path / "gt.json"))
     dt = gt.loadRes(str(tmp_path / "out" / "results.json"))
     assert {gt.imgs[i]["file_name"] for i in dt.getImgIds()} == names
+    assert [len(dt.getAnnIds(imgIds=[i])) for i in dt.getImgIds()] == [7, 7]
     evaluator = COCOeval(gt, dt, "bbox")
     evaluator.evaluate()
     evaluator.accumulate()
@@ -120,10 +117,9 @@ def test_clear_errors_for_wrong_paths(tiny_checkpoint, tmp_path, monkeypatch):
         _run(monkeypatch, "--weights", tmp_path / "nowhere.pth", "--input", image)
     with pytest.raises(SystemExit, match="matches no file"):
         _run(monkeypatch, "--weights", weights, "--input", tmp_path / "no_such_dir")
-    monkeypatch.setattr(sys, "argv", ["predict.py", "--config-file", "missing.yaml",
-                                      "--weights", weights, "--input", image])
     with pytest.raises(SystemExit, match="missing.yaml does not exist"):
-        tool.main()
+        run_main(monkeypatch, tool, "--config-file", "missing.yaml", "--weights", weights,
+                 "--input", image)
     (tmp_path / "other.json").write_text(json.dumps({"images": [], "categories": [{"id": 1}]}))
     with pytest.raises(SystemExit, match="1 categories but the model predicts 5"):
         _run(monkeypatch, "--weights", weights, "--input", image,

@@ -114,10 +114,9 @@ def export_traced(cfg, weights, sample_image, out_dir, want_onnx, onnx_required)
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
+    # --help prints this module's docstring, examples and outputs included
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True,
                         help="training checkpoint (its 'model' entry, the teacher, is exported)")
     parser.add_argument("--config-file", help="config the checkpoint was trained with (needed "

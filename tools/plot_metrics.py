@@ -110,10 +110,9 @@ def plot_metrics(path, out_dir=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
+    # --help prints this module's docstring, examples and outputs included
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a run's OUTPUT_DIR, or its metrics.json")
     parser.add_argument("--out-dir", default=None, help="where the PNGs go (default: <run>/plots)")
     args = parser.parse_args()

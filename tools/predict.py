@@ -31,11 +31,21 @@ of score ≥ ``--vis-thresh`` drawn by Detectron2's ``Visualizer``.
 import argparse
 import json
 import os
+import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the config keys that hold a detector's test-time score threshold, per meta-architecture
 SCORE_THRESH_KEYS = ("ROI_HEADS", "RETINANET", "DENSE_DETECTOR")
+
+
+def split_overrides(inputs, opts):
+    """``--input a.jpg b/ KEY VALUE``: argparse gives the trailing overrides to ``--input``. The
+    first item that is a config key (upper case, dotted) and no existing path starts them."""
+    for i, item in enumerate(inputs):
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", item) and not os.path.exists(item):
+            return inputs[:i], inputs[i:] + list(opts)
+    return inputs, list(opts)
 
 
 def set_score_thresh(cfg, thresh):
@@ -179,10 +189,9 @@ def coco_ap(reference_json, results, image_ids):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]))
+    # --help prints this module's docstring, examples and outputs included
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="config of the detector")
     parser.add_argument("--weights", required=True,
                         help="checkpoint; its 'model' entry (a d2ssod run's teacher) is used")
@@ -210,6 +219,9 @@ def main():
 
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"Config file {args.config_file} does not exist.")
+    args.input, args.opts = split_overrides(args.input, args.opts)
+    if not args.input:
+        raise SystemExit("--input names no image, folder or glob pattern.")
     try:
         files = collect_image_files(args.input)
     except FileNotFoundError as e:
