@@ -120,7 +120,27 @@ def test_clear_errors_for_wrong_paths(tiny_checkpoint, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="missing.yaml does not exist"):
         run_main(monkeypatch, tool, "--config-file", "missing.yaml", "--weights", weights,
                  "--input", image)
+    with pytest.raises(SystemExit, match="absent.json cannot be read as a COCO json"):
+        _run(monkeypatch, "--weights", weights, "--input", image,
+             "--images-json", tmp_path / "absent.json")
     (tmp_path / "other.json").write_text(json.dumps({"images": [], "categories": [{"id": 1}]}))
     with pytest.raises(SystemExit, match="1 categories but the model predicts 5"):
         _run(monkeypatch, "--weights", weights, "--input", image,
              "--images-json", tmp_path / "other.json")
+
+
+def test_categories_of_a_coco_json_dataset_loaded_for_their_ids(tiny_checkpoint, tmp_path):
+    from detectron2.data.datasets import register_coco_instances
+
+    cats = [{"id": 10 * (k + 1), "name": f"thing{k}"} for k in range(5)]
+    (tmp_path / "val.json").write_text(json.dumps({"images": [], "annotations": [],
+                                                   "categories": cats}))
+    name = "predict_tool_test_val"
+    register_coco_instances(name, {}, str(tmp_path / "val.json"), str(tmp_path))
+    cfg = tiny_checkpoint[0].clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = (name,)
+    assert tool.default_categories(cfg, 5) == cats  # metadata filled in by loading the json
+    # a model with another number of classes: generic names, ids 1..K
+    assert tool.default_categories(cfg, 2) == [{"id": 1, "name": "class_0"},
+                                               {"id": 2, "name": "class_1"}]

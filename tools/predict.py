@@ -61,11 +61,15 @@ def set_score_thresh(cfg, thresh):
 
 def default_categories(cfg, num_classes):
     """``[{"id", "name"}]`` per contiguous class: names and dataset ids from the metadata of
-    the config's first test (else training) dataset; ids 1..K where it has none."""
-    from detectron2.data import MetadataCatalog
+    the config's first test (else training) dataset; ids 1..K where it has none. A COCO-json
+    dataset whose metadata is only filled in by loading it (``register_coco_instances``, e.g.
+    ``DATASETS.CUSTOM.VAL_JSON``) is loaded for that."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     names = (*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN)
     meta = MetadataCatalog.get(names[0]) if names else None
+    if meta is not None and not hasattr(meta, "thing_classes") and names[0] in DatasetCatalog:
+        DatasetCatalog.get(names[0])
     classes = list(getattr(meta, "thing_classes", None) or [])
     to_contiguous = getattr(meta, "thing_dataset_id_to_contiguous_id", None) or {}
     if len(classes) != num_classes:
@@ -219,6 +223,14 @@ def main():
 
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"Config file {args.config_file} does not exist.")
+    reference = None
+    if args.images_json:
+        try:
+            with open(args.images_json) as f:
+                reference = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--images-json {args.images_json} cannot be read as a COCO json: "
+                             f"{e}")
     args.input, args.opts = split_overrides(args.input, args.opts)
     if not args.input:
         raise SystemExit("--input names no image, folder or glob pattern.")
@@ -234,11 +246,7 @@ def main():
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     num_classes = model_num_classes(predictor.model)
-    if args.images_json:
-        if not os.path.isfile(args.images_json):
-            raise SystemExit(f"--images-json {args.images_json} does not exist.")
-        with open(args.images_json) as f:
-            reference = json.load(f)
+    if reference is not None:
         categories = categories_from_json(reference, num_classes)
         matched = match_images(files, reference.get("images", []))
         if not matched:
@@ -267,7 +275,7 @@ def main():
     summary = {"images": len(images), "detections": len(results), "root": root,
                "skipped_files": [{"file": p, "error": e} for p, e in skipped],
                "not_in_images_json": unmatched, **written}
-    if args.images_json and reference.get("annotations") and results:
+    if reference is not None and reference.get("annotations") and results:
         summary["coco_eval"] = coco_ap(args.images_json, results, [im["id"] for im in images])
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
