@@ -104,3 +104,28 @@ PSEUDO_BOX_OPTS = {
                                "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,
                                "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX_OBJ_THRESH", 0.0),
 }
+
+
+def train_tiny_checkpoint(out_dir, config="configs/demo/soft_teacher.yaml", iters=3):
+    """A real d2ssod training checkpoint (``"model"`` = teacher, ``"student"``, ``"trainer"``)
+    from ``iters`` iterations of a demo config at batch 2 (one of burn-in), for tests of tools
+    that read checkpoints. Returns ``(cfg, path of model_final.pth)``; ``cfg`` keeps every test
+    detection (``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` 0), so an untrained model still has some."""
+    import os
+
+    from detectron2.utils.env import seed_all_rng
+
+    from d2ssod.engine import SSODTrainer, build_cfg
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = build_cfg(os.path.join(repo, config), [str(o) for o in (
+        "OUTPUT_DIR", out_dir, "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
+        "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", 1000,
+        "SEED", 7, "SOLVER.WARMUP_ITERS", 5, "SOLVER.BASE_LR", 0.005,
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", "SOLVER.MAX_ITER", iters, "SSOD.BURN_IN_ITERS", 1,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)])
+    seed_all_rng(cfg.SEED)
+    trainer = SSODTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return cfg, os.path.join(out_dir, "model_final.pth")

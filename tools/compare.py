@@ -28,7 +28,9 @@ Progress (iterations of each run) is printed every ``--progress-every`` seconds.
 Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised, ``gap_closed = (method −
 sup) / (oracle − sup)``, wall time), ``summary.md`` (the table, printed at the end) and
 ``ap_curve.png`` (AP against iteration), each also kept as ``*_<name>.*`` where ``name`` is the
-method config's file name. Finished baselines in the same output folder (same overrides) are
+method config's file name, plus ``plots_<name>/`` (``tools/plot_metrics.py`` on the method's
+run) and, for a method with a teacher, ``pseudo_labels_<image>.png`` (its final teacher's
+pseudo-labels on one unlabeled image). Finished baselines in the same output folder (same overrides) are
 reused, so comparing a second method costs only its own run. The supervised and oracle runs (one
 thread each) start together; the method's run (one thread per core) starts as soon as the
 supervised checkpoint at ``N`` exists. ``make demo`` is this tool on the embedded demo data
@@ -44,6 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import training_runs as tr  # noqa: E402  (tools/ is not a package)
+from plot_metrics import plot_metrics  # noqa: E402
 from training_runs import REPO  # noqa: E402
 
 _SCHEDULE_KEYS = ("SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "TEST.EVAL_PERIOD", "SSOD.EMA_MOMENTUM")
@@ -215,6 +218,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"), os.path.join(out, f"{base}.{ext}"))
     tr.plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
     shutil.copyfile(os.path.join(out, f"ap_curve_{name}.png"), os.path.join(out, "ap_curve.png"))
+    # tools/plot_metrics.py's plots of the method's run (AP, unsup/ losses, pseudo boxes, ...)
+    plot_metrics(dirs["ssod"], os.path.join(out, f"plots_{name}"))
     if METHOD_REGISTRY.get(cfg.SSOD.METHOD).uses_teacher:
         # one picture of the final teacher's pseudo-labels (tools/visualize_pseudo_labels.py)
         write_pseudo_label_pictures(cfg, os.path.join(dirs["ssod"], "model_final.pth"), out, 1)

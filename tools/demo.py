@@ -9,7 +9,10 @@ supervised (``configs/demo/supervised.yaml``, or ``dense_supervised.yaml`` for t
 the dense detector: the config's ``SSOD.DEMO_BASELINES``), the method from the supervised run's
 checkpoint at the burn-in, and the oracle with every training image labeled. Writes
 ``summary.json``, ``summary.md`` and ``ap_curve.png`` (and ``*_<method>.*``) into ``--output``;
-what each run does and how they overlap: tools/compare.py.
+what each run does and how they overlap: tools/compare.py. ``plots_<method>/`` holds
+``tools/plot_metrics.py``'s plots of the method's run (teacher AP, unsupervised losses, pseudo
+boxes per image, pseudo-label precision/recall), and ``pseudo_labels_<image>.png`` one picture
+of its final teacher's pseudo-labels.
 """
 import argparse
 import os

@@ -29,6 +29,9 @@ from d2ssod.engine.output_dir import OutputDirLock, check_resume_config
 
 
 def main(args):
+    # d2ssod's messages on the console from the start, among them what build_cfg derives from
+    # the data (class count, schedule); log.txt gets them once OUTPUT_DIR is known (below)
+    logger = setup_logger(distributed_rank=comm.get_rank(), name="d2ssod")
     cfg = build_cfg(args.config_file, args.opts)
     with contextlib.ExitStack() as guard:
         changed = []
@@ -38,9 +41,9 @@ def main(args):
             if args.resume and not args.eval_only:
                 changed = check_resume_config(cfg, allow_change=args.allow_config_change)
         default_setup(cfg, args)
-        # d2ssod's own log lines (what build_cfg derived from the data, the SIGTERM stop, ...)
-        # go to the console and log.txt too
-        logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2ssod")
+        # from here d2ssod's own log lines (e.g. the SIGTERM stop) go to log.txt too
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2ssod",
+                     configure_stdout=False)
         report = custom_dataset_report(cfg)  # own data: the dataset check before training
         if report is not None and comm.is_main_process() and not args.eval_only:
             logger.info("\n" + format_report(report))

@@ -15,6 +15,8 @@ from .ema import ema_momentum
 __all__ = ["EMAHook", "MethodHook", "TrainerCheckpointHook", "PreemptionHook",
            "TrainingPreempted"]
 
+logger = logging.getLogger(__name__)
+
 
 class EMAHook(HookBase):
     """Keeps ``trainer.teacher`` an exponential moving average of the student.
