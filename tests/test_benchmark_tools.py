@@ -147,21 +147,25 @@ def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():
     assert aps[2] == pytest.approx(100.0 * 51 / 101)
 
 
-def test_noise_split_subtracts_evaluation_variance_in_quadrature():
+def test_noise_parts_and_the_standard_error_of_a_mean_over_seeds_by_hand():
     noise = _tool("benchmark_noise")
     full = {1: {"sup": 30.0, "m": 34.0}, 2: {"sup": 34.0, "m": 37.0}}
     boot = {1: {"sup": np.array([29.0, 31.0]), "m": np.array([33.0, 35.0])},
             2: {"sup": np.array([33.0, 35.0]), "m": np.array([37.0, 37.0])}}
     rows = noise.summarize(full, boot, ["sup", "m"], "sup")
-    seed_std = math.sqrt(8.0)  # 30 and 34: sample variance 8
-    eval_var = (2.0 + 2.0) / 2  # each seed's draws 29/31 and 33/35: variance 2
-    assert rows["sup"]["seed_std"] == pytest.approx(seed_std)
-    assert rows["sup"]["eval_std"] == pytest.approx(math.sqrt(eval_var))
-    assert rows["sup"]["train_std"] == pytest.approx(math.sqrt(8.0 - eval_var))
+    # 30 and 34: sample variance 8; each seed's draws 29/31 and 33/35: variance 2 each
+    assert rows["sup"]["mean"] == 32.0
+    assert rows["sup"]["train_std"] == pytest.approx(math.sqrt(8.0))
+    assert rows["sup"]["eval_std"] == pytest.approx(math.sqrt(2.0))
+    assert rows["sup"]["sem"] == pytest.approx(math.sqrt(8.0 / 2 + 2.0))  # eval does not shrink
     # gains 4 and 3 (sample variance 0.5); paired draws: 4, 4 (var 0) and 4, 2 (var 2)
-    assert rows["m"]["gain_mean"] == pytest.approx(3.5)
-    assert rows["m"]["gain_eval_std"] == pytest.approx(1.0)
-    assert rows["m"]["gain_train_std"] == 0.0  # 0.5 - 1 < 0: all of it is evaluation noise
+    gain = rows["m"]["gain"]
+    assert gain["mean"] == pytest.approx(3.5)
+    assert gain["train_std"] == pytest.approx(math.sqrt(0.5))
+    assert gain["eval_std"] == pytest.approx(1.0)  # √((0 + 2) / 2)
+    assert gain["sem"] == pytest.approx(math.sqrt(0.5 / 2 + 1.0))
+    assert "gain" not in rows["sup"]
+
 
 
 def test_memory_tool_sees_teacher_outputs_freed_before_the_backward_and_a_kept_one(tmp_path):

@@ -12,11 +12,14 @@ of the N images with replacement, ``--resamples`` times, the same draws for ever
   validation set of the same size would have said about the same model);
 * evaluation noise of a method's gain = the std over the draws of AP(method) − AP(baseline) of
   the same seed, both scored on the same drawn images (paired);
-* training noise = the spread over seeds on the full validation set, from which the evaluation
-  part is subtracted in quadrature (var_train = var_seeds − mean var_eval, floored at 0).
+* training noise = the spread (sample std) over seeds on the fixed validation set: fixed-seed
+  runs are bit-reproducible on CPU here (docs/experiments.md), so the seed is its only source.
 
-Fixed-seed runs are bit-reproducible on CPU here (docs/experiments.md), so the seed is the only
-source of training variance. Writes ``benchmarks/noise.json`` and ``benchmarks/noise.md``.
+The two add up differently in a mean over n seeds, all scored on the same validation images:
+the training part shrinks as 1/√n, the evaluation part is shared by every seed and does not
+(standard error of the mean = √(train²/n + eval²)). Which one dominates says what to enlarge:
+seeds, or the validation set (the evaluation part shrinks as 1/√images). Writes
+``benchmarks/noise.json`` and ``benchmarks/noise.md``.
 """
 import argparse
 import contextlib
@@ -98,38 +101,41 @@ def std(values):
 
 def summarize(full, boot, names, baseline):
     """Aggregate ``full[seed][name]`` (AP on the whole validation set) and ``boot[seed][name]``
-    (AP per draw) into the noise table's numbers."""
+    (AP per draw) into the noise table's numbers (see the module docstring)."""
     seeds = sorted(full)
+    n = len(seeds)
+
+    def parts(values, draws):
+        train = std(values)
+        evaluation = float(math.sqrt(np.mean([std(d) ** 2 for d in draws])))
+        return {"mean": float(np.mean(values)), "train_std": train, "eval_std": evaluation,
+                "sem": math.sqrt(train ** 2 / n + evaluation ** 2)}
+
     out = {}
     for name in names:
-        eval_std = [std(boot[s][name]) for s in seeds]
-        seed_std = std([full[s][name] for s in seeds])
-        mean_eval_var = float(np.mean(np.square(eval_std)))
-        out[name] = {"AP_mean": float(np.mean([full[s][name] for s in seeds])),
-                     "seed_std": seed_std, "eval_std": float(math.sqrt(mean_eval_var)),
-                     "train_std": math.sqrt(max(seed_std ** 2 - mean_eval_var, 0.0))}
+        out[name] = parts([full[s][name] for s in seeds], [boot[s][name] for s in seeds])
         if name != baseline:
-            gains = [full[s][name] - full[s][baseline] for s in seeds]
-            gain_eval = [std(boot[s][name] - boot[s][baseline]) for s in seeds]
-            var = float(np.mean(np.square(gain_eval)))
-            out[name].update(gain_mean=float(np.mean(gains)), gain_seed_std=std(gains),
-                             gain_eval_std=math.sqrt(var),
-                             gain_train_std=math.sqrt(max(std(gains) ** 2 - var, 0.0)))
+            out[name]["gain"] = parts([full[s][name] - full[s][baseline] for s in seeds],
+                                      [boot[s][name] - boot[s][baseline] for s in seeds])
     return out
 
 
 def markdown(result):
-    lines = ["| run | AP (mean) | spread over seeds | evaluation part (bootstrap) | "
-             "training part | gain over supervised | its spread over seeds | its evaluation "
-             "part |", "|---|---|---|---|---|---|---|---|"]
+    n = len(result["seeds"])
+    lines = [f"| run | AP, mean of {n} seeds | training spread | evaluation noise | ± of the "
+             f"mean | gain over {result['baseline']} | its training spread | its evaluation "
+             f"noise | ± of the mean gain |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
-        gain = ("—", "—", "—") if "gain_mean" not in r else (
-            f"{r['gain_mean']:+.2f}", f"{r['gain_seed_std']:.2f}", f"{r['gain_eval_std']:.2f}")
-        lines.append(f"| {name} | {r['AP_mean']:.2f} | {r['seed_std']:.2f} | "
-                     f"{r['eval_std']:.2f} | {r['train_std']:.2f} | {' | '.join(gain)} |")
-    lines += ["", f"Standard deviations in AP; seeds {', '.join(map(str, result['seeds']))}, "
-                  f"{result['resamples']} bootstrap draws of the {result['images']} validation "
-                  f"images; command: `{result['command']}`"]
+        g = r.get("gain")
+        gain = ["—"] * 4 if g is None else [f"{g['mean']:+.2f}", f"{g['train_std']:.2f}",
+                                            f"{g['eval_std']:.2f}", f"{g['sem']:.2f}"]
+        lines.append(f"| {name} | {r['mean']:.2f} | {r['train_std']:.2f} | {r['eval_std']:.2f} "
+                     f"| {r['sem']:.2f} | {' | '.join(gain)} |")
+    lines += ["", f"AP points. Training spread: sample std over seeds "
+                  f"{', '.join(map(str, result['seeds']))} on the fixed validation set; "
+                  f"evaluation noise: std over {result['resamples']} bootstrap draws of its "
+                  f"{result['images']} images (paired for gains); ± of the mean: "
+                  f"√(training²/{n} + evaluation²). Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +180,10 @@ def main():
                   flush=True)
     result = {"seeds": seeds, "resamples": args.resamples, "images": len(gt["images"]),
               "command": " ".join(["python tools/benchmark_noise.py", *sys.argv[1:]]),
-              "full": full, "rows": summarize(full, boot, names, names[0])}
+              "baseline": names[0], "full": full,
+              "draws": {s: {n: [round(float(a), 4) for a in boot[s][n]] for n in names}
+                        for s in seeds},
+              "rows": summarize(full, boot, names, names[0])}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     with open(args.md, "w") as f:

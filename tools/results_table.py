@@ -7,7 +7,8 @@
 The README's numbers of the multi-seed method benchmarks are never typed: each table lives
 between the markers ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is
 rendered from ``benchmarks/<name>.json`` (written by ``tools/benchmark_methods.py --json``) with
-the same function that writes its ``.md``. The names are in :data:`TABLES`.
+the same function that writes its ``.md`` (``tools/benchmark_methods.py``,
+``benchmark_self_training.py``, ``benchmark_noise.py``). The names are in :data:`TABLES`.
 """
 import argparse
 import json
@@ -15,11 +16,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_methods import markdown_table  # noqa: E402  (tools/ is not a package)
+import benchmark_methods  # noqa: E402  (tools/ is not a package)
+import benchmark_noise  # noqa: E402
+import benchmark_self_training  # noqa: E402
 from training_runs import REPO  # noqa: E402
 
-# README blocks and the benchmark files they are rendered from (benchmarks/<name>.json)
-TABLES = ("methods", "dense_methods")
+# README blocks, each rendered from benchmarks/<name>.json by the function that writes the
+# benchmark's own .md
+TABLES = {"methods": benchmark_methods.markdown_table,
+          "dense_methods": benchmark_methods.markdown_table,
+          "self_training": benchmark_self_training.markdown_table,
+          "noise": benchmark_noise.markdown}
 
 
 def markers(name):
@@ -43,11 +50,11 @@ def render_block(readme_text, table, name="methods"):
 
 def render_readme(readme_text, benchmarks_dir):
     """``readme_text`` with every block of :data:`TABLES` whose json exists re-rendered."""
-    for name in TABLES:
+    for name, render in TABLES.items():
         path = os.path.join(benchmarks_dir, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
-                readme_text = render_block(readme_text, markdown_table(json.load(f)), name)
+                readme_text = render_block(readme_text, render(json.load(f)), name)
     return readme_text
 
 
