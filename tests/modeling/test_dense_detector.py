@@ -14,6 +14,7 @@ import d2ssod  # noqa: F401
 from d2ssod.engine import build_cfg
 from d2ssod.modeling.anchor_generator import ExplicitAnchorGenerator
 from d2ssod.modeling.dense_detector import YOLODenseDetector
+from d2ssod.modeling.dense_assigners import YOLOAssigner
 from d2ssod.modeling.dense_matching import ShapeMatcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +40,8 @@ def _one_level_losses(instances, obj_logit=1.0):
     generator = ExplicitAnchorGenerator(widths_heights=[[[8, 8]]], strides=[8])
     det = YOLODenseDetector(
         backbone=nn.Module(), head=nn.Identity(), head_in_features=["p3"],
-        anchor_generator=generator, matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8]),
+        anchor_generator=generator,
+        assigner=YOLOAssigner(matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8])),
         num_classes=2, obj_level_weights=[4.0], pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
     anchors, strides, levels = det._flat_anchors([torch.zeros(1, 1, 2, 2)])
     cls_logits = torch.zeros(1, 4, 2, requires_grad=True)
