@@ -283,6 +283,8 @@ class YOLODenseDetector(DenseDetector):
         loss_obj = (obj_mean * obj_mean.new_tensor(self.obj_level_weights)).sum()
 
         storage = get_event_storage()
+        # (anchor, box) pairs per image as the assigner returned them (MuSu: every candidate of
+        # every bag, weight 0 included; its weights are not read back, to avoid a host sync)
         storage.put_scalar("dense/num_pos_anchors", len(hard[0]) / len(gt_instances))
         if len(soft[0]):
             storage.put_scalar("dense/num_soft_pos_anchors", len(soft[0]) / len(gt_instances))

@@ -11,15 +11,7 @@ from detectron2.utils.events import EventStorage
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import build_cfg
-from dense_helpers import (
-    BOX,
-    SOFTPLUS_1,
-    W_BOX,
-    W_CLS,
-    W_OBJ,
-    instances,
-    one_level_losses,
-)
+from dense_helpers import BOX, SOFTPLUS_1, W_BOX, W_CLS, W_OBJ, instances, one_level_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE_SUP = os.path.join(REPO, "configs/demo/dense_supervised.yaml")
