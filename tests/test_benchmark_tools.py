@@ -197,3 +197,24 @@ def test_memory_tool_sees_teacher_outputs_freed_before_the_backward_and_a_kept_o
     (freed, total, _), (leaked, total2, _) = alive
     assert freed == 0 and total > 5  # features, detections, pseudo boxes, uncertainties
     assert leaked == len(kept[0]) > 0
+
+
+def test_supervised_config_rows_have_no_gap_and_tables_show_step_times_when_known():
+    bench = _tool("benchmark_methods")
+    runs = {s: {"dense_supervised": {"AP": ap, "AP50": 0, "wall_seconds": 60, "step_seconds": t},
+                "dense_musu_supervised": {"AP": ap + 1, "AP50": 0, "wall_seconds": 120,
+                                          "step_seconds": 2 * t}}
+            for s, ap, t in ((1, 10.0, 0.25), (2, 12.0, 0.75))}
+    names = ["dense_supervised", "dense_musu_supervised"]
+    rows = bench.summarize(runs, names, {n: () for n in names})
+    assert list(rows) == names and not any("gap_closed" in r for r in rows.values())
+    assert rows["dense_musu_supervised"]["AP"][0] == pytest.approx(12.0)
+    assert rows["dense_musu_supervised"]["step_seconds"] == pytest.approx(1.0)  # mean of 0.5, 1.5
+    summary = {"rows": rows, "setup": {"total_iters": 400}, "seeds": [1, 2], "command": "c"}
+    table = bench.markdown_table(summary)
+    assert "median step (s) |" in table.splitlines()[0]
+    assert "| dense_musu_supervised | 12.00 ± 1.41 | 0.00 ± 0.00 | — | 2.0 | 1.000 |" in table
+    # without step times (older benchmark files) the table keeps its five columns
+    for r in rows.values():
+        del r["step_seconds"]
+    assert "median step" not in bench.markdown_table(summary)

@@ -16,16 +16,10 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_runs import REPO, ap_curve, run_training, wait_all  # noqa: E402
+from training_runs import REPO, ap_curve, run_training, step_times, wait_all  # noqa: E402
 
 CONFIGS = {"dense": "configs/demo/dense_supervised.yaml",
            "retinanet": "configs/demo/retinanet_supervised.yaml"}
-
-
-def step_times(out_dir):
-    """Detectron2's per-iteration ``time`` values from a run's metrics.json."""
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        return [rec["time"] for rec in map(json.loads, f) if "time" in rec]
 
 
 def main():

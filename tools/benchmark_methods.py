@@ -22,6 +22,10 @@ do not start from the hand-over: they train all iterations themselves, their bur
 (for what a method does during burn-in, e.g. Efficient Teacher's domain adaptation, or a student
 with modules the supervised checkpoint lacks).
 
+A config whose ``SSOD.METHOD`` is "supervised" (e.g. ``dense_musu_supervised``) is trained from
+scratch like a baseline, with its own row and no gap closed: ``--methods
+dense_supervised,dense_musu_supervised`` compares two supervised detectors at equal iterations.
+
 Runs are scheduled on ``--jobs`` processes (default: one per core), one thread each; a method
 run starts as soon as its seed's hand-over exists. Progress (what runs, at which iteration) is
 printed every ``--progress`` seconds. A finished run (same config, overrides and seed) is
@@ -39,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -51,6 +56,7 @@ from training_runs import (  # noqa: E402  (tools/ is not a package)
     last_iteration,
     mark_finished,
     run_training,
+    step_times,
     warm_start_from_supervised,
 )
 
@@ -69,8 +75,9 @@ def mean_std(values):
 def summarize(runs, methods, baselines=None):
     """Aggregate ``runs`` = {seed: {name: {"AP", "AP50", "wall_seconds"}}} into per-name rows:
     ``{name: {"AP": [mean, std], "AP50": [...], "gap_closed": [...] (methods only),
-    "wall_minutes": mean, "seeds": n}}``. ``baselines`` maps each method to its (supervised,
-    oracle) run names (default: "supervised", "oracle"). A seed counts for a method only when
+    "wall_minutes": mean, "step_seconds": mean (where the runs have it), "seeds": n}}``.
+    ``baselines`` maps each method to its (supervised, oracle) run names (default:
+    "supervised", "oracle"; ``()``: none, no gap closed). A seed counts for a method only when
     the method and both its baselines of that seed finished."""
     baselines = {m: (baselines or {}).get(m, BASELINES) for m in methods}
     baseline_names = list(dict.fromkeys(b for pair in baselines.values() for b in pair))
@@ -84,7 +91,10 @@ def summarize(runs, methods, baselines=None):
         for key in ("AP", "AP50"):
             row[key] = list(mean_std([runs[s][name][key] for s in seeds]))
         row["wall_minutes"] = mean_std([runs[s][name]["wall_seconds"] / 60 for s in seeds])[0]
-        if name in baselines:
+        steps = [runs[s][name]["step_seconds"] for s in seeds if "step_seconds" in runs[s][name]]
+        if steps:
+            row["step_seconds"] = mean_std(steps)[0]
+        if baselines.get(name):
             sup, oracle = baselines[name]
             gaps = [(runs[s][name]["AP"] - runs[s][sup]["AP"])
                     / (runs[s][oracle]["AP"] - runs[s][sup]["AP"]) for s in seeds]
@@ -98,10 +108,12 @@ def markdown_table(summary):
     """The Markdown table of a benchmark summary (``methods.json``)."""
     rows = summary["rows"]
     setup = summary["setup"]
+    steps = any("step_seconds" in row for row in rows.values())
     lines = [
         f"| method ({setup['total_iters']} iterations, {len(summary['seeds'])} seeds, "
-        f"demo_val) | AP | AP50 | gap closed | minutes per run |",
-        "|---|---|---|---|---|",
+        f"demo_val) | AP | AP50 | gap closed | minutes per run |"
+        + (" median step (s) |" if steps else ""),
+        "|---|---|---|---|---|" + ("---|" if steps else ""),
     ]
     for name, row in rows.items():
         gap = ("—" if "gap_closed" not in row
@@ -109,7 +121,8 @@ def markdown_table(summary):
         seeds = "" if row["seeds"] == len(summary["seeds"]) else f" ({row['seeds']} seeds)"
         lines.append(f"| {name}{seeds} | {row['AP'][0]:.2f} ± {row['AP'][1]:.2f} | "
                      f"{row['AP50'][0]:.2f} ± {row['AP50'][1]:.2f} | {gap} | "
-                     f"{row['wall_minutes']:.1f} |")
+                     f"{row['wall_minutes']:.1f} |"
+                     + (f" {row.get('step_seconds', math.nan):.3f} |" if steps else ""))
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, summary['seeds']))}; "
                   f"command: `{summary['command']}`"]
     return "\n".join(lines) + "\n"
@@ -168,13 +181,14 @@ class Job:
 
 
 def collect(job, total):
-    """AP, AP50 (final evaluation: the teacher of a method run, the model of a baseline) and
-    wall time of a finished run."""
+    """AP, AP50 (final evaluation: the teacher of a method run, the model of a baseline), wall
+    time and median step time (Detectron2's ``time``) of a finished run."""
     prefix = "teacher" if job.teacher else "student"
     final = ap_curve(job.out_dir, prefix, total)[-1]
     with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
         wall = json.load(f)["wall_seconds"]
-    return {"AP": final[1], "AP50": final[2], "wall_seconds": wall}
+    return {"AP": final[1], "AP50": final[2], "wall_seconds": wall,
+            "step_seconds": statistics.median(step_times(job.out_dir))}
 
 
 def main():
@@ -229,6 +243,9 @@ def main():
     total = build_cfg(configs[methods[0]], args.opts).SOLVER.MAX_ITER
     for m in methods:
         cfg = build_cfg(configs[m], [*args.opts, *extra_opts.get(m, [])])
+        if cfg.SSOD.METHOD == "supervised":  # trained from scratch, no baselines
+            baselines[m] = ()
+            continue
         pair = []
         for path in cfg.SSOD.DEMO_BASELINES:
             name = os.path.splitext(os.path.basename(path))[0]
@@ -239,7 +256,9 @@ def main():
         if not 0 < burn_ins[m] < total:
             raise SystemExit(f"{m}: need 0 < SSOD.BURN_IN_ITERS ({burn_ins[m]}) < "
                              f"SOLVER.MAX_ITER ({total})")
-    period = math.gcd(*burn_ins.values())
+    # (only supervised configs: their checkpoints every burn-in of the first config)
+    period = (math.gcd(*burn_ins.values()) if burn_ins
+              else build_cfg(configs[methods[0]], args.opts).SSOD.BURN_IN_ITERS)
     out = os.path.abspath(args.output)
 
     jobs = []
@@ -253,6 +272,13 @@ def main():
             baseline_jobs[name].hand_overs = set()
             jobs.append(baseline_jobs[name])
         for m in methods:
+            if not baselines[m]:  # a supervised config: from scratch, like the baselines
+                if m not in baseline_jobs:
+                    baseline_jobs[m] = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
+                                           common + ["SOLVER.CHECKPOINT_PERIOD", period,
+                                                     *extra_opts.get(m, [])])
+                    jobs.append(baseline_jobs[m])
+                continue
             if m in own_burn_in:
                 job = Job(m, seed, configs[m], os.path.join(out, f"seed{seed}", m),
                           common + ["SSOD.BURN_IN_ITERS", burn_ins[m], *extra_opts.get(m, [])])

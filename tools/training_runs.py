@@ -71,6 +71,12 @@ def ap_curve(out_dir, prefix, total):
     return points
 
 
+def step_times(out_dir):
+    """Detectron2's per-iteration ``time`` values from a run's metrics.json."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [rec["time"] for rec in map(json.loads, f) if "time" in rec]
+
+
 def last_iteration(out_dir):
     """The last iteration logged in ``out_dir``'s metrics.json (-1 before the first write)."""
     last = -1

@@ -6,9 +6,12 @@ YOLOv5's dense techniques. docs/methods.md, "Efficient Teacher" has the method i
   levels, class / box / objectness outputs (:class:`~d2ssod.modeling.dense_head.YOLODenseHead`);
 * anchors from Detectron2's anchor generator, by default explicit (w, h) pairs per level
   (:class:`~d2ssod.modeling.anchor_generator.ExplicitAnchorGenerator`), centred on the cells;
-* matching: YOLOv5's shape rule (ratio < 4, centre cell + 2 neighbours) or RetinaNet's IoU
-  rule (``MODEL.DENSE_DETECTOR.MATCHER``), YOLOv5's box decoding
-  (:mod:`~d2ssod.modeling.dense_matching`);
+* sample assignment by a registered assigner (``MODEL.DENSE_DETECTOR.ASSIGNER``,
+  :mod:`~d2ssod.modeling.dense_assigners`): YOLOv5's shape rule (ratio < 4, centre cell + 2
+  neighbours; the default), RetinaNet's IoU rule or MuSu; YOLOv5's box decoding
+  (:mod:`~d2ssod.modeling.dense_matching`). Each (anchor, box) pair's box and class terms are
+  multiplied by the assigner's weights for it (1 for the YOLOv5 and IoU rules), each per-level
+  mean below being a weighted mean (Σ w·loss / max(Σ w, 1));
 * losses: ``loss_box_reg`` = 1 − CIoU of the positives, ``loss_obj`` = BCE of every anchor's
   objectness against the detached, clamped CIoU of its positive (0 elsewhere), weighted per
   level 4 : 1 : 0.4, ``loss_cls`` = BCE of the positives' class logits against one-hot
@@ -25,6 +28,9 @@ Targets may carry per-box fields besides ``gt_boxes`` / ``gt_classes`` (pseudo-l
   term, and a box term of its own (a separate per-level mean) where ``gt_reg_valid``;
   a negative value marks an ordinary box;
 * ``gt_reg_valid`` (bool): whether the box term is computed for the box (default True).
+
+Images whose targets carry ``gt_scores`` (the teacher's pseudo boxes) are assigned by
+``MODEL.DENSE_DETECTOR.PSEUDO_ASSIGNER`` when it is set.
 """
 import torch
 import torch.nn.functional as F
@@ -32,19 +38,17 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from .box_ops import complete_iou
+from .dense_assigners import DensePredictions, add_dense_assigner_config, build_dense_assigner
 from .dense_head import YOLODenseHead
-from .dense_matching import IoUMatcher, ShapeMatcher, YOLOBoxTransform
+from .dense_matching import YOLOBoxTransform
 
-__all__ = ["YOLODenseDetector", "add_dense_detector_config", "MATCHERS"]
-
-MATCHERS = ("shape", "iou")
+__all__ = ["YOLODenseDetector", "add_dense_detector_config"]
 
 
 def add_dense_detector_config(cfg):
@@ -63,12 +67,11 @@ def add_dense_detector_config(cfg):
     # objects per 640 image); the class bias is log(0.6 / (K − 0.99)).
     _C.PRIOR_OBJECTS = 8.0
     _C.PRIOR_IMAGE_SIZE = 640.0
-    # "shape": YOLOv5's rule (anchor/box side ratios < ANCHOR_RATIO_THRESH, centre cell + 2
-    # neighbours). "iou": RetinaNet's (IOU_THRESHOLDS / IOU_LABELS, Detectron2's Matcher).
-    _C.MATCHER = "shape"
-    _C.ANCHOR_RATIO_THRESH = 4.0
-    _C.IOU_THRESHOLDS = [0.4, 0.5]
-    _C.IOU_LABELS = [0, -1, 1]
+    # Sample assignment: ASSIGNER, PSEUDO_ASSIGNER and the assigners' keys
+    # (d2ssod/modeling/dense_assigners.py). YOLOAssigner's shape rule: anchor/box side ratios <
+    # ANCHOR_RATIO_THRESH, centre cell + 2 neighbours; IoUAssigner: IOU_THRESHOLDS / IOU_LABELS
+    # of Detectron2's Matcher.
+    add_dense_assigner_config(cfg)
     # The three terms are per-image means × LOSS_SCALE: YOLOv5 sums its batch-mean loss × batch
     # size over the batches of a nominal 64 images per optimizer step (lr 0.01 on that scale).
     _C.LOSS_SCALE = 64.0
@@ -98,8 +101,8 @@ class YOLODenseDetector(DenseDetector):
     do_postprocess=False)`` for detections in the input's pixel coordinates (teachers)."""
 
     @configurable
-    def __init__(self, *, backbone, head, head_in_features, anchor_generator, matcher,
-                 num_classes, loss_scale=64.0, box_loss_weight=0.05, obj_loss_weight=0.7,
+    def __init__(self, *, backbone, head, head_in_features, anchor_generator, assigner,
+                 num_classes, pseudo_assigner=None, loss_scale=64.0, box_loss_weight=0.05, obj_loss_weight=0.7,
                  cls_loss_weight=0.3, obj_level_weights=(4.0, 1.0, 0.4),
                  test_score_thresh=0.001, test_topk_candidates=1000, test_nms_thresh=0.65,
                  max_detections_per_image=100, pixel_mean, pixel_std, input_format="BGR"):
@@ -111,7 +114,9 @@ class YOLODenseDetector(DenseDetector):
                              f"needs one weight per level of IN_FEATURES ({num_levels}).")
         self.anchor_generator = anchor_generator
         self.box2box_transform = YOLOBoxTransform()
-        self.matcher = matcher
+        self.assigner = assigner
+        # the assigner of images whose targets carry gt_scores (pseudo-labels)
+        self.pseudo_assigner = pseudo_assigner or assigner
         self.num_classes = num_classes
         self.box_loss_weight = loss_scale * box_loss_weight * 3.0 / num_levels
         self.obj_loss_weight = loss_scale * obj_loss_weight
@@ -136,21 +141,15 @@ class YOLODenseDetector(DenseDetector):
         if len(num_anchors) != 1:
             raise ValueError("the dense detector needs the same number of anchors per cell at "
                              "every level (MODEL.ANCHOR_GENERATOR)")
-        if d.MATCHER == "shape":
-            sizes = [c[:, 2:] - c[:, :2] for c in anchor_generator.cell_anchors]
-            matcher = ShapeMatcher(sizes, [s.stride for s in shapes], d.ANCHOR_RATIO_THRESH)
-        elif d.MATCHER == "iou":
-            matcher = IoUMatcher(Matcher(d.IOU_THRESHOLDS, d.IOU_LABELS,
-                                         allow_low_quality_matches=True))
-        else:
-            raise ValueError(f"MODEL.DENSE_DETECTOR.MATCHER={d.MATCHER!r}: choose one of "
-                             f"{list(MATCHERS)}.")
+        strides = [s.stride for s in shapes]
         return {
             "backbone": backbone,
             "head": YOLODenseHead(cfg, shapes, num_anchors=num_anchors.pop()),
             "head_in_features": d.IN_FEATURES,
             "anchor_generator": anchor_generator,
-            "matcher": matcher,
+            "assigner": build_dense_assigner(cfg, "ASSIGNER", anchor_generator, strides),
+            "pseudo_assigner": (build_dense_assigner(cfg, "PSEUDO_ASSIGNER", anchor_generator,
+                                                     strides) if d.PSEUDO_ASSIGNER else None),
             "num_classes": d.NUM_CLASSES,
             "loss_scale": d.LOSS_SCALE,
             "box_loss_weight": d.BOX_LOSS_WEIGHT,
@@ -220,49 +219,67 @@ class YOLODenseDetector(DenseDetector):
         num_anchors = anchor_boxes.shape[0]
         obj_target = torch.zeros_like(obj_logits)
         obj_valid = torch.ones_like(obj_logits, dtype=torch.bool)
-        hard, soft = [], []  # matched pairs as (flat index into N·R, gt box, class, reg valid)
+        # matched pairs as (flat index into N·R, gt box, class, reg valid, soft objectness, box
+        # weight, class weight, objectness target: −1 for the prediction's CIoU)
+        hard, soft = [], []
         for i, inst in enumerate(gt_instances):
             boxes = inst.gt_boxes.tensor
-            anchor_idx, gt_idx, ignore = self.matcher(boxes, anchors, grid_sizes)
-            if ignore is not None:
-                obj_valid[i] = ~ignore
+            assigner = self.pseudo_assigner if inst.has("gt_scores") else self.assigner
+            predictions = None
+            if assigner.uses_predictions:
+                predictions = DensePredictions(
+                    cls_logits[i].detach().sigmoid(),
+                    self.box2box_transform.apply_deltas(box_deltas[i].detach(), anchor_boxes,
+                                                        strides),
+                    obj_logits[i].detach().sigmoid())
+            a = assigner(boxes, inst.gt_classes, anchors, grid_sizes, predictions)
+            if a.ignore is not None:
+                obj_valid[i] = ~a.ignore
             reg_valid = (inst.gt_reg_valid if inst.has("gt_reg_valid")
                          else torch.ones(len(inst), dtype=torch.bool, device=boxes.device))
             soft_obj = (inst.gt_objectness if inst.has("gt_objectness")
                         else boxes.new_full((len(inst),), -1.0))
-            is_soft = soft_obj[gt_idx] >= 0
+            quality = a.quality if a.quality is not None else torch.full_like(a.reg_weight, -1.0)
+            g = a.gt_idx
+            is_soft = soft_obj[g] >= 0
             for group, keep in ((hard, ~is_soft), (soft, is_soft)):
-                a, g = anchor_idx[keep], gt_idx[keep]
-                group.append((i * num_anchors + a, boxes[g], inst.gt_classes[g], reg_valid[g],
-                              soft_obj[g]))
+                group.append((i * num_anchors + a.anchor_idx[keep], boxes[g[keep]],
+                              inst.gt_classes[g[keep]], reg_valid[g[keep]], soft_obj[g[keep]],
+                              a.reg_weight[keep], a.cls_weight[keep], quality[keep]))
         hard, soft = ([cat(list(x)) for x in zip(*group)] for group in (hard, soft))
 
         flat_deltas = box_deltas.reshape(-1, 4)
         flat_obj_target = obj_target.view(-1)
-        box_terms = []
-        # soft targets are written after the hard ones: they win shared anchors
-        for (index, gt_boxes, _, reg_valid, soft_obj), is_soft in ((hard, False), (soft, True)):
+        box_terms, by_max = [], []
+        # targets without a given quality are written in order, soft after hard (soft targets
+        # win shared anchors); given qualities (MuSu) after them, each anchor taking the largest
+        for (index, gt_boxes, _, reg_valid, soft_obj, reg_w, cls_w, quality), is_soft in (
+                (hard, False), (soft, True)):
             anchor = index % num_anchors
             pred = self.box2box_transform.apply_deltas(flat_deltas[index], anchor_boxes[anchor],
                                                        strides[anchor])
             ciou = complete_iou(pred, gt_boxes)
-            target = soft_obj if is_soft else ciou.detach().clamp(min=0)
-            flat_obj_target[index] = target.to(obj_target.dtype)
+            given = quality >= 0
+            target = (soft_obj * cls_w if is_soft
+                      else torch.where(given, quality, ciou.detach().clamp(min=0)))
+            flat_obj_target[index[~given]] = target[~given].to(obj_target.dtype)
+            by_max.append((index[given], target[given].to(obj_target.dtype)))
             level = levels[anchor[reg_valid]]
-            box_terms.append(_level_sums((1 - ciou)[reg_valid], level, num_levels)
-                             / _level_sums(torch.ones_like(ciou[reg_valid]), level, num_levels)
-                             .clamp(min=1))
+            box_terms.append(_level_sums(((1 - ciou) * reg_w)[reg_valid], level, num_levels)
+                             / _level_sums(reg_w[reg_valid], level, num_levels).clamp(min=1))
+        index, target = (cat(list(x)) for x in zip(*by_max))
+        flat_obj_target.scatter_reduce_(0, index, target, "amax")
         loss_box = sum(t.sum() for t in box_terms)
 
-        index, _, classes, _, _ = hard
+        index, _, classes, _, _, _, cls_w, _ = hard
         anchor = index % num_anchors
         cls_sum = cls_logits.new_zeros(num_levels)
         if self.num_classes > 1:  # one class: the objectness says it all (YOLOv5)
             target = F.one_hot(classes, self.num_classes).to(cls_logits.dtype)
             bce = F.binary_cross_entropy_with_logits(
                 cls_logits.reshape(-1, self.num_classes)[index], target, reduction="none")
-            cls_sum = _level_sums(bce.sum(dim=1), levels[anchor], num_levels)
-        cls_count = _level_sums(torch.ones_like(anchor, dtype=cls_logits.dtype), levels[anchor],
+            cls_sum = _level_sums(bce.sum(dim=1) * cls_w, levels[anchor], num_levels)
+        cls_count = _level_sums(cls_w.to(cls_logits.dtype), levels[anchor],
                                 num_levels) * self.num_classes
         loss_cls = (cls_sum / cls_count.clamp(min=1)).sum()
 
@@ -273,6 +290,8 @@ class YOLODenseDetector(DenseDetector):
         loss_obj = (obj_mean * obj_mean.new_tensor(self.obj_level_weights)).sum()
 
         storage = get_event_storage()
+        # (anchor, box) pairs per image as the assigner returned them (MuSu: every candidate of
+        # every bag, weight 0 included; its weights are not read back, to avoid a host sync)
         storage.put_scalar("dense/num_pos_anchors", len(hard[0]) / len(gt_instances))
         if len(soft[0]):
             storage.put_scalar("dense/num_soft_pos_anchors", len(soft[0]) / len(gt_instances))

@@ -18,6 +18,10 @@ SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
 DENSE_SUP = os.path.join(REPO, "configs/demo/dense_supervised.yaml")
 DENSE_UT = os.path.join(REPO, "configs/demo/dense_unbiased_teacher.yaml")
 ET = os.path.join(REPO, "configs/demo/efficient_teacher.yaml")
+DENSE_MUSU = os.path.join(REPO, "configs/demo/dense_musu_supervised.yaml")
+ET_MUSU = os.path.join(REPO, "configs/demo/efficient_teacher_musu.yaml")
+ET_TERMS = {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg", "pseudo/reliable_per_image",
+            "pseudo/uncertain_per_image"}
 
 
 def small_cfg(config, out_dir, *opts):
@@ -45,10 +49,9 @@ def train(cfg, resume=False, crash_at=None):
 @pytest.mark.parametrize("config, unsup_terms", [
     (SUP, None), (UT, {"unsup/loss_rpn_cls", "unsup/loss_cls"}), (DENSE_SUP, None),
     (DENSE_UT, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg"}),
-    (ET, {"unsup/loss_obj", "unsup/loss_cls", "unsup/loss_box_reg",
-          "pseudo/reliable_per_image", "pseudo/uncertain_per_image"})],
+    (ET, ET_TERMS), (DENSE_MUSU, None), (ET_MUSU, ET_TERMS)],
     ids=["supervised", "unbiased_teacher", "dense_supervised", "dense_unbiased_teacher",
-         "efficient_teacher"])
+         "efficient_teacher", "dense_musu_supervised", "efficient_teacher_musu"])
 def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config, unsup_terms,
                                                                          tmp_path):
     cfg = small_cfg(config, tmp_path, "SOLVER.MAX_ITER", 30, "SSOD.BURN_IN_ITERS", 10)

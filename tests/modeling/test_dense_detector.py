@@ -8,13 +8,10 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from torch import nn
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import build_cfg
-from d2ssod.modeling.anchor_generator import ExplicitAnchorGenerator
-from d2ssod.modeling.dense_detector import YOLODenseDetector
-from d2ssod.modeling.dense_matching import ShapeMatcher
+from dense_helpers import BOX, SOFTPLUS_1, W_BOX, W_CLS, W_OBJ, instances, one_level_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE_SUP = os.path.join(REPO, "configs/demo/dense_supervised.yaml")
@@ -27,41 +24,8 @@ def demo_model():
     return cfg, build_model(cfg)
 
 
-def _instances(boxes, classes, **fields):
-    return Instances((16, 16), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4)),
-                     gt_classes=torch.tensor(classes, dtype=torch.long), **fields)
-
-
-def _one_level_losses(instances, obj_logit=1.0):
-    """Losses of a detector with one level: stride 8, 2x2 cells, one 8x8 anchor per cell, two
-    classes; all box outputs 0 (each prediction is its anchor), objectness logits ``obj_logit``,
-    class logits 0."""
-    generator = ExplicitAnchorGenerator(widths_heights=[[[8, 8]]], strides=[8])
-    det = YOLODenseDetector(
-        backbone=nn.Module(), head=nn.Identity(), head_in_features=["p3"],
-        anchor_generator=generator, matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8]),
-        num_classes=2, obj_level_weights=[4.0], pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
-    anchors, strides, levels = det._flat_anchors([torch.zeros(1, 1, 2, 2)])
-    cls_logits = torch.zeros(1, 4, 2, requires_grad=True)
-    box_deltas = torch.zeros(1, 4, 4, requires_grad=True)
-    obj_logits = torch.full((1, 4), obj_logit, requires_grad=True)
-    with EventStorage():
-        losses = det.losses(anchors, strides, levels, [(2, 2)], cls_logits, box_deltas,
-                            obj_logits, [instances])
-    return losses, (cls_logits, box_deltas, obj_logits)
-
-
-# A 4x4 box centred on cell (0, 0): its only positive is anchor 0 ([0, 0, 8, 8]: same centre,
-# same aspect, IoU 16/64, so CIoU 0.25).
-BOX = [2.0, 2.0, 6.0, 6.0]
-SOFTPLUS_1 = math.log1p(math.e)  # BCE with logits of logit 1 and target t: softplus(1) − t
-# weights with L = 1 level, K = 2 classes: box 0.05·3/L, obj 0.7 × level weight 4,
-# cls 0.3·K/80·3/L, each × the nominal batch of 64 images
-W_BOX, W_OBJ, W_CLS = 64 * 0.05 * 3, 64 * 0.7 * 4.0, 64 * 0.3 * 2 / 80 * 3
-
-
 def test_losses_of_one_ground_truth_box_by_hand():
-    losses, _ = _one_level_losses(_instances(BOX, [1]))
+    losses, _ = one_level_losses(instances(BOX, [1]))
     assert losses["loss_box_reg"].item() == pytest.approx(W_BOX * (1 - 0.25))
     # objectness target CIoU 0.25 on 1 of the 4 anchors, 0 elsewhere; mean over the 4 anchors
     assert losses["loss_obj"].item() == pytest.approx(W_OBJ * (SOFTPLUS_1 - 0.25 / 4))
@@ -70,20 +34,20 @@ def test_losses_of_one_ground_truth_box_by_hand():
 
 
 def test_soft_box_overwrites_shared_objectness_has_no_class_term_and_its_own_box_term():
-    both = _instances([BOX, BOX], [1, 0], gt_objectness=torch.tensor([-1.0, 0.9]))
-    losses, _ = _one_level_losses(both)
+    both = instances([BOX, BOX], [1, 0], gt_objectness=torch.tensor([-1.0, 0.9]))
+    losses, _ = one_level_losses(both)
     assert losses["loss_obj"].item() == pytest.approx(W_OBJ * (SOFTPLUS_1 - 0.9 / 4))
     assert losses["loss_cls"].item() == pytest.approx(W_CLS * math.log(2))  # the hard box's
     # separate per-level means of the two groups, added
     assert losses["loss_box_reg"].item() == pytest.approx(W_BOX * (0.75 + 0.75))
-    no_box = _instances([BOX, BOX], [1, 0], gt_objectness=torch.tensor([-1.0, 0.9]),
+    no_box = instances([BOX, BOX], [1, 0], gt_objectness=torch.tensor([-1.0, 0.9]),
                         gt_reg_valid=torch.tensor([True, False]))
-    losses, _ = _one_level_losses(no_box)
+    losses, _ = one_level_losses(no_box)
     assert losses["loss_box_reg"].item() == pytest.approx(W_BOX * 0.75)
 
 
 def test_image_without_boxes_gives_finite_losses_and_reaches_every_output():
-    losses, outputs = _one_level_losses(_instances([], []))
+    losses, outputs = one_level_losses(instances([], []))
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_cls"].item() == 0.0
     assert losses["loss_obj"].item() == pytest.approx(W_OBJ * SOFTPLUS_1)
     sum(losses.values()).backward()
