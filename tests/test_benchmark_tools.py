@@ -124,6 +124,25 @@ def test_self_training_rows_time_each_pipeline_and_take_the_oracle_of_the_same_s
     rows = _tool("benchmark_methods").summarize({1: runs}, ["st", "stpp"])
     assert rows["stpp"]["gap_closed"][0] == pytest.approx((35 - 30) / (40 - 30))
     assert bench.pseudo_quality(summaries)["st_labels"] == {**quality, "pseudo_boxes": 7}
+    # the unselected half by the same model: 10 boxes / 8 matched / 20 truths / 9 found overall,
+    # 4 boxes / 4 matched / 8 truths / 4 found on the selected images → 6 / 4 / 12 / 5 on the rest
+    rest = bench.rest_quality(
+        {"precision": 0.8, "recall": 0.45, "pseudo_boxes": 10, "true_boxes": 20},
+        {"precision": 1.0, "recall": 0.5, "pseudo_boxes": 4, "true_boxes": 8})
+    assert rest["precision"] == pytest.approx(4 / 6) and rest["recall"] == pytest.approx(5 / 12)
+    assert rest["pseudo_boxes"] == 6
+    # re-trainings measured against supervised and oracle runs of their own length
+    long = {"setup": {"total_iters": 800},
+            "runs": {"1": {"supervised": {"AP": 33.0, "AP50": 0, "wall_seconds": 1},
+                           "oracle": {"AP": 53.0, "AP50": 0, "wall_seconds": 1}}}}
+    pairs = bench.add_long_baselines({1: runs}, long)
+    assert pairs["stpp"] == ("supervised_800", "oracle_800") and "soft_teacher" not in pairs
+    rows = _tool("benchmark_methods").summarize({1: runs}, ["st", "stpp"], pairs)
+    assert rows["stpp"]["gap_closed"][0] == pytest.approx((35 - 33) / (53 - 33))
+    table = bench.markdown_table({"seeds": [1], "rows": rows, "methods_json": "m.json",
+                                  "long_baselines": "b.json", "command": "c",
+                                  "pseudo_quality": [bench.pseudo_quality(summaries)]})
+    assert "| stpp | 35.00 ± 0.00 | 55.00 ± 0.00 | +0.10 ± 0.00 (vs supervised_800 / oracle_800)" in table
 
 
 def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():

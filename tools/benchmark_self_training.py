@@ -82,15 +82,51 @@ def seed_runs(summaries, methods_runs, online):
     return runs
 
 
+def add_long_baselines(runs, long):
+    """Add the supervised and oracle runs of ``long`` (a ``tools/benchmark_methods.py`` json
+    trained as long as a re-training) to ``runs`` as ``supervised_<N>`` / ``oracle_<N>``, and
+    return them as the ST / ST++ rows' baselines: the re-trainings run longer than the
+    supervised stage, so their gap closed is measured against runs of the same length (the
+    online methods keep theirs)."""
+    n = long["setup"]["total_iters"]
+    for seed, seed_runs_ in runs.items():
+        for name in ("supervised", "oracle"):
+            seed_runs_[f"{name}_{n}"] = dict(long["runs"][str(seed)][name])
+    return {m: (f"supervised_{n}", f"oracle_{n}") for m in ("st", "stpp_retrain1", "stpp")}
+
+
 def pseudo_quality(summaries):
-    """Pseudo-label precision/recall: ST's labels, ST++'s selected half and re-labeled rest."""
+    """Pseudo-label precision/recall: ST's labels (the final supervised model on every image),
+    ST++'s selected half, the rest as that same model labels it, and the rest re-labeled by
+    ``retrain1``."""
     out = {}
     for key, (mode, stage) in {"st_labels": ("st", "label"), "stpp_selected": ("stpp", "label"),
                                "stpp_relabeled": ("stpp", "relabel")}.items():
         quality = summaries[mode]["stages"][stage].get("pseudo_quality") or {}
         out[key] = {k: quality.get(k) for k in ("precision", "recall")}
         out[key]["pseudo_boxes"] = summaries[mode]["stages"][stage].get("pseudo_boxes")
+    out["stpp_rest_by_final"] = rest_quality(
+        summaries["st"]["stages"]["label"].get("pseudo_quality"),
+        summaries["stpp"]["stages"]["label"].get("pseudo_quality"))
     return out
+
+
+def rest_quality(everything, selected):
+    """Precision/recall of the final supervised model's pseudo boxes on the images ST++ did
+    not select, from its labels of every image (ST's) and of the selected ones: matched boxes
+    and matched truths are sums over images, so the rest's counts are the differences."""
+    keys = ("precision", "recall", "pseudo_boxes", "true_boxes")
+    if not everything or not selected or any(everything.get(k) is None or selected.get(k) is None
+                                             for k in keys):
+        return {"precision": None, "recall": None, "pseudo_boxes": None}
+    boxes = everything["pseudo_boxes"] - selected["pseudo_boxes"]
+    truths = everything["true_boxes"] - selected["true_boxes"]
+    matched_boxes = (everything["precision"] * everything["pseudo_boxes"]
+                     - selected["precision"] * selected["pseudo_boxes"])
+    found = (everything["recall"] * everything["true_boxes"]
+             - selected["recall"] * selected["true_boxes"])
+    return {"precision": matched_boxes / boxes if boxes else None,
+            "recall": found / truths if truths else None, "pseudo_boxes": boxes}
 
 
 def markdown_table(result):
@@ -99,6 +135,8 @@ def markdown_table(result):
     for name, row in result["rows"].items():
         gap = ("—" if "gap_closed" not in row
                else f"{row['gap_closed'][0]:+.2f} ± {row['gap_closed'][1]:.2f}")
+        if row.get("baselines", ["supervised", "oracle"]) != ["supervised", "oracle"]:
+            gap += f" (vs {' / '.join(row['baselines'])})"
         lines.append(f"| {name} | {row['AP'][0]:.2f} ± {row['AP'][1]:.2f} | "
                      f"{row['AP50'][0]:.2f} ± {row['AP50'][1]:.2f} | {gap} | "
                      f"{row['wall_minutes']:.1f} |")
@@ -114,8 +152,11 @@ def markdown_table(result):
         lines.append(f"| {key} | {cells[0]} | {cells[1]} | {boxes} |")
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
                   f"supervised = the self-training's own supervised stage; oracle and online "
-                  f"methods from `{result['methods_json']}` (same seeds); command: "
-                  f"`{result['command']}`"]
+                  f"methods from `{result['methods_json']}` (same seeds)"
+                  + (f"; `_<N>` rows: supervised and oracle trained as long as a re-training "
+                     f"(`{result['long_baselines']}`), the baselines of the ST / ST++ rows' gap "
+                     f"closed" if result.get("long_baselines") else "")
+                  + f"; command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +171,10 @@ def main():
                                                          "benchmark_self_training"))
     parser.add_argument("--methods-json", default=os.path.join(REPO, "benchmarks",
                                                                "methods.json"))
+    parser.add_argument("--long-baselines", default="",
+                        help="benchmark json (tools/benchmark_methods.py --methods "
+                             "supervised,oracle with the re-trainings' length) whose supervised "
+                             "and oracle runs become the baselines of the gap closed")
     parser.add_argument("--online", default="soft_teacher",
                         help="online methods of --methods-json shown beside ST/ST++")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks",
@@ -148,9 +193,15 @@ def main():
         summaries = dict(zip(seeds, pool.map(lambda s: run_seed(s, args, args.opts), seeds)))
     runs = {s: seed_runs(summaries[s], methods["runs"].get(str(s), {}), online) for s in seeds}
     names = ["st", "stpp_retrain1", "stpp", *online]
-    rows = summarize(runs, names, {n: ("supervised", "oracle") for n in names})
+    baselines = {n: ("supervised", "oracle") for n in names}
+    if args.long_baselines:
+        with open(args.long_baselines) as f:
+            baselines.update(add_long_baselines(runs, json.load(f)))
+    rows = summarize(runs, names, baselines)
     result = {"seeds": seeds, "methods_json": os.path.relpath(args.methods_json, REPO),
               "command": " ".join(["python tools/benchmark_self_training.py", *sys.argv[1:]]),
+              "long_baselines": (os.path.relpath(args.long_baselines, REPO)
+                                 if args.long_baselines else None),
               "runs": runs, "rows": rows,
               "pseudo_quality": [pseudo_quality(summaries[s]) for s in seeds]}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
