@@ -16,9 +16,11 @@ Because grouping happens in the sampler, the stock loader is called with
 ``aspect_ratio_grouping=False``; ``DATALOADER.ASPECT_RATIO_GROUPING`` still decides whether the
 sampler groups.
 """
+import atexit
 import contextlib
 import functools
 import logging
+import multiprocessing
 import random
 import signal
 
@@ -185,6 +187,8 @@ def _stream(cfg, dataset_dicts, mapper, base_sampler, *, seed, stream, batch_siz
         single_gpu_batch_size=batch_size, aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS)
     loader.worker_init_fn = functools.partial(_worker_init_ignoring_sigterm, loader.worker_init_fn)
+    if cfg.DATALOADER.NUM_WORKERS > 0:
+        _kill_workers_at_exit()
     return loader
 
 
@@ -198,6 +202,23 @@ def _worker_init_ignoring_sigterm(init_fn, worker_id):
     if init_fn is not None:
         init_fn(worker_id)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@functools.lru_cache(maxsize=None)  # registered once per process
+def _kill_workers_at_exit():
+    """At interpreter exit, multiprocessing stops daemonic children with SIGTERM and then waits
+    for them. Workers that ignore SIGTERM would keep a process that ends on an exception (the
+    loader's iterator still referenced by the traceback, so never shut down) waiting forever;
+    this handler, registered after multiprocessing's and therefore run before it, kills them
+    first. Daemonic children are ended at exit in any case; only the signal differs."""
+    def kill_daemonic_children():
+        # torch's SIGCHLD handler would report the killed workers as a second, misleading error
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill_daemonic_children)
 
 
 def build_ssod_train_loader(cfg, with_unlabeled=True, *, labeled_start=0, unlabeled_start=0,

@@ -195,3 +195,30 @@ def test_batch_size_errors(datasets, monkeypatch):
         stream_batch_sizes(cfg)
     cfg.SSOD.UNLABELED_RATIO = 4.0
     assert stream_batch_sizes(cfg) == (1, 4)
+
+
+def test_a_crash_with_sigterm_immune_workers_alive_still_exits(tmp_path):
+    """Loader workers ignore SIGTERM (preemption); a process that then ends on an exception,
+    its loader iterator still alive, must exit with that error instead of waiting forever for
+    workers that ignore multiprocessing's exit-time SIGTERM."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent("""
+        import functools
+        from torch.utils.data import DataLoader
+        from d2ssod.data.loader import _kill_workers_at_exit, _worker_init_ignoring_sigterm
+        loader = DataLoader(list(range(100)), batch_size=2, num_workers=1,
+                            worker_init_fn=functools.partial(_worker_init_ignoring_sigterm, None))
+        _kill_workers_at_exit()
+        it = iter(loader)
+        next(it)
+        raise RuntimeError("crash while the loader's iterator is alive")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "RuntimeError: crash while the loader's iterator is alive" in proc.stderr
+    assert "is killed by signal" not in proc.stderr  # no second, misleading error
