@@ -31,7 +31,9 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training_runs import REPO, write_benchmark  # noqa: E402  (tools/ is not a package)
+
 sys.path.insert(0, REPO)
 
 
@@ -184,11 +186,7 @@ def main():
               "draws": {s: {n: [round(float(a), 4) for a in boot[s][n]] for n in names}
                         for s in seeds},
               "rows": summarize(full, boot, names, names[0])}
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.md, "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    print(write_benchmark(result, args.json, args.md, markdown))
 
 
 if __name__ == "__main__":

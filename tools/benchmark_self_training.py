@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmark_methods import mean_std, summarize
-from training_runs import REPO
+from training_runs import REPO, write_benchmark
 
 SELF_TRAIN = os.path.join(REPO, "tools", "self_train.py")
 CONFIG = os.path.join(REPO, "configs", "demo", "self_training.yaml")
@@ -204,12 +204,7 @@ def main():
                                  if args.long_baselines else None),
               "runs": runs, "rows": rows,
               "pseudo_quality": [pseudo_quality(summaries[s]) for s in seeds]}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.md, "w") as f:
-        f.write(markdown_table(result))
-    print(markdown_table(result))
+    print(write_benchmark(result, args.json, args.md, markdown_table))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
 __all__ = ["REPO", "run_training", "wait_all", "wait_for_file", "ap_curve", "finished",
            "mark_finished", "warm_start_from_supervised", "hand_over_name", "last_iteration",
-           "plot"]
+           "plot", "write_benchmark"]
 
 
 def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt"):
@@ -148,3 +148,16 @@ def plot(curves, path, ylabel="COCO AP on demo_val"):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_benchmark(result, json_path, md_path, render):
+    """Write a benchmark's results as json and its Markdown table (``render(result)``) beside it;
+    returns the table."""
+    for path in (json_path, md_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    table = render(result)
+    with open(md_path, "w") as f:
+        f.write(table)
+    return table
