@@ -1,20 +1,16 @@
 """tools/benchmark_methods.py's aggregation and tools/results_table.py's README block."""
-import importlib.util
 import json
 import math
 import os
 
 import numpy as np
 import pytest
+from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_tool = load_tool  # tools/<name>.py as a module
 
 
 RUNS = {
