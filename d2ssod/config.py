@@ -53,6 +53,10 @@ def add_ssod_config(cfg):
     _C.SSOD.BURN_IN_ITERS = 2000
     # λ_u: weight of the unsupervised loss terms.
     _C.SSOD.UNSUP_WEIGHT = 4.0
+    # Per-term weights (× λ_u) that replace the method's own, as (("term", weight), ...) by the
+    # names the student returns (logged as unsup/<term>), e.g. (("loss_rpn_distill_loc", 0.0),)
+    # to measure what one term does; 0 keeps the term in the graph. Empty: the method's weights.
+    _C.SSOD.UNSUP_TERM_WEIGHTS = ()
     # Unlabeled images per labeled image in a step; the unlabeled batch summed over all GPUs is
     # round(SOLVER.IMS_PER_BATCH * UNLABELED_RATIO) (UT 1:1, Soft Teacher 1:4).
     _C.SSOD.UNLABELED_RATIO = 1.0

@@ -89,6 +89,10 @@ def test_variant_spec_parses_into_label_config_and_overrides():
     assert bench.parse_variant("ut1:unbiased_teacher:SSOD.UNSUP_WEIGHT=1.0,SEED=3") == (
         "ut1", "unbiased_teacher", ["SSOD.UNSUP_WEIGHT", "1.0", "SEED", "3"])
     assert bench.parse_variant("plain:sed:") == ("plain", "sed", [])
+    assert bench.parse_variant("alt:soft_teacher:SOLVER.STEPS=(1120, 1330),X=[1,2],Y=4") == (
+        "alt", "soft_teacher", ["SOLVER.STEPS", "(1120, 1330)", "X", "[1,2]", "Y", "4"])
+    assert bench.parse_variant("w:sed:T=(('a', 0.0), ('b', 1)),Z=1") == (
+        "w", "sed", ["T", "(('a', 0.0), ('b', 1))", "Z", "1"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench.parse_variant("bad:sed:SSOD.UNSUP_WEIGHT")
     with pytest.raises(SystemExit, match="LABEL:CONFIG"):

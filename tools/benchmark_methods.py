@@ -128,14 +128,26 @@ def markdown_table(summary):
     return "\n".join(lines) + "\n"
 
 
+def _split_top_level(text):
+    """``text`` split at the commas outside any parentheses or brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_variant(spec):
-    """``"LABEL:CONFIG:KEY=VALUE,KEY=VALUE"`` → (label, config name, [KEY, VALUE, ...])."""
+    """``"LABEL:CONFIG:KEY=VALUE,KEY=VALUE"`` → (label, config name, [KEY, VALUE, ...]).
+    Commas inside parentheses or brackets belong to the value (``SOLVER.STEPS=(1120, 1330)``)."""
     parts = spec.split(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise SystemExit(f"--variant {spec!r}: expected LABEL:CONFIG:KEY=VALUE,KEY=VALUE")
     label, config, overrides = parts
     opts = []
-    for item in filter(None, overrides.split(",")):
+    for item in filter(None, (i.strip() for i in _split_top_level(overrides))):
         if "=" not in item:
             raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
         opts += item.split("=", 1)

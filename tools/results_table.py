@@ -24,6 +24,10 @@ from training_runs import REPO  # noqa: E402
 # README blocks, each rendered from benchmarks/<name>.json by the function that writes the
 # benchmark's own .md
 TABLES = {"methods": benchmark_methods.markdown_table,
+          "methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
+          "soft_teacher_ema": benchmark_methods.markdown_table,
+          "step_mode": benchmark_methods.markdown_table,
+          "sed_terms": benchmark_methods.markdown_table,
           "dense_methods": benchmark_methods.markdown_table,
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown}

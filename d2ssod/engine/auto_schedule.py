@@ -20,8 +20,9 @@ and the keys of ``SSOD.AUTO_SCHEDULE_RULE``:
    ``1 − 1/τ`` clamped to ``EMA_MOMENTUM_RANGE``.
 
 On the demo's sizes (L 50, U 950, B 4, ratio 1) with 200 + 200 iterations this rule gives the
-demo's hand-written schedule: burn-in 200, total 400, period 100, steps (320, 380), warm-up 50,
-EMA 0.95. The reasons for each part: docs/custom_data.md.
+demo's earlier hand-written schedule (kept by the dense and self-training demo configs): burn-in
+200, total 400, period 100, steps (320, 380), warm-up 50, EMA 0.95. The reasons for each part:
+docs/custom_data.md.
 """
 import logging
 import math

@@ -173,6 +173,10 @@ class SSODMethod(abc.ABC):
         self.name = cfg.SSOD.METHOD
         self.teacher = teacher
         self.unsup_weight = cfg.SSOD.UNSUP_WEIGHT
+        # SSOD.UNSUP_TERM_WEIGHTS: replaces loss_weights' entries (checked against the student's
+        # terms on the first unlabeled step, when their names are known)
+        self.term_weights = {name: float(w) for name, w in cfg.SSOD.UNSUP_TERM_WEIGHTS}
+        self._term_weights_checked = False
         self.pseudo_eval_period = cfg.SSOD.PSEUDO_EVAL_PERIOD
 
     # ----------------------------------------------------------------------------- config
@@ -184,6 +188,12 @@ class SSODMethod(abc.ABC):
     def validate_config(cls, cfg):
         """Raise ``ValueError`` naming the key and the fix for a bad value of the method's keys
         (or of shared keys the method cannot work with). Subclasses call ``super()``."""
+        for item in cfg.SSOD.UNSUP_TERM_WEIGHTS:
+            if not (len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], (int, float)) and item[1] >= 0):
+                raise ValueError(
+                    f"SSOD.UNSUP_TERM_WEIGHTS item {item!r}: expected (\"<term>\", weight >= 0), "
+                    f"e.g. ((\"loss_rpn_distill_loc\", 0.0),).")
         if cfg.SSOD.SED.SCALE_CONSISTENCY and not cls.supports_scale_consistency:
             raise ValueError(f"SSOD.SED.SCALE_CONSISTENCY=True is not implemented for SSOD.METHOD "
                              f"{cfg.SSOD.METHOD!r}; set it False.")
@@ -274,6 +284,15 @@ class SSODMethod(abc.ABC):
         weights = {k: w for k, w in self.loss_weights.items() if k in losses}
         if self.default_loss_weight is not None:
             weights.update({k: self.default_loss_weight for k in losses if k not in weights})
+        if self.term_weights:
+            if not self._term_weights_checked:
+                unknown = sorted(set(self.term_weights) - set(losses))
+                if unknown:
+                    raise ValueError(
+                        f"SSOD.UNSUP_TERM_WEIGHTS names {unknown}, which SSOD.METHOD "
+                        f"{self.name!r} does not compute; its terms are {sorted(losses)}.")
+                self._term_weights_checked = True
+            weights.update({k: w for k, w in self.term_weights.items() if k in losses})
         return {f"unsup/{k}": losses[k] * (w * self.unsup_weight) for k, w in weights.items()}
 
     def unsupervised_losses(self, student, unlabeled, record=None):

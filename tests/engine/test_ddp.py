@@ -1,16 +1,19 @@
 """Two CPU processes (gloo) through Detectron2's ``launch``: a few Unbiased Teacher iterations
 (the demo's Faster R-CNN) and a few Efficient Teacher iterations (the dense detector), with and
-without pseudo boxes.
+without pseudo boxes, and with every part of the Epoch Adaptor on.
 
 Checks: the teacher (and the student) are bit-identical on both ranks after training, each rank
 read different unlabeled images, and the step (student called on the labeled and on the
 unlabeled batch before one backward) works under DistributedDataParallel without
 ``find_unused_parameters``. The two-process run itself is ``ddp_helpers.train_two_processes``.
 """
+import json
 import math
 import os
+import shutil
 
 import pytest
+import torch
 from ddp_helpers import (
     REPO,
     assert_ranks_in_sync,
@@ -110,3 +113,60 @@ def test_uneven_pseudo_boxes_across_ranks_for_every_teacher_method(tmp_path):
             assert len(values) == 2 and min(values) > 0, (config, key, values)
             assert r1["counts"][key] == [0, 0], (config, key, r1["counts"][key])
         assert all(math.isfinite(v) for r in (r0, r1) for v in r["losses"].values()), config
+
+
+def _epoch_adaptor_state(cfg, trainer):
+    """This rank's Epoch Adaptor state: per-class thresholds, finished epochs, and whether the
+    student carries the domain discriminator."""
+    ct = trainer.method.class_thresholds
+    return {"class_thresholds": ct.thresholds.cpu(), "epochs": ct.epoch,
+            "discriminator": any(k.startswith("domain_discriminator.")
+                                 for k in trainer.student.state_dict())}
+
+
+def test_two_process_efficient_teacher_with_every_epoch_adaptor_part(tmp_path):
+    """Domain adaptation in burn-in and after it (the discriminator is a student module under
+    DDP), per-class thresholds re-estimated at every epoch end from both ranks' teacher scores
+    (``comm.all_gather``), epochs counted on a 4-image labeled set: 4 images / batch 2 = an epoch
+    every 2 iterations, so iterations 1-4 after a burn-in of 1 end 2 epochs (after iterations 2
+    and 4, counted from the end of burn-in). Both ranks must end with the same model and the
+    same thresholds, and those thresholds must have moved off the floor τ_low for some class
+    (every teacher detection is counted: score threshold 0)."""
+    with open(os.path.join(REPO, "datasets/demo/labeled.json")) as f:
+        data = json.load(f)
+    images = data["images"][:4]
+    keep = {img["id"] for img in images}
+    labeled = tmp_path / "labeled.json"
+    labeled.write_text(json.dumps({"images": images, "categories": data["categories"],
+                                   "annotations": [a for a in data["annotations"]
+                                                   if a["image_id"] in keep]}))
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for i in range(2, 8):  # demo train images, not among the 4 labeled ones
+        name = f"train_{i:06d}.jpg"
+        if name not in {img["file_name"] for img in images}:
+            shutil.copyfile(os.path.join(REPO, "datasets/demo/images", name), unlabeled / name)
+    floor = 0.001  # below the untrained teacher's scores (~0.002-0.02), so thresholds can rise
+    r0, r1 = train_two_processes(
+        tmp_path / "run", os.path.join(REPO, "configs/demo/efficient_teacher.yaml"),
+        ("SOLVER.MAX_ITER", 5, "SSOD.BURN_IN_ITERS", 1,
+         "DATASETS.CUSTOM.LABELED_JSON", str(labeled),
+         "DATASETS.CUSTOM.IMAGE_ROOT", os.path.join(REPO, "datasets/demo/images"),
+         "DATASETS.CUSTOM.UNLABELED_DIR", str(unlabeled),
+         "MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
+         "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
+         "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", floor,
+         "SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION", True,
+         "SSOD.EFFICIENT_TEACHER.DOMAIN_AFTER_BURN_IN", True,
+         "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS", True,
+         "SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED", False),
+        extra=_epoch_adaptor_state)
+    assert_ranks_in_sync(r0, r1)
+    assert r0["discriminator"] and r1["discriminator"]
+    assert r0["epochs"] == r1["epochs"] == 2
+    assert torch.equal(r0["class_thresholds"], r1["class_thresholds"])
+    assert (r0["class_thresholds"] >= floor).all()
+    assert (r0["class_thresholds"] > floor).any()
+    # domain adaptation reads the unlabeled stream in burn-in too: one image per rank at every
+    # one of the 5 iterations (without it, only the 4 after burn-in)
+    assert len(r0["unlabeled_files"]) == len(r1["unlabeled_files"]) == 5
