@@ -174,9 +174,8 @@ class SSODMethod(abc.ABC):
         self.teacher = teacher
         self.unsup_weight = cfg.SSOD.UNSUP_WEIGHT
         # SSOD.UNSUP_TERM_WEIGHTS: replaces loss_weights' entries (checked against the student's
-        # terms on the first unlabeled step, when their names are known)
+        # terms at each step, when their names are known: a set difference of a few names)
         self.term_weights = {name: float(w) for name, w in cfg.SSOD.UNSUP_TERM_WEIGHTS}
-        self._term_weights_checked = False
         self.pseudo_eval_period = cfg.SSOD.PSEUDO_EVAL_PERIOD
 
     # ----------------------------------------------------------------------------- config
@@ -285,14 +284,12 @@ class SSODMethod(abc.ABC):
         if self.default_loss_weight is not None:
             weights.update({k: self.default_loss_weight for k in losses if k not in weights})
         if self.term_weights:
-            if not self._term_weights_checked:
-                unknown = sorted(set(self.term_weights) - set(losses))
-                if unknown:
-                    raise ValueError(
-                        f"SSOD.UNSUP_TERM_WEIGHTS names {unknown}, which SSOD.METHOD "
-                        f"{self.name!r} does not compute; its terms are {sorted(losses)}.")
-                self._term_weights_checked = True
-            weights.update({k: w for k, w in self.term_weights.items() if k in losses})
+            unknown = sorted(set(self.term_weights) - set(losses))
+            if unknown:
+                raise ValueError(
+                    f"SSOD.UNSUP_TERM_WEIGHTS names {unknown}, which SSOD.METHOD "
+                    f"{self.name!r} does not compute; its terms are {sorted(losses)}.")
+            weights.update(self.term_weights)
         return {f"unsup/{k}": losses[k] * (w * self.unsup_weight) for k, w in weights.items()}
 
     def unsupervised_losses(self, student, unlabeled, record=None):
