@@ -99,6 +99,39 @@ def test_variant_spec_parses_into_label_config_and_overrides():
         bench.parse_variant("onlylabel")
 
 
+def test_a_finished_run_is_reused_unless_its_config_differs_beyond_new_keys_at_default(
+        tmp_path, capsys):
+    bench = _tool("benchmark_methods")
+    defaults = bench.flat_config("SSOD:\n  NEW_KEY: 0.5\n  UNSUP_WEIGHT: 4.0\nSEED: -1\n")
+    # a run trained before SSOD.NEW_KEY existed, recorded the old way (config.yaml only)
+    run_dir = tmp_path / "seed1" / "soft_teacher"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        "OUTPUT_DIR: /elsewhere\nSEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
+        "SSOD:\n  UNSUP_WEIGHT: 1.0\n")
+    (run_dir / "benchmark_run.json").write_text(json.dumps({"wall_seconds": 5.0}))
+    job = bench.Job("soft_teacher", 1, "cfg.yaml", str(run_dir), [])
+
+    def with_config(**ssod):
+        job.config_text = ("OUTPUT_DIR: ./output\nSEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
+                           "SSOD:\n" + "".join(f"  {k}: {v}\n" for k, v in ssod.items()))
+        return bench.reusable_config(job, defaults)
+
+    assert with_config(UNSUP_WEIGHT=1.0, NEW_KEY=0.5)  # new key at its default, OUTPUT_DIR aside
+    assert not with_config(UNSUP_WEIGHT=1.0, NEW_KEY=0.25)  # new key set: a different run
+    assert "differs in SSOD.NEW_KEY;" in capsys.readouterr().out
+    assert not with_config(UNSUP_WEIGHT=2.0, NEW_KEY=0.5)
+    assert not with_config()  # SSOD.UNSUP_WEIGHT only in the stored run (a key removed)
+    # the stored "config" of benchmark_run.json takes precedence over config.yaml
+    (run_dir / "benchmark_run.json").write_text(json.dumps(
+        {"wall_seconds": 5.0, "config": "SEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
+                                          "SSOD:\n  UNSUP_WEIGHT: 2.0\n"}))
+    assert with_config(UNSUP_WEIGHT=2.0) and not with_config(UNSUP_WEIGHT=1.0)
+    assert bench.config_changes({"A": [1, 2], "B": 1}, {"A": [1, 3], "C": 0}, {"C": 1}) == \
+        ["A", "B", "C"]
+    assert not bench.reusable_config(bench.Job("x", 1, "c", str(tmp_path / "none"), []), {})
+
+
 def _stage(ap, seconds, **extra):
     return {"bbox": {"AP": ap, "AP50": ap + 20}, "seconds": seconds, **extra}
 

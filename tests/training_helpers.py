@@ -1,6 +1,12 @@
 """Helpers shared by the tests that run short real trainings (importable because pytest puts
 ``tests/`` on ``sys.path`` for its ``conftest.py``)."""
+import json
+import os
+import shutil
+
 from detectron2.engine import HookBase
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "demo")
 
 RECORDED_PREFIXES = ("loss", "unsup/", "total_loss", "pseudo/", "domain/", "epoch_adaptor/")
 
@@ -129,3 +135,27 @@ def train_tiny_checkpoint(out_dir, config="configs/demo/soft_teacher.yaml", iter
     trainer.resume_or_load(resume=False)
     trainer.train()
     return cfg, os.path.join(out_dir, "model_final.pth")
+
+
+def custom_labeled_data(root, *, images=4):
+    """The first ``images`` images of the demo's labeled json, copied into ``root/images``, and
+    their boxes: a COCO dict whose file names are relative to ``root`` (a custom labeled json
+    written there needs no ``DATASETS.CUSTOM.IMAGE_ROOT``)."""
+    with open(os.path.join(DEMO, "labeled.json")) as f:
+        data = json.load(f)
+    data["images"] = data["images"][:images]
+    ids = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for im in data["images"]:
+        shutil.copy(os.path.join(DEMO, "images", im["file_name"]),
+                    os.path.join(root, "images", im["file_name"]))
+        im["file_name"] = "images/" + im["file_name"]
+    return data
+
+
+def write_json(path, data):
+    """Write ``data`` to ``path``; returns the path as a string."""
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return str(path)

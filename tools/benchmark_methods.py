@@ -28,8 +28,9 @@ dense_supervised,dense_musu_supervised`` compares two supervised detectors at eq
 
 Runs are scheduled on ``--jobs`` processes (default: one per core), one thread each; a method
 run starts as soon as its seed's hand-over exists. Progress (what runs, at which iteration) is
-printed every ``--progress`` seconds. A finished run (same config, overrides and seed) is
-reused, so adding a method or a seed costs only the new runs.
+printed every ``--progress`` seconds. A finished run with the same merged config (files,
+overrides and seed) is reused, so adding a method or a seed costs only the new runs; a key added
+to d2ssod since a run, left at its default, does not make it stale (a changed default does).
 
 Results: ``--json`` (default ``benchmarks/methods.json``) with every run's AP, AP50 and wall
 time, and per method the mean ± sample standard deviation over seeds of AP, AP50 and
@@ -38,7 +39,6 @@ time, and per method the mean ± sample standard deviation over seeds of AP, AP5
 ``tools/results_table.py`` puts into the README.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -46,6 +46,8 @@ import shutil
 import statistics
 import sys
 import time
+
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from training_runs import (  # noqa: E402  (tools/ is not a package)
@@ -154,6 +156,55 @@ def parse_variant(spec):
     return label, config, opts
 
 
+def flat_config(text):
+    """{dotted key: value} of a config dumped as YAML (``CfgNode.dump()``); values as YAML
+    reads them, so a stored config and a fresh one compare alike (tuples become lists)."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk(yaml.safe_load(text), ""))
+
+
+def config_changes(stored, current, defaults):
+    """Keys in which a finished run's config ``stored`` differs from this run's ``current``
+    (flat dicts, :func:`flat_config`): a value that changed; a key only this run has, unless it
+    is at its default in ``defaults`` (a key added to d2ssod since that run, left at its
+    default, changes nothing that run trained); a key only the stored config has."""
+    changed = {k for k in current.keys() & stored.keys() if current[k] != stored[k]}
+    changed |= {k for k in current.keys() - stored.keys() if current[k] != defaults.get(k)}
+    changed |= stored.keys() - current.keys()
+    return sorted(changed)
+
+
+def reusable_config(job, defaults):
+    """Whether the finished run in ``job.out_dir`` (if any) was trained with ``job``'s config:
+    :func:`config_changes` between the config its ``benchmark_run.json`` stored (for a run
+    recorded before configs were stored there: the ``config.yaml`` Detectron2 wrote into the run
+    directory) and ``job.config_text``, ``OUTPUT_DIR`` aside (the run directory is the job's by
+    construction). Prints the keys that make a run stale."""
+    try:
+        with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
+            stored = json.load(f).get("config")
+        if stored is None:
+            with open(os.path.join(job.out_dir, "config.yaml")) as f:
+                stored = f.read()
+    except (OSError, ValueError):
+        return False
+    stored, current = flat_config(stored), flat_config(job.config_text)
+    for flat in (stored, current):
+        flat.pop("OUTPUT_DIR", None)
+    changed = config_changes(stored, current, defaults)
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                          else "")
+        print(f"{job.label}: the finished run's config differs in {shown}; training it again",
+              flush=True)
+    return not changed
+
+
 class Job:
     """One training run of the benchmark."""
 
@@ -174,11 +225,9 @@ class Job:
         job, needed = self.after
         return os.path.exists(os.path.join(job.out_dir, needed))
 
-    def config_digest(self, build_cfg):
-        """sha256 of the run's merged config: a finished run is reused only when nothing in its
-        config files (bases included) or overrides changed."""
-        text = build_cfg(self.config, [str(o) for o in self.opts]).dump()
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def merged_config(self, build_cfg):
+        """The run's merged config as YAML text (config files, bases included, and overrides)."""
+        return build_cfg(self.config, [str(o) for o in self.opts]).dump()
 
     def start(self):
         if self.after is not None:  # a method run: start from its seed's hand-over
@@ -226,6 +275,7 @@ def main():
 
     sys.path.insert(0, REPO)
     from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.config import get_ssod_cfg
     from d2ssod.engine import build_cfg
 
     ensure_demo_data()
@@ -306,13 +356,10 @@ def main():
             job.burn_in = burn_in
             sup.hand_overs.add(hand_over_name(burn_in))
             jobs.append(job)
+    defaults = flat_config(get_ssod_cfg().dump())
     for job in jobs:
-        job.digest = job.config_digest(build_cfg)
-        try:
-            with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
-                same_config = json.load(f).get("config_digest") == job.digest
-        except (OSError, ValueError):
-            same_config = False
+        job.config_text = job.merged_config(build_cfg)
+        same_config = reusable_config(job, defaults)
         job.done = same_config and all(finished(job.out_dir, job.opts, needed) for needed in
                                        getattr(job, "hand_overs", None) or ["model_final.pth"])
         if job.after is not None and not job.after[0].done:
@@ -335,7 +382,7 @@ def main():
             job.wall_seconds = time.time() - job.started
             with open(os.path.join(job.out_dir, "benchmark_run.json"), "w") as f:
                 json.dump({"wall_seconds": round(job.wall_seconds, 1),
-                           "config_digest": job.digest}, f)
+                           "config": job.config_text}, f)
             mark_finished(job.out_dir, job.opts)
             job.done = True
             print(f"[{(time.time() - t0) / 60:5.1f} min] finished {job.label} in "

@@ -7,7 +7,6 @@ read different unlabeled images, and the step (student called on the labeled and
 unlabeled batch before one backward) works under DistributedDataParallel without
 ``find_unused_parameters``. The two-process run itself is ``ddp_helpers.train_two_processes``.
 """
-import json
 import math
 import os
 import shutil
@@ -20,7 +19,7 @@ from ddp_helpers import (
     train_runs_two_processes,
     train_two_processes,
 )
-from training_helpers import PSEUDO_BOX_OPTS
+from training_helpers import PSEUDO_BOX_OPTS, custom_labeled_data, write_json
 
 MAX_ITER, BURN_IN = 4, 1
 DENSE_UNSUP = {"unsup/loss_cls", "unsup/loss_box_reg", "unsup/loss_obj"}
@@ -132,26 +131,20 @@ def test_two_process_efficient_teacher_with_every_epoch_adaptor_part(tmp_path):
     and 4, counted from the end of burn-in). Both ranks must end with the same model and the
     same thresholds, and those thresholds must have moved off the floor τ_low for some class
     (every teacher detection is counted: score threshold 0)."""
-    with open(os.path.join(REPO, "datasets/demo/labeled.json")) as f:
-        data = json.load(f)
-    images = data["images"][:4]
-    keep = {img["id"] for img in images}
-    labeled = tmp_path / "labeled.json"
-    labeled.write_text(json.dumps({"images": images, "categories": data["categories"],
-                                   "annotations": [a for a in data["annotations"]
-                                                   if a["image_id"] in keep]}))
+    data = custom_labeled_data(tmp_path, images=4)
+    labeled = write_json(tmp_path / "labeled.json", data)
+    labeled_names = {os.path.basename(img["file_name"]) for img in data["images"]}
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     for i in range(2, 8):  # demo train images, not among the 4 labeled ones
         name = f"train_{i:06d}.jpg"
-        if name not in {img["file_name"] for img in images}:
+        if name not in labeled_names:
             shutil.copyfile(os.path.join(REPO, "datasets/demo/images", name), unlabeled / name)
     floor = 0.001  # below the untrained teacher's scores (~0.002-0.02), so thresholds can rise
     r0, r1 = train_two_processes(
         tmp_path / "run", os.path.join(REPO, "configs/demo/efficient_teacher.yaml"),
         ("SOLVER.MAX_ITER", 5, "SSOD.BURN_IN_ITERS", 1,
-         "DATASETS.CUSTOM.LABELED_JSON", str(labeled),
-         "DATASETS.CUSTOM.IMAGE_ROOT", os.path.join(REPO, "datasets/demo/images"),
+         "DATASETS.CUSTOM.LABELED_JSON", labeled,
          "DATASETS.CUSTOM.UNLABELED_DIR", str(unlabeled),
          "MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
          "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,

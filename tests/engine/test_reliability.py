@@ -1,6 +1,5 @@
 """Reliability: kill -9 and resume, atomic/corrupt checkpoints, bad input in a real run,
 degenerate batches, divergence."""
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import CorruptCheckpointError, SSODCheckpointer
 from d2ssod.engine.ema import EMATeacher
 from d2ssod.methods import build_method
-from training_helpers import train_recording
+from training_helpers import custom_labeled_data, train_recording, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
@@ -219,32 +218,8 @@ def test_checkpointer_writes_through_a_temporary_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------
 # 3. bad input through a real training run, and bad labeled jsons
 # ------------------------------------------------------------------------------------------
-def _demo_json():
-    with open(os.path.join(DEMO, "labeled.json")) as f:
-        return json.load(f)
-
-
-def _custom_data(root, *, images=4):
-    """A labeled json of ``images`` demo images in ``root/images``; returns (json dict, path)."""
-    data = _demo_json()
-    data["images"] = data["images"][:images]
-    ids = {im["id"] for im in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-    os.makedirs(root / "images", exist_ok=True)
-    for im in data["images"]:
-        shutil.copy(os.path.join(DEMO, "images", im["file_name"]), root / "images" / im["file_name"])
-        im["file_name"] = "images/" + im["file_name"]  # relative to the json's folder
-    return data
-
-
-def _write_json(path, data):
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return str(path)
-
-
 def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_training(tmp_path):
-    data = _custom_data(tmp_path)
+    data = custom_labeled_data(tmp_path)
     a, b, c, d = (im["id"] for im in data["images"])
     anns = [x for x in data["annotations"] if x["image_id"] in (a, d)]   # b: no boxes
     first_c = next(x for x in data["annotations"] if x["image_id"] == c)
@@ -252,7 +227,7 @@ def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_trainin
     first_d = next(x for x in data["annotations"] if x["image_id"] == d)
     anns.append(dict(first_d, bbox=[40, 40, -8, 12], id=10_002))           # d: + negative width
     data["annotations"] = anns
-    labeled_json = _write_json(tmp_path / "labeled.json", data)
+    labeled_json = write_json(tmp_path / "labeled.json", data)
 
     unlabeled = tmp_path / "unlabeled"
     (unlabeled / "sub").mkdir(parents=True)
@@ -288,26 +263,26 @@ def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_trainin
 
 
 def test_bad_labeled_or_unlabeled_data_give_errors_naming_the_file(tmp_path):
-    data = _custom_data(tmp_path, images=2)
+    data = custom_labeled_data(tmp_path, images=2)
     # zero annotations in the labeled json
-    empty = _write_json(tmp_path / "empty.json", dict(data, annotations=[]))
+    empty = write_json(tmp_path / "empty.json", dict(data, annotations=[]))
     build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", empty, "SSOD.METHOD", "supervised"))
     with pytest.raises(ValueError, match=r"empty\.json.*no usable box annotations.*UNLABELED_DIR"):
         DatasetCatalog.get("custom_labeled")
     # only degenerate boxes: nothing usable either
     flat = [dict(x, bbox=[x["bbox"][0], x["bbox"][1], 0, 5]) for x in data["annotations"]]
-    degenerate = _write_json(tmp_path / "degenerate.json", dict(data, annotations=flat))
+    degenerate = write_json(tmp_path / "degenerate.json", dict(data, annotations=flat))
     build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", degenerate, "SSOD.METHOD", "supervised"))
     with pytest.raises(ValueError, match=r"degenerate\.json.*no usable box"):
         DatasetCatalog.get("custom_labeled")
     # a category id that is not among the json's categories
     wrong = [dict(x, category_id=99) if i == 0 else x for i, x in enumerate(data["annotations"])]
-    path = _write_json(tmp_path / "wrong_cat.json", dict(data, annotations=wrong))
+    path = write_json(tmp_path / "wrong_cat.json", dict(data, annotations=wrong))
     build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", path, "SSOD.METHOD", "supervised"))
     with pytest.raises(ValueError, match=r"wrong_cat\.json.*category_id=99.*'categories'"):
         DatasetCatalog.get("custom_labeled")
     # an unlabeled folder without images
-    good = _write_json(tmp_path / "good.json", data)
+    good = write_json(tmp_path / "good.json", data)
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "list.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"DATASETS.CUSTOM.UNLABELED_DIR=.*no_images.*contains no images"):
