@@ -1,4 +1,5 @@
 """tools/benchmark_methods.py's aggregation and tools/results_table.py's README block."""
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,11 @@ def test_a_finished_run_is_reused_unless_its_config_differs_beyond_new_keys_at_d
     assert "differs in SSOD.NEW_KEY;" in capsys.readouterr().out
     assert not with_config(UNSUP_WEIGHT=2.0, NEW_KEY=0.5)
     assert not with_config()  # SSOD.UNSUP_WEIGHT only in the stored run (a key removed)
+    # a digest recorded for exactly this config wins over config.yaml
+    job.config_text = "SEED: 1\nSSOD:\n  UNSUP_WEIGHT: 3.0\n"
+    digest = hashlib.sha256(job.config_text.encode()).hexdigest()[:16]
+    (run_dir / "benchmark_run.json").write_text(json.dumps({"config_digest": digest}))
+    assert bench.reusable_config(job, defaults)
     # the stored "config" of benchmark_run.json takes precedence over config.yaml
     (run_dir / "benchmark_run.json").write_text(json.dumps(
         {"wall_seconds": 5.0, "config": "SEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"

@@ -39,6 +39,7 @@ time, and per method the mean ± sample standard deviation over seeds of AP, AP5
 ``tools/results_table.py`` puts into the README.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -181,14 +182,20 @@ def config_changes(stored, current, defaults):
 
 def reusable_config(job, defaults):
     """Whether the finished run in ``job.out_dir`` (if any) was trained with ``job``'s config:
-    :func:`config_changes` between the config its ``benchmark_run.json`` stored (for a run
-    recorded before configs were stored there: the ``config.yaml`` Detectron2 wrote into the run
-    directory) and ``job.config_text``, ``OUTPUT_DIR`` aside (the run directory is the job's by
-    construction). Prints the keys that make a run stale."""
+    :func:`config_changes` between the config its ``benchmark_run.json`` stored and
+    ``job.config_text``. A run recorded before configs were stored there (a sha256
+    ``config_digest`` of the whole dump) is reusable when the digest matches, and otherwise
+    compared through the ``config.yaml`` Detectron2 wrote into its directory; ``OUTPUT_DIR``
+    aside (the run directory is the job's by construction). Prints the keys that make a run
+    stale."""
     try:
         with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
-            stored = json.load(f).get("config")
+            record = json.load(f)
+        stored = record.get("config")
         if stored is None:
+            digest = hashlib.sha256(job.config_text.encode()).hexdigest()[:16]
+            if record.get("config_digest") == digest:
+                return True
             with open(os.path.join(job.out_dir, "config.yaml")) as f:
                 stored = f.read()
     except (OSError, ValueError):
