@@ -30,7 +30,9 @@ and the **Epoch Adaptor**, each part a switch under ``SSOD.EFFICIENT_TEACHER``:
   views of the semi-supervised steps;
 * *distribution adaptation* (``CLASS_THRESHOLDS``): τ_low per class, re-estimated at the end of
   every epoch (:class:`ClassThresholds`) so that each class keeps about as many pseudo boxes as
-  its share of the labeled boxes predicts;
+  its share of the labeled boxes predicts; with ``CLASS_THRESHOLDS_HIGH`` also τ_high per class,
+  where a two-component Gaussian mixture of the epoch's scores puts its upper mode
+  (:func:`gmm_high_thresholds`);
 * *epoch length* (``EPOCH_FROM_UNLABELED``): an epoch is a pass over the unlabeled set (or the
   labeled set) at the run's batch size (:func:`epoch_iters`);
 * the EMA ramp m_n = 0.9999·(1 − e^(−n/2000)) is the trainer's (``SSOD.EMA_MOMENTUM``,
@@ -55,7 +57,7 @@ from .base import Outcome, SSODMethod, concat_explained, explained
 from .build import METHOD_REGISTRY
 
 __all__ = ["EfficientTeacher", "ClassThresholds", "assign_pseudo_labels", "class_thresholds",
-           "add_to_score_histogram", "epoch_iters", "neck_outputs"]
+           "gmm_high_thresholds", "add_to_score_histogram", "epoch_iters", "neck_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
     Args:
         detections (Instances): ``pred_boxes``, ``scores``, ``pred_classes`` and
             ``pred_objectness`` (the dense detector's inference output).
-        thresh_high (float): reliable when ``scores >= thresh_high``.
+        thresh_high (float or Tensor): reliable when ``scores >= thresh_high``; a tensor gives
+            each detection its own (its class's) threshold.
         thresh_low (float or Tensor): uncertain when ``thresh_low <= scores < thresh_high``;
             a tensor gives each detection its own (its class's) threshold.
         box_obj_thresh (float): an uncertain box keeps its box term when its objectness is
@@ -130,6 +133,63 @@ def class_thresholds(histogram, expected_counts, floor):
     return torch.where(reached.any(1), edge.clamp(min=floor), torch.full_like(edge, floor))
 
 
+def gmm_high_thresholds(histogram, floor, fallback, iters=100, min_scores=4):
+    """Per-class reliable thresholds τ_high from an epoch's teacher scores, the rule of the
+    official code's distribution adaptation (efficientteacher's LabelMatch, "high" policy): fit a
+    two-component 1-D Gaussian mixture to a class's scores (EM, initial means at its lowest and
+    highest score, variances 1, weights 1/2), and take the score, among those the upper
+    component claims, at which the mixture density is highest (the upper mode). Scores below
+    ``floor`` (τ_low) are left out, as the official teacher's NMS drops them.
+
+    Fitted on the histogram's bins (centres weighted by counts), all classes at once, on the
+    histogram's device; the threshold returned is the lower edge of the chosen bin, so that
+    bin's scores pass.
+
+    Args:
+        histogram (Tensor): (K, bins) scores per class (:func:`add_to_score_histogram`).
+        floor (float): scores below it are not fitted.
+        fallback (float): τ_high of a class with fewer than ``min_scores`` scores, or none in
+            the upper component.
+        iters (int): EM iterations.
+
+    Returns:
+        Tensor: (K,) float thresholds.
+    """
+    bins = histogram.shape[1]
+    device = histogram.device
+    centres = (torch.arange(bins, device=device, dtype=torch.float64) + 0.5) / bins
+    counts = histogram.to(torch.float64) * (centres >= floor)  # (K, bins)
+    present = counts > 0
+    # initial means: the lowest and the highest occupied bin of each class
+    inf = torch.tensor(float("inf"), device=device, dtype=torch.float64)
+    low = torch.where(present, centres, inf).amin(1)
+    high = torch.where(present, centres, -inf).amax(1)
+    means = torch.stack([low, high], 1).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # (K, 2)
+    variances = torch.ones_like(means)
+    weights = torch.full_like(means, 0.5)
+    total = counts.sum(1, keepdim=True).clamp(min=1e-12)
+
+    def log_joint():  # (K, bins, 2): log π_j + log N(x | μ_j, σ_j²)
+        diff = centres[None, :, None] - means[:, None, :]
+        return (weights.log()[:, None, :] - 0.5 * (diff ** 2 / variances[:, None, :]
+                + variances.log()[:, None, :] + math.log(2 * math.pi)))
+
+    for _ in range(iters):
+        resp = log_joint().softmax(2) * counts[..., None]  # count-weighted responsibilities
+        mass = resp.sum(1).clamp(min=1e-12)  # (K, 2)
+        weights = mass / total
+        means = (resp * centres[None, :, None]).sum(1) / mass
+        variances = (resp * (centres[None, :, None] - means[:, None, :]) ** 2).sum(1) / mass
+        variances = variances + 1e-6  # as sklearn's reg_covar
+        weights = weights.clamp(min=1e-12)
+    joint = log_joint()
+    upper = present & (joint.argmax(2) == 1)
+    density = torch.where(upper, joint.logsumexp(2), -inf)
+    edge = density.argmax(1).to(torch.float32) / bins
+    usable = upper.any(1) & (counts.sum(1) >= min_scores)
+    return torch.where(usable, edge, torch.full_like(edge, fallback))
+
+
 def epoch_iters(cfg, num_labeled, num_unlabeled):
     """Iterations of an Epoch Adaptor epoch: one pass over the unlabeled set
     (``EPOCH_FROM_UNLABELED``) or the labeled set, at the run's batch size summed over ranks;
@@ -159,24 +219,29 @@ def neck_outputs(model):
 
 
 class ClassThresholds:
-    """The distribution adaptation's state across an epoch: the current per-class τ_low, the
-    teacher scores of the epoch so far (a per-class histogram) and the unlabeled images they
-    came from, and the number of finished epochs. At an epoch's end (:meth:`end_epoch`) the
-    histograms and image counts of all ranks are summed (Detectron2's ``comm.all_gather``, once
-    per epoch), so every rank computes the same thresholds.
+    """The distribution adaptation's state across an epoch: the current per-class τ_low (and,
+    with ``high``, τ_high), the teacher scores of the epoch so far (a per-class histogram) and
+    the unlabeled images they came from, and the number of finished epochs. At an epoch's end
+    (:meth:`end_epoch`) the histograms and image counts of all ranks are summed (Detectron2's
+    ``comm.all_gather``, once per epoch), so every rank computes the same thresholds.
 
     Args:
         boxes_per_image (Tensor): (K,) labeled boxes of each class per labeled image (their
             sum is the boxes per image, each entry the class's share of it).
         floor (float): τ_low, the starting and lowest threshold.
         device: where the thresholds and histogram live (the student's device).
+        high (float or None): τ_high, the starting per-class reliable threshold, re-estimated
+            at each epoch end by :func:`gmm_high_thresholds` (None: τ_high stays global).
     """
 
-    def __init__(self, boxes_per_image, floor, device):
+    def __init__(self, boxes_per_image, floor, device, high=None):
         self.boxes_per_image = boxes_per_image.float().cpu()
         self.floor = float(floor)
         num_classes = len(boxes_per_image)
         self.thresholds = torch.full((num_classes,), self.floor, device=device)
+        self.high_start = high
+        self.high = None if high is None else torch.full((num_classes,), float(high),
+                                                         device=device)
         self.histogram = torch.zeros((num_classes, SCORE_BINS), dtype=torch.long, device=device)
         self.images = 0
         self.epoch = 0
@@ -195,14 +260,20 @@ class ClassThresholds:
         images = sum(n for _, n in gathered)
         self.thresholds = class_thresholds(histogram, images * self.boxes_per_image,
                                            self.floor).to(self.thresholds.device)
+        if self.high is not None:
+            self.high = gmm_high_thresholds(histogram, self.floor,
+                                            self.high_start).to(self.high.device)
         self.histogram.zero_()
         self.images = 0
         self.epoch += 1
         return self.thresholds
 
     def state_dict(self):
-        return {"thresholds": self.thresholds.cpu(), "histogram": self.histogram.cpu(),
-                "images": self.images, "epoch": self.epoch}
+        state = {"thresholds": self.thresholds.cpu(), "histogram": self.histogram.cpu(),
+                 "images": self.images, "epoch": self.epoch}
+        if self.high is not None:
+            state["high"] = self.high.cpu()
+        return state
 
     def load_state_dict(self, state):
         if state["histogram"].shape != self.histogram.shape:
@@ -211,6 +282,8 @@ class ClassThresholds:
                 f"{tuple(state['histogram'].shape)}, this run's {tuple(self.histogram.shape)} "
                 f"(classes × score bins): it was written for another number of classes.")
         self.thresholds.copy_(state["thresholds"])
+        if self.high is not None and "high" in state:  # else: a run that kept τ_high global
+            self.high.copy_(state["high"])
         self.histogram.copy_(state["histogram"])
         self.images = int(state["images"])
         self.epoch = int(state["epoch"])
@@ -271,6 +344,11 @@ class EfficientTeacher(SSODMethod):
         # SCORE_THRESH_LOW (efficientteacher's LabelMatch; official default off: its configs
         # use the fixed thresholds of FairPseudoLabel).
         _C.CLASS_THRESHOLDS = False
+        # With CLASS_THRESHOLDS: re-estimate τ_high per class too, at the upper mode of a
+        # two-component Gaussian mixture fitted to the epoch's teacher scores of the class
+        # (efficientteacher's LabelMatch "high" policy; from SCORE_THRESH_HIGH, which a class
+        # with too few scores keeps). False: τ_high stays SCORE_THRESH_HIGH for every class.
+        _C.CLASS_THRESHOLDS_HIGH = False
         # Epoch Adaptor, epoch length: an epoch (when the thresholds are re-estimated) is one
         # pass over the unlabeled set (True, efficientteacher epoch_adaptor) or over the labeled
         # set (False), at SOLVER.IMS_PER_BATCH (× SSOD.UNLABELED_RATIO) images per iteration.
@@ -292,6 +370,10 @@ class EfficientTeacher(SSODMethod):
         if c.DOMAIN_LOSS_WEIGHT < 0:
             raise ValueError(f"SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT="
                              f"{c.DOMAIN_LOSS_WEIGHT} must be >= 0.")
+        if c.CLASS_THRESHOLDS_HIGH and not c.CLASS_THRESHOLDS:
+            raise ValueError(
+                "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH=True re-estimates τ_high with the "
+                "per-class thresholds: set SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS True too.")
 
     @classmethod
     def reads_unlabeled_in_burn_in(cls, cfg):
@@ -334,8 +416,9 @@ class EfficientTeacher(SSODMethod):
                                                              filter_empty=False))
                              if c.EPOCH_FROM_UNLABELED else 0)
             self.epoch_iters = epoch_iters(cfg, num_labeled, num_unlabeled)
-            self.class_thresholds = ClassThresholds(boxes_per_image, c.SCORE_THRESH_LOW,
-                                                    unwrap_model(student).device)
+            self.class_thresholds = ClassThresholds(
+                boxes_per_image, c.SCORE_THRESH_LOW, unwrap_model(student).device,
+                high=c.SCORE_THRESH_HIGH if c.CLASS_THRESHOLDS_HIGH else None)
             logger.info("Efficient Teacher: per-class thresholds re-estimated every %d "
                         "iterations after burn-in", self.epoch_iters)
 
@@ -349,8 +432,13 @@ class EfficientTeacher(SSODMethod):
         if self.class_thresholds is None:
             return [assign_pseudo_labels(d, **self.assigner_args) for d in detections], info
         self.class_thresholds.observe(detections)
-        low = self.class_thresholds.thresholds
+        low, high = self.class_thresholds.thresholds, self.class_thresholds.high
         args = {k: v for k, v in self.assigner_args.items() if k != "thresh_low"}
+        if high is not None:
+            del args["thresh_high"]
+            return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes],
+                                         thresh_high=high[d.pred_classes], **args)
+                    for d in detections], info
         return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes], **args)
                 for d in detections], info
 
@@ -460,9 +548,16 @@ class EfficientTeacher(SSODMethod):
                            smoothing_hint=False)
         for c, t in enumerate(thresholds):
             storage.put_scalar(f"epoch_adaptor/class_thresh/{c}", t, smoothing_hint=False)
-        logger.info("Epoch Adaptor: epoch %d ended at iteration %d; per-class τ_low %s",
+        high = self.class_thresholds.high
+        if high is not None:
+            high = high.tolist()
+            for c, t in enumerate(high):
+                storage.put_scalar(f"epoch_adaptor/class_thresh_high/{c}", t,
+                                   smoothing_hint=False)
+        logger.info("Epoch Adaptor: epoch %d ended at iteration %d; per-class τ_low %s%s",
                     self.class_thresholds.epoch, iteration,
-                    " ".join(f"{t:.3f}" for t in thresholds))
+                    " ".join(f"{t:.3f}" for t in thresholds),
+                    "" if high is None else "; τ_high " + " ".join(f"{t:.3f}" for t in high))
 
     def state_dict(self):
         return {} if self.class_thresholds is None else {

@@ -115,10 +115,11 @@ def test_uneven_pseudo_boxes_across_ranks_for_every_teacher_method(tmp_path):
 
 
 def _epoch_adaptor_state(cfg, trainer):
-    """This rank's Epoch Adaptor state: per-class thresholds, finished epochs, and whether the
-    student carries the domain discriminator."""
+    """This rank's Epoch Adaptor state: per-class thresholds (τ_low, τ_high), finished epochs,
+    and whether the student carries the domain discriminator."""
     ct = trainer.method.class_thresholds
-    return {"class_thresholds": ct.thresholds.cpu(), "epochs": ct.epoch,
+    return {"class_thresholds": ct.thresholds.cpu(), "class_thresholds_high": ct.high.cpu(),
+            "epochs": ct.epoch,
             "discriminator": any(k.startswith("domain_discriminator.")
                                  for k in trainer.student.state_dict())}
 
@@ -152,12 +153,14 @@ def test_two_process_efficient_teacher_with_every_epoch_adaptor_part(tmp_path):
          "SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION", True,
          "SSOD.EFFICIENT_TEACHER.DOMAIN_AFTER_BURN_IN", True,
          "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS", True,
+         "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH", True,
          "SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED", False),
         extra=_epoch_adaptor_state)
     assert_ranks_in_sync(r0, r1)
     assert r0["discriminator"] and r1["discriminator"]
     assert r0["epochs"] == r1["epochs"] == 2
     assert torch.equal(r0["class_thresholds"], r1["class_thresholds"])
+    assert torch.equal(r0["class_thresholds_high"], r1["class_thresholds_high"])
     assert (r0["class_thresholds"] >= floor).all()
     assert (r0["class_thresholds"] > floor).any()
     # domain adaptation reads the unlabeled stream in burn-in too: one image per rank at every

@@ -19,6 +19,7 @@ from d2ssod.methods.efficient_teacher import (
     add_to_score_histogram,
     assign_pseudo_labels,
     class_thresholds,
+    gmm_high_thresholds,
     epoch_iters,
     neck_outputs,
 )
@@ -56,6 +57,13 @@ def test_pla_switches():
     assert no_box.gt_reg_valid.tolist() == [True, True, False, False, False]
     empty = assign_pseudo_labels(_detections([], []), 0.6, 0.1, 0.99)
     assert len(empty) == 0 and empty.gt_boxes.tensor.shape == (0, 4)
+    # per-detection thresholds (each detection's class's): detection 2 (0.5) reliable under
+    # its τ_high 0.45, detection 0 (0.9) uncertain under 0.95, detection 5 (0.09) kept at 0.05
+    per_class = assign_pseudo_labels(
+        DETS, torch.tensor([0.95, 0.6, 0.45, 0.6, 0.6, 0.6]),
+        torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.05]), 0.99)
+    assert per_class.gt_classes.tolist() == [0, 1, 2, 3, 4, 5]
+    assert per_class.gt_objectness.tolist() == pytest.approx([0.95, -1, -1, 0.8, 0.5, 0.3])
 
 
 def test_registered_learns_every_dense_term_and_checks_its_keys():
@@ -73,6 +81,10 @@ def test_registered_learns_every_dense_term_and_checks_its_keys():
         "unsup/loss_cls": 3.0, "unsup/loss_box_reg": 6.0, "unsup/loss_obj": 9.0}
     cfg.SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW = 0.7
     with pytest.raises(ValueError, match="SCORE_THRESH_LOW"):
+        EfficientTeacher.validate_config(cfg)
+    cfg.SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW = 0.1
+    cfg.SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH = True
+    with pytest.raises(ValueError, match="set SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS True"):
         EfficientTeacher.validate_config(cfg)
 
 
@@ -100,6 +112,48 @@ def test_per_class_thresholds_follow_the_labeled_class_distribution():
         [0.5, 0.3, 0.3], abs=1e-6)
 
 
+def _reference_upper_mode(scores, iters=100):
+    """Two-component EM on a list of scores, one sample at a time (the official rule, written
+    out): initial means min / max, variances 1, weights 1/2; returns the score the upper
+    component claims with the highest mixture density."""
+    mu, var, pi = [min(scores), max(scores)], [1.0, 1.0], [0.5, 0.5]
+
+    def parts(x):
+        return [pi[j] * math.exp(-(x - mu[j]) ** 2 / (2 * var[j])) / math.sqrt(2 * math.pi * var[j])
+                for j in (0, 1)]
+    for _ in range(iters):
+        r = [[p / sum(parts(x)) for p in parts(x)] for x in scores]
+        n = [sum(ri[j] for ri in r) for j in (0, 1)]
+        pi = [n[j] / len(scores) for j in (0, 1)]
+        mu = [sum(ri[j] * x for ri, x in zip(r, scores)) / n[j] for j in (0, 1)]
+        var = [sum(ri[j] * (x - mu[j]) ** 2 for ri, x in zip(r, scores)) / n[j] + 1e-6
+               for j in (0, 1)]
+    upper = [x for x in scores if parts(x)[1] > parts(x)[0]]
+    return max(upper, key=lambda x: sum(parts(x)))
+
+
+def test_gmm_reliable_thresholds_sit_at_the_upper_mode_of_each_class():
+    # class 0: a low cluster (0.12-0.2, 70 scores) and a high one around 0.75 (20 scores)
+    # class 1: 2 scores (< 4: keeps τ_high); class 2: 10 scores below τ_low (not fitted), then
+    # 0.30, 0.31, 0.32 and 0.9
+    low_high = [0.12] * 20 + [0.15] * 30 + [0.2] * 20 + [0.7] * 5 + [0.75] * 10 + [0.8] * 5
+    third = [0.05] * 10 + [0.3, 0.31, 0.32, 0.9]
+    hist = _histogram(low_high + [0.5, 0.6] + third,
+                      [0] * len(low_high) + [1, 1] + [2] * len(third))
+    got = gmm_high_thresholds(hist, floor=0.1, fallback=0.6)
+    assert got.tolist() == pytest.approx([0.75, 0.6, 0.9], abs=1e-6)
+    # a skewed class against the per-sample EM written out above (scores at bin centres, so
+    # both fit the same points; the threshold is the chosen bin's lower edge)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([0.1 + 0.3 * torch.rand(60, generator=g) ** 2,
+                        0.45 + 0.5 * torch.rand(25, generator=g)])
+    centres = ((scores * SCORE_BINS).floor() + 0.5) / SCORE_BINS
+    want = _reference_upper_mode(centres.tolist())
+    got = gmm_high_thresholds(_histogram(scores.tolist(), [0] * 85, 1), 0.1, 0.6)
+    assert got.item() == pytest.approx(want - 0.5 / SCORE_BINS, abs=1e-6)
+    assert 0.45 <= got.item() <= 0.95
+
+
 def test_thresholds_are_re_estimated_at_the_epoch_boundary_and_survive_a_checkpoint(tmp_path):
     # 2 labeled boxes per image in shares 0.5 / 0.3 / 0.2
     state = ClassThresholds(torch.tensor([1.0, 0.6, 0.4]), floor=0.1, device="cpu")
@@ -123,6 +177,21 @@ def test_thresholds_are_re_estimated_at_the_epoch_boundary_and_survive_a_checkpo
     assert (restored.epoch, restored.images) == (1, 1)
     with pytest.raises(ValueError, match="another number of classes"):
         ClassThresholds(torch.ones(4), 0.1, "cpu").load_state_dict(state.state_dict())
+    # with per-class τ_high: re-estimated at the epoch end (class 0's 0.4-0.9: 0.7; classes 1
+    # and 2: < 4 scores at or above τ_low, τ_high kept) and saved
+    high = ClassThresholds(torch.tensor([1.0, 0.6, 0.4]), floor=0.1, device="cpu", high=0.6)
+    high.observe(dets)
+    high.observe([Instances((8, 8), scores=torch.zeros(0), pred_classes=torch.zeros(
+        0, dtype=torch.long))] * 3)
+    assert high.end_epoch().tolist() == pytest.approx([0.5, 0.2, 0.1], abs=1e-6)  # as above
+    fitted = gmm_high_thresholds(_histogram(SCORES, CLASSES), 0.1, 0.6)
+    assert high.high.tolist() == pytest.approx(fitted.tolist())
+    assert fitted.tolist() == pytest.approx([0.7, 0.6, 0.6], abs=1e-6)
+    again = ClassThresholds(torch.tensor([1.0, 0.6, 0.4]), floor=0.1, device="cpu", high=0.6)
+    again.load_state_dict(high.state_dict())
+    assert torch.equal(again.high, high.high)
+    again.load_state_dict(state.state_dict())  # a checkpoint without per-class τ_high
+    assert torch.equal(again.high, high.high)
 
 
 def _et_cfg(*opts):
@@ -141,6 +210,7 @@ def test_epoch_length_and_the_boundary_after_burn_in():
     cfg.SSOD.EFFICIENT_TEACHER.EPOCH_FROM_UNLABELED = False
     assert epoch_iters(cfg, 50, 950) == 13  # ceil(50 labeled / 4)
     cfg.SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS = True
+    cfg.SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH = True
     method = EfficientTeacher(cfg, SimpleNamespace(device=torch.device("cpu")), None)
     assert method.epoch_iters == 13  # the demo's 50 labeled images
     # the demo's labeled boxes per image, from its annotations
@@ -151,6 +221,8 @@ def test_epoch_length_and_the_boundary_after_burn_in():
             method.after_step(it)
         assert method.class_thresholds.epoch == 1  # at iteration 10 + 13 − 1 only
         assert storage.history("epoch_adaptor/class_thresh/4").latest() == pytest.approx(0.1)
+        # no teacher scores this epoch: every class keeps τ_high
+        assert storage.history("epoch_adaptor/class_thresh_high/4").latest() == pytest.approx(0.6)
         assert [i for _, i in storage.history("epoch_adaptor/epoch").values()] == [22]
     assert method.state_dict()["class_thresholds"]["epoch"] == 1
 
