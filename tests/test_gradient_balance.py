@@ -1,0 +1,57 @@
+"""tools/gradient_balance.py: the supervised / unsupervised gradient split of a step."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from training_helpers import PSEUDO_BOX_OPTS, load_tool
+
+bal = load_tool("gradient_balance")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "demo", "soft_teacher.yaml")
+
+
+def _clip(kind, value=1.0, enabled=True):
+    return bal.clipper(SimpleNamespace(ENABLED=enabled, CLIP_TYPE=kind, CLIP_VALUE=value,
+                                       NORM_TYPE=2.0), [1, 1])
+
+
+def test_shares_and_progress_by_hand_for_each_clipping_rule():
+    sup, unsup = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # orthogonal, |total| 5
+    free = bal.balance(sup, unsup, _clip("norm", enabled=False))
+    assert free == pytest.approx({"sup_norm": 3.0, "unsup_norm": 4.0, "cos": 0.0,
+                                  "total_norm": 5.0, "sup_share": 0.6, "sup_progress": 1.0})
+    # the whole gradient clipped to norm 1: the step (0.6, 0.8) moves the supervised loss by
+    # 3 · 0.6 instead of 3 · 1 for the supervised gradient alone
+    whole = bal.balance(sup, unsup, _clip("full_model"))
+    assert whole["sup_progress"] == pytest.approx(0.6, abs=1e-6)
+    # each parameter clipped on its own (Detectron2's "norm"): the terms touch different
+    # parameters here, so the supervised one keeps its whole step
+    per_param = bal.balance(sup, unsup, _clip("norm"))
+    assert per_param["sup_progress"] == pytest.approx(1.0, abs=1e-6)
+    # an unsupervised gradient against the supervised one, no clipping: 1 + g_s·g_u / |g_s|²
+    against = bal.balance(sup, torch.tensor([-1.5, 2.0]), _clip("norm", enabled=False))
+    assert against["sup_progress"] == pytest.approx(0.5) and against["cos"] == pytest.approx(-0.6)
+    assert bal.balance(sup, unsup, _clip("value", 2.0))["sup_progress"] == pytest.approx(
+        (3 * 2) / (3 * 2))
+
+
+def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny_checkpoint,
+                                                                             capsys):
+    _, path = tiny_checkpoint
+    common = ["--config-file", CONFIG, "--checkpoint", path,
+              "--batches", "1", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(160,)",
+              "SSOD.BURN_IN_ITERS", "1", "SEED", "7", *map(str, PSEUDO_BOX_OPTS["soft_teacher.yaml"])]
+    one = bal.main(common + ["SSOD.UNSUP_WEIGHT", "1.0"])
+    two = bal.main(common + ["SSOD.UNSUP_WEIGHT", "2.0"])
+    assert "mean over 1 batches at iteration 3" in capsys.readouterr().out
+    assert one["sup_norm"] > 0 and one["unsup_norm"] > 0
+    # same batches and pseudo boxes: the supervised gradient is the same, the unsupervised one
+    # doubles, and so does the weight that would make the two norms equal
+    assert two["sup_norm"] == pytest.approx(one["sup_norm"], rel=1e-5)
+    assert two["unsup_norm"] == pytest.approx(2 * one["unsup_norm"], rel=1e-5)
+    assert two["unsup_weight_for_equal_norms"] == pytest.approx(
+        one["unsup_weight_for_equal_norms"], rel=1e-5)
+    assert set(one["terms"]) >= {"loss_cls", "unsup/loss_cls"}
+    with pytest.raises(SystemExit, match="no such file"):
+        bal.main(["--config-file", CONFIG, "--checkpoint", "nope.pth"])
