@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,36 +104,45 @@ def test_variant_spec_parses_into_label_config_and_overrides():
 def test_a_finished_run_is_reused_unless_its_config_differs_beyond_new_keys_at_default(
         tmp_path, capsys):
     bench = _tool("benchmark_methods")
-    defaults = bench.flat_config("SSOD:\n  NEW_KEY: 0.5\n  UNSUP_WEIGHT: 4.0\nSEED: -1\n")
-    # a run trained before SSOD.NEW_KEY existed, recorded the old way (config.yaml only)
+    defaults = bench.flat_config("SSOD:\n  NEW_KEY: 0.5\n  NEWER: x\n  UNSUP_WEIGHT: 4.0\n"
+                                 "SEED: -1\n")
     run_dir = tmp_path / "seed1" / "soft_teacher"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(
-        "OUTPUT_DIR: /elsewhere\nSEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
-        "SSOD:\n  UNSUP_WEIGHT: 1.0\n")
-    (run_dir / "benchmark_run.json").write_text(json.dumps({"wall_seconds": 5.0}))
+    record = run_dir / "benchmark_run.json"
     job = bench.Job("soft_teacher", 1, "cfg.yaml", str(run_dir), [])
 
-    def with_config(**ssod):
-        job.config_text = ("OUTPUT_DIR: ./output\nSEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
-                           "SSOD:\n" + "".join(f"  {k}: {v}\n" for k, v in ssod.items()))
-        return bench.reusable_config(job, defaults)
+    def dump(**ssod):  # as CfgNode.dump() writes a config
+        return yaml.safe_dump({"OUTPUT_DIR": "./output", "SEED": 1, "SSOD": ssod})
 
-    assert with_config(UNSUP_WEIGHT=1.0, NEW_KEY=0.5)  # new key at its default, OUTPUT_DIR aside
-    assert not with_config(UNSUP_WEIGHT=1.0, NEW_KEY=0.25)  # new key set: a different run
+    def reusable(write=True, **ssod):
+        job.config_text = dump(**ssod)
+        return bench.reusable_config(job, defaults, write=write)
+
+    # a run that stored its config, trained before SSOD.NEW_KEY existed
+    record.write_text(json.dumps({"config": "OUTPUT_DIR: /elsewhere\nSEED: 1\n"
+                                            "SSOD:\n  UNSUP_WEIGHT: 1.0\n"}))
+    assert reusable(UNSUP_WEIGHT=1.0, NEW_KEY=0.5)  # new key at its default, OUTPUT_DIR aside
+    assert not reusable(UNSUP_WEIGHT=1.0, NEW_KEY=0.25)  # new key set: a different run
     assert "differs in SSOD.NEW_KEY;" in capsys.readouterr().out
-    assert not with_config(UNSUP_WEIGHT=2.0, NEW_KEY=0.5)
-    assert not with_config()  # SSOD.UNSUP_WEIGHT only in the stored run (a key removed)
-    # a digest recorded for exactly this config wins over config.yaml
-    job.config_text = "SEED: 1\nSSOD:\n  UNSUP_WEIGHT: 3.0\n"
-    digest = hashlib.sha256(job.config_text.encode()).hexdigest()[:16]
-    (run_dir / "benchmark_run.json").write_text(json.dumps({"config_digest": digest}))
-    assert bench.reusable_config(job, defaults)
-    # the stored "config" of benchmark_run.json takes precedence over config.yaml
-    (run_dir / "benchmark_run.json").write_text(json.dumps(
-        {"wall_seconds": 5.0, "config": "SEED: 1\nSOLVER:\n  STEPS: [640, 760]\n"
-                                          "SSOD:\n  UNSUP_WEIGHT: 2.0\n"}))
-    assert with_config(UNSUP_WEIGHT=2.0) and not with_config(UNSUP_WEIGHT=1.0)
+    assert not reusable(UNSUP_WEIGHT=2.0, NEW_KEY=0.5)
+    assert not reusable(NEW_KEY=0.5)  # SSOD.UNSUP_WEIGHT only in the stored run (a key removed)
+    # a run recorded as a digest of its whole config: Detectron2's config.yaml of the run lacks
+    # NEW_KEY and NEWER; the digest was recorded after NEW_KEY was added, before NEWER
+    (run_dir / "config.yaml").write_text("SEED: 1\nSSOD:\n  UNSUP_WEIGHT: 1.0\n")
+    old = yaml.safe_dump({"OUTPUT_DIR": "./output", "SEED": 1,
+                          "SSOD": {"UNSUP_WEIGHT": 1.0, "NEW_KEY": 0.5}})
+    record.write_text(json.dumps({"config_digest": hashlib.sha256(old.encode()).hexdigest()[:16]}))
+    assert not reusable(UNSUP_WEIGHT=1.0, NEW_KEY=0.5, NEWER="y")  # NEWER not at its default
+    assert "digest differs" in capsys.readouterr().out
+    assert reusable(write=False, UNSUP_WEIGHT=1.0, NEW_KEY=0.5, NEWER="x")
+    assert "config" not in json.loads(record.read_text())  # a dry run writes nothing
+    assert reusable(UNSUP_WEIGHT=1.0, NEW_KEY=0.5, NEWER="x")
+    assert json.loads(record.read_text())["config"] == job.config_text  # stored from now on
+    assert not reusable(UNSUP_WEIGHT=2.0, NEW_KEY=0.5, NEWER="x")
+    # a digest of exactly this config
+    record.write_text(json.dumps({"config_digest": hashlib.sha256(
+        dump(UNSUP_WEIGHT=3.0).encode()).hexdigest()[:16]}))
+    assert reusable(UNSUP_WEIGHT=3.0)
     assert bench.config_changes({"A": [1, 2], "B": 1}, {"A": [1, 3], "C": 0}, {"C": 1}) == \
         ["A", "B", "C"]
     assert not bench.reusable_config(bench.Job("x", 1, "c", str(tmp_path / "none"), []), {})

@@ -180,26 +180,63 @@ def config_changes(stored, current, defaults):
     return sorted(changed)
 
 
-def reusable_config(job, defaults):
+def digests_without_new_keys(config_text, trained_text, defaults, most=6):
+    """sha256 digests (16 hex digits) of ``config_text`` without each subset of the keys that
+    a run's own ``config.yaml`` (``trained_text``, written by Detectron2 when the run started)
+    lacks and that are at their defaults: the digests this config would have had before some or
+    all of those keys were added to d2ssod (a digest recorded later than the run's start may
+    include some of them). None when more than ``most`` keys are new."""
+    trained = flat_config(trained_text)
+    new = [k for k, v in flat_config(config_text).items()
+           if k not in trained and v == defaults.get(k)]
+    if len(new) > most:
+        return set()
+    digests = set()
+    for mask in range(1, 2 ** len(new)):
+        tree = yaml.safe_load(config_text)
+        for bit, key in enumerate(new):
+            if mask >> bit & 1:
+                *parents, leaf = key.split(".")
+                node = tree
+                for p in parents:
+                    node = node[p]
+                del node[leaf]
+        digests.add(hashlib.sha256(yaml.safe_dump(tree).encode()).hexdigest()[:16])
+    return digests
+
+
+def reusable_config(job, defaults, write=True):
     """Whether the finished run in ``job.out_dir`` (if any) was trained with ``job``'s config:
     :func:`config_changes` between the config its ``benchmark_run.json`` stored and
-    ``job.config_text``. A run recorded before configs were stored there (a sha256
-    ``config_digest`` of the whole dump) is reusable when the digest matches, and otherwise
-    compared through the ``config.yaml`` Detectron2 wrote into its directory; ``OUTPUT_DIR``
-    aside (the run directory is the job's by construction). Prints the keys that make a run
-    stale."""
+    ``job.config_text``, ``OUTPUT_DIR`` aside (the run directory is the job's by construction).
+    A run recorded before configs were stored there has a sha256 ``config_digest`` of the whole
+    dump instead: it is reusable when that digest matches this config's, or this config's
+    without keys added to d2ssod since the run (:func:`digests_without_new_keys`), and then
+    gets this config stored (unless ``write`` is False). Prints the keys or the digest that
+    make a run stale."""
+    path = os.path.join(job.out_dir, "benchmark_run.json")
     try:
-        with open(os.path.join(job.out_dir, "benchmark_run.json")) as f:
+        with open(path) as f:
             record = json.load(f)
-        stored = record.get("config")
-        if stored is None:
-            digest = hashlib.sha256(job.config_text.encode()).hexdigest()[:16]
-            if record.get("config_digest") == digest:
-                return True
-            with open(os.path.join(job.out_dir, "config.yaml")) as f:
-                stored = f.read()
     except (OSError, ValueError):
         return False
+    stored = record.get("config")
+    if stored is None:
+        digests = {hashlib.sha256(job.config_text.encode()).hexdigest()[:16]}
+        try:
+            with open(os.path.join(job.out_dir, "config.yaml")) as f:
+                digests |= digests_without_new_keys(job.config_text, f.read(), defaults)
+        except OSError:
+            pass
+        if record.get("config_digest") not in digests:
+            print(f"{job.label}: the finished run's config digest differs; training it again",
+                  flush=True)
+            return False
+        if write:
+            record["config"] = job.config_text
+            with open(path, "w") as f:
+                json.dump(record, f)
+        return True
     stored, current = flat_config(stored), flat_config(job.config_text)
     for flat in (stored, current):
         flat.pop("OUTPUT_DIR", None)
@@ -276,6 +313,9 @@ def main():
     parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "methods.md"))
     parser.add_argument("--progress", type=float, default=60.0,
                         help="seconds between progress lines")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print which runs would be reused and which trained (a run to "
+                             "train is deleted and started again), then stop; nothing written")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="KEY VALUE overrides passed to every run")
     args = parser.parse_args()
@@ -366,13 +406,18 @@ def main():
     defaults = flat_config(get_ssod_cfg().dump())
     for job in jobs:
         job.config_text = job.merged_config(build_cfg)
-        same_config = reusable_config(job, defaults)
+        same_config = reusable_config(job, defaults, write=not args.dry_run)
         job.done = same_config and all(finished(job.out_dir, job.opts, needed) for needed in
                                        getattr(job, "hand_overs", None) or ["model_final.pth"])
         if job.after is not None and not job.after[0].done:
             job.done = False  # a new hand-over: the method runs start again from it
         if job.done:
             print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
+    if args.dry_run:
+        todo = [j.label for j in jobs if not j.done]
+        print(f"dry run: {len(jobs) - len(todo)} runs reused, {len(todo)} to train"
+              + (": " + ", ".join(todo) if todo else ""), flush=True)
+        return
 
     # Supervised baselines first (they gate the methods), then methods by seed, oracles last.
     pending = sorted((j for j in jobs if not j.done),
