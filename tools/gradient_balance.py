@@ -127,6 +127,22 @@ def summary(rows, unsup_weight):
     return mean
 
 
+def markdown(data):
+    """The Markdown table of a collection of this tool's results: ``data["rows"]``, each
+    ``{"config", "opts", "iteration", "mean"}`` (``mean`` as :func:`summary` returns it), and
+    ``data["note"]``, the text under the table (``benchmarks/gradient_balance.json``)."""
+    lines = ["| method (config) | λ_u | iteration | \\|g_sup\\| | \\|g_unsup\\| | cos | "
+             "sup progress of a clipped step | λ_u for equal norms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        m = r["mean"]
+        name = os.path.splitext(os.path.basename(r["config"]))[0]
+        lines.append(f"| {name} | {m['unsup_weight']:g} | {r['iteration']} | "
+                     f"{m['sup_norm']:.2f} | {m['unsup_norm']:.2f} | {m['cos']:+.2f} | "
+                     f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} |")
+    return "\n".join(lines + ["", data["note"]])
+
+
 def build_trainer(config_file, checkpoint, opts):
     """An :class:`~d2ssod.engine.SSODTrainer` resumed from a copy of ``checkpoint`` in a
     temporary output folder (the run's own folder is left as it is)."""
@@ -182,7 +198,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config_file": args.config_file, "checkpoint": args.checkpoint,
-                       "iteration": trainer.start_iter, "batches": rows, "mean": mean}, f,
+                       "opts": args.opts, "iteration": trainer.start_iter, "batches": rows,
+                       "mean": mean}, f,
                       indent=1)
     return mean
 

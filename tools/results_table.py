@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_methods  # noqa: E402  (tools/ is not a package)
 import benchmark_noise  # noqa: E402
 import benchmark_self_training  # noqa: E402
+import gradient_balance  # noqa: E402
 from training_runs import REPO  # noqa: E402
 
 # README blocks, each rendered from benchmarks/<name>.json by the function that writes the
@@ -26,12 +27,14 @@ from training_runs import REPO  # noqa: E402
 TABLES = {"methods": benchmark_methods.markdown_table,
           "methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
           "soft_teacher_ema": benchmark_methods.markdown_table,
+          "soft_teacher_weight": benchmark_methods.markdown_table,  # λ_u 0.5 vs 1
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
           "dense_methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
           "self_training": benchmark_self_training.markdown_table,
-          "noise": benchmark_noise.markdown}
+          "noise": benchmark_noise.markdown,
+          "gradient_balance": gradient_balance.markdown}
 
 
 def markers(name):
