@@ -32,6 +32,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
           "dense_methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
+          "epoch_adaptor_800": benchmark_methods.markdown_table,  # each Epoch Adaptor part
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
