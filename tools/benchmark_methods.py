@@ -180,6 +180,12 @@ def config_changes(stored, current, defaults):
     return sorted(changed)
 
 
+def config_digest(text):
+    """sha256 (16 hex digits) of a dumped config: how runs were recorded before
+    ``benchmark_run.json`` stored the config itself."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def digests_without_new_keys(config_text, trained_text, defaults, most=6):
     """sha256 digests (16 hex digits) of ``config_text`` without each subset of the keys that
     a run's own ``config.yaml`` (``trained_text``, written by Detectron2 when the run started)
@@ -201,7 +207,7 @@ def digests_without_new_keys(config_text, trained_text, defaults, most=6):
                 for p in parents:
                     node = node[p]
                 del node[leaf]
-        digests.add(hashlib.sha256(yaml.safe_dump(tree).encode()).hexdigest()[:16])
+        digests.add(config_digest(yaml.safe_dump(tree)))
     return digests
 
 
@@ -222,7 +228,7 @@ def reusable_config(job, defaults, write=True):
         return False
     stored = record.get("config")
     if stored is None:
-        digests = {hashlib.sha256(job.config_text.encode()).hexdigest()[:16]}
+        digests = {config_digest(job.config_text)}
         try:
             with open(os.path.join(job.out_dir, "config.yaml")) as f:
                 digests |= digests_without_new_keys(job.config_text, f.read(), defaults)

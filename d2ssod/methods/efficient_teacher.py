@@ -433,14 +433,12 @@ class EfficientTeacher(SSODMethod):
             return [assign_pseudo_labels(d, **self.assigner_args) for d in detections], info
         self.class_thresholds.observe(detections)
         low, high = self.class_thresholds.thresholds, self.class_thresholds.high
-        args = {k: v for k, v in self.assigner_args.items() if k != "thresh_low"}
-        if high is not None:
-            del args["thresh_high"]
-            return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes],
-                                         thresh_high=high[d.pred_classes], **args)
-                    for d in detections], info
-        return [assign_pseudo_labels(d, thresh_low=low[d.pred_classes], **args)
-                for d in detections], info
+        args = {k: v for k, v in self.assigner_args.items()
+                if k not in ("thresh_low", "thresh_high")}
+        return [assign_pseudo_labels(
+            d, thresh_low=low[d.pred_classes],
+            thresh_high=self.assigner_args["thresh_high"] if high is None
+            else high[d.pred_classes], **args) for d in detections], info
 
     outcomes = (Outcome("reliable", "lime", True),
                 Outcome("uncertain: with box term", "cyan", True),

@@ -23,11 +23,10 @@ from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import CorruptCheckpointError, SSODCheckpointer
 from d2ssod.engine.ema import EMATeacher
 from d2ssod.methods import build_method
-from training_helpers import custom_labeled_data, train_recording, write_json
+from training_helpers import DEMO, custom_labeled_data, train_recording, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
-DEMO = os.path.join(REPO, "datasets", "demo")
 
 # small, fast and without the final evaluation (DATASETS.TEST empty)
 SMALL = ("SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0,
