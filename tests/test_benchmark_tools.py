@@ -286,3 +286,31 @@ def test_supervised_config_rows_have_no_gap_and_tables_show_step_times_when_know
     for r in rows.values():
         del r["step_seconds"]
     assert "median step" not in bench.markdown_table(summary)
+
+
+def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(tmp_path):
+    """SSOD.AUTO_SCHEDULE would derive a burn-in from the data; the step benchmark must still
+    time semi-supervised steps (teacher forward included), not supervised burn-in ones."""
+    from d2ssod.data.demo import ensure_demo_data
+
+    from test_compare_tool import TINY
+
+    demo = ensure_demo_data()
+    bench = _tool("benchmark_step")
+    cfg, trainer = bench.build_trainer(os.path.join(REPO, "configs/custom/soft_teacher_cpu.yaml"), [
+        "OUTPUT_DIR", str(tmp_path), "DATASETS.CUSTOM.LABELED_JSON", os.path.join(demo, "labeled.json"),
+        "DATASETS.CUSTOM.IMAGE_ROOT", os.path.join(demo, "images"),
+        "DATASETS.CUSTOM.UNLABELED_DIR", os.path.join(demo, "images"),
+        "DATASETS.CUSTOM.VAL_JSON", os.path.join(demo, "val.json"), *TINY])
+    assert cfg.SSOD.AUTO_SCHEDULE is False and cfg.SSOD.BURN_IN_ITERS == 0
+    timer = bench.PartTimer(cfg.MODEL.DEVICE)
+    bench.instrument(trainer, timer)
+    parts = []
+
+    def record(it, seconds):
+        parts.append(dict(timer.current))
+        timer.current = {}
+
+    timer.current = {}
+    bench.run_steps(trainer, 1, record)
+    assert parts[0]["teacher"] > 0 and parts[0]["student"] > 0
