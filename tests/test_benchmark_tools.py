@@ -314,3 +314,12 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     timer.current = {}
     bench.run_steps(trainer, 1, record)
     assert parts[0]["teacher"] > 0 and parts[0]["student"] > 0
+
+
+def test_supervised_runs_checkpoint_at_the_hand_overs_methods_start_from_only():
+    period = _tool("benchmark_methods").checkpoint_period
+    assert period({"soft_teacher": 200, "unbiased_teacher": 400}, set(), 100) == 200
+    assert period({"soft_teacher": 200, "sed": 300}, set(), 100) == 100
+    # a variant with its own burn-in of 100 needs no supervised checkpoint at 100
+    assert period({"soft_teacher": 200, "st_burnin100": 100}, {"st_burnin100"}, 50) == 200
+    assert period({"st_burnin100": 100}, {"st_burnin100"}, 400) == 400

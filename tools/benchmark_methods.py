@@ -107,6 +107,15 @@ def summarize(runs, methods, baselines=None):
     return rows
 
 
+def checkpoint_period(burn_ins, own_burn_in, default):
+    """The supervised runs' ``SOLVER.CHECKPOINT_PERIOD``: the gcd of the burn-ins (method →
+    ``SSOD.BURN_IN_ITERS``) of the methods that start from a hand-over, so that every hand-over
+    is a checkpoint; methods in ``own_burn_in`` train their burn-in themselves and need none.
+    ``default`` (the first config's burn-in) when no method needs a hand-over."""
+    needed = [b for m, b in burn_ins.items() if m not in own_burn_in]
+    return math.gcd(*needed) if needed else default
+
+
 def markdown_table(summary):
     """The Markdown table of a benchmark summary (``methods.json``)."""
     rows = summary["rows"]
@@ -371,9 +380,8 @@ def main():
         if not 0 < burn_ins[m] < total:
             raise SystemExit(f"{m}: need 0 < SSOD.BURN_IN_ITERS ({burn_ins[m]}) < "
                              f"SOLVER.MAX_ITER ({total})")
-    # (only supervised configs: their checkpoints every burn-in of the first config)
-    period = (math.gcd(*burn_ins.values()) if burn_ins
-              else build_cfg(configs[methods[0]], args.opts).SSOD.BURN_IN_ITERS)
+    period = checkpoint_period(burn_ins, own_burn_in,
+                               build_cfg(configs[methods[0]], args.opts).SSOD.BURN_IN_ITERS)
     out = os.path.abspath(args.output)
 
     jobs = []
