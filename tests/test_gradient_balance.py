@@ -1,4 +1,5 @@
 """tools/gradient_balance.py: the supervised / unsupervised gradient split of a step."""
+import json
 import os
 from types import SimpleNamespace
 
@@ -37,10 +38,11 @@ def test_shares_and_progress_by_hand_for_each_clipping_rule():
 
 
 def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny_checkpoint,
-                                                                             capsys):
+                                                                             capsys, tmp_path):
     _, path = tiny_checkpoint
-    common = ["--config-file", CONFIG, "--checkpoint", path,
-              "--batches", "1", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(160,)",
+    collection = str(tmp_path / "balance.json")
+    common = ["--config-file", CONFIG, "--checkpoint", path, "--collect", collection,
+              "--label", "st tiny", "--batches", "1", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(160,)",
               "SSOD.BURN_IN_ITERS", "1", "SEED", "7", *map(str, PSEUDO_BOX_OPTS["soft_teacher.yaml"])]
     one = bal.main(common + ["SSOD.UNSUP_WEIGHT", "1.0"])
     two = bal.main(common + ["SSOD.UNSUP_WEIGHT", "2.0"])
@@ -53,5 +55,13 @@ def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny
     assert two["unsup_weight_for_equal_norms"] == pytest.approx(
         one["unsup_weight_for_equal_norms"], rel=1e-5)
     assert set(one["terms"]) >= {"loss_cls", "unsup/loss_cls"}
+    # one row per label and weight in the collection, replaced when measured again
+    bal.main(common + ["SSOD.UNSUP_WEIGHT", "2.0"])
+    with open(collection) as f:
+        data = json.load(f)
+    assert [(r["label"], r["mean"]["unsup_weight"]) for r in data["rows"]] == \
+        [("st tiny", 1.0), ("st tiny", 2.0)]
+    assert data["rows"][0]["config"] == os.path.join("configs", "demo", "soft_teacher.yaml")
+    assert "| st tiny | 2 | 3 |" in bal.markdown(data)
     with pytest.raises(SystemExit, match="no such file"):
         bal.main(["--config-file", CONFIG, "--checkpoint", "nope.pth"])

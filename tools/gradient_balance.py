@@ -3,7 +3,7 @@
 
     python tools/gradient_balance.py --config-file configs/demo/efficient_teacher.yaml \
         --checkpoint output/demo/efficient_teacher/model_0000399.pth [--batches 6] \
-        [--json out.json] [KEY VALUE ...]
+        [--json out.json] [--collect benchmarks/gradient_balance.json --label NAME] [KEY VALUE ...]
 
 Resumes the method's trainer from ``--checkpoint`` (a checkpoint a semi-supervised run wrote,
 teacher and student together, e.g. the hand-over that ``tools/demo.py`` and
@@ -29,7 +29,11 @@ method's term weights applied) and prints per batch and on average:
   1 + g_sup · g_unsup / |g_sup|²;
 * ``λ_u for equal norms``: the ``SSOD.UNSUP_WEIGHT`` at which |g_unsup| would equal |g_sup|.
 
-Nothing is trained and no file is written besides ``--json``. Single process; the same code on
+``--collect FILE`` adds the mean as a row of a collection (``{"what", "rows", "note"}``, the
+file the README's table is rendered from by ``tools/results_table.py``), replacing a row of the
+same ``--label`` and ``λ_u``; the label (default: the config's name) names the row in the table.
+
+Nothing is trained and no file is written besides ``--json`` and ``--collect``. Single process; the same code on
 CPU and CUDA (``MODEL.DEVICE``).
 """
 import argparse
@@ -136,11 +140,34 @@ def markdown(data):
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         m = r["mean"]
-        name = os.path.splitext(os.path.basename(r["config"]))[0]
+        name = r.get("label") or config_name(r["config"])
         lines.append(f"| {name} | {m['unsup_weight']:g} | {r['iteration']} | "
                      f"{m['sup_norm']:.2f} | {m['unsup_norm']:.2f} | {m['cos']:+.2f} | "
                      f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} |")
     return "\n".join(lines + ["", data["note"]])
+
+
+def config_name(config_file):
+    return os.path.splitext(os.path.basename(config_file))[0]
+
+
+def collect(path, row):
+    """Put ``row`` (``{"label", "config", "checkpoint", "opts", "iteration", "mean"}``) into the
+    collection file ``path`` (created if missing), replacing a row with the same label and
+    ``λ_u``; returns the collection."""
+    data = {"what": "tools/gradient_balance.py results", "rows": [], "note": ""}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+
+    def key(r):
+        return (r.get("label") or config_name(r["config"]), r["mean"]["unsup_weight"])
+
+    rows = [r for r in data["rows"] if key(r) != key(row)]
+    data["rows"] = rows + [row]
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return data
 
 
 def build_trainer(config_file, checkpoint, opts):
@@ -172,7 +199,11 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", default="", help="write every batch's numbers and the mean here")
+    parser.add_argument("--collect", default="",
+                        help="add the mean as a row of this collection (e.g. "
+                             "benchmarks/gradient_balance.json)")
+    parser.add_argument("--label", default="", help="the row's name (default: the config's)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
@@ -201,6 +232,11 @@ def main(argv=None):
                        "opts": args.opts, "iteration": trainer.start_iter, "batches": rows,
                        "mean": mean}, f,
                       indent=1)
+    if args.collect:
+        collect(args.collect, {"label": args.label or config_name(args.config_file),
+                               "config": os.path.relpath(os.path.abspath(args.config_file), REPO),
+                               "checkpoint": args.checkpoint, "opts": " ".join(args.opts),
+                               "iteration": trainer.start_iter, "mean": mean})
     return mean
 
 
