@@ -28,6 +28,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
           "soft_teacher_ema": benchmark_methods.markdown_table,
           "soft_teacher_weight": benchmark_methods.markdown_table,  # λ_u 0.5 vs 1
+          "soft_teacher_burnin_800": benchmark_methods.markdown_table,  # hand-over at 100 vs 200
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
