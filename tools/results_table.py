@@ -35,6 +35,8 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "dense_methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
           "epoch_adaptor_800": benchmark_methods.markdown_table,  # each Epoch Adaptor part
           "et_low_threshold": benchmark_methods.markdown_table,  # τ_low 0.3 at its balanced λ_u
+          "dense_vs_retinanet_800": benchmark_methods.markdown_table,  # supervised, 3 seeds
+          "et_musu_800": benchmark_methods.markdown_table,  # Efficient Teacher with MuSu
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
