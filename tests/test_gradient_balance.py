@@ -37,6 +37,29 @@ def test_shares_and_progress_by_hand_for_each_clipping_rule():
         (3 * 2) / (3 * 2))
 
 
+def test_weight_for_a_target_progress_by_hand():
+    sup = torch.tensor([3.0, 0.0])
+    # no clipping, g_u = (−1.5, 0) at λ_u 0.5: progress(λ) = 1 − λ, so 0.9 holds up to λ 0.1
+    free = _clip("norm", enabled=False)
+    pairs = [(sup, torch.tensor([-1.5, 0.0]))]
+    assert bal.progress_at(pairs, free, 2.0) == pytest.approx(0.0)
+    assert bal.weight_for_progress(pairs, free, 0.5, 0.9) == pytest.approx(0.1, rel=1e-6)
+    # per-parameter clipping to 1: the first parameter's step is clip(3 − 4λ), its progress
+    # min(3 − 4λ, 1) / 1, so 0.9 holds up to λ (3 − 0.9) / 4 = 0.525 (g_u = (−4, 0) at λ_u 1)
+    pairs = [(sup, torch.tensor([-4.0, 0.0]))]
+    assert bal.weight_for_progress(pairs, _clip("norm"), 1.0, 0.9) == pytest.approx(0.525, rel=1e-6)
+    # two batches: the mean progress; an unsupervised gradient on another parameter never
+    # lowers it, and the scan's largest weight (1000 × λ_u) is returned
+    pairs = [(sup, torch.tensor([-4.0, 0.0])), (sup, torch.tensor([-4.0, 0.0]))]
+    assert bal.weight_for_progress(pairs, _clip("norm"), 1.0, 0.9) == pytest.approx(0.525, rel=1e-6)
+    assert bal.weight_for_progress([(sup, torch.tensor([0.0, 4.0]))], _clip("norm"), 1.0, 0.9) \
+        == pytest.approx(1000.0)
+    # the crossing below the scan's smallest weight (λ_u / 1000) is found by bisection from 0:
+    # 1 − λ · 4e6 / 3 = 0.9 at λ 7.5e-8
+    assert bal.weight_for_progress([(sup, torch.tensor([-4e6, 0.0]))], free, 1.0, 0.9) == \
+        pytest.approx(7.5e-8, rel=1e-6)
+
+
 def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny_checkpoint,
                                                                              capsys, tmp_path):
     _, path = tiny_checkpoint
@@ -44,7 +67,7 @@ def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny
     common = ["--config-file", CONFIG, "--checkpoint", path, "--collect", collection,
               "--label", "st tiny", "--batches", "1", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(160,)",
               "SSOD.BURN_IN_ITERS", "1", "SEED", "7", *map(str, PSEUDO_BOX_OPTS["soft_teacher.yaml"])]
-    one = bal.main(common + ["SSOD.UNSUP_WEIGHT", "1.0"])
+    one = bal.main(["--target-progress", "0.9"] + common + ["SSOD.UNSUP_WEIGHT", "1.0"])
     two = bal.main(common + ["SSOD.UNSUP_WEIGHT", "2.0"])
     assert "mean over 1 batches at iteration 3" in capsys.readouterr().out
     assert one["sup_norm"] > 0 and one["unsup_norm"] > 0
@@ -63,5 +86,9 @@ def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny
         [("st tiny", 1.0), ("st tiny", 2.0)]
     assert data["rows"][0]["config"] == os.path.join("configs", "demo", "soft_teacher.yaml")
     assert "| st tiny | 2 | 3 |" in bal.markdown(data)
+    # the weight for the target progress is where the progress crosses it, on the same batches
+    w = one["unsup_weight_for_target_progress"]
+    assert data["rows"][0]["mean"]["target_progress"] == 0.9 and 0 < w
+    assert f"| {w:.3f} (P 0.9) |" in bal.markdown(data)
     with pytest.raises(SystemExit, match="no such file"):
         bal.main(["--config-file", CONFIG, "--checkpoint", "nope.pth"])

@@ -27,7 +27,10 @@ method's term weights applied) and prints per batch and on average:
   gradient to ``CLIP_VALUE``; ``full_model``: the whole gradient; off: not at all):
   g_sup · clip(g_sup + g_unsup) / g_sup · clip(g_sup), momentum aside. Without clipping it is
   1 + g_sup · g_unsup / |g_sup|²;
-* ``λ_u for equal norms``: the ``SSOD.UNSUP_WEIGHT`` at which |g_unsup| would equal |g_sup|.
+* ``λ_u for equal norms``: the ``SSOD.UNSUP_WEIGHT`` at which |g_unsup| would equal |g_sup|;
+* with ``--target-progress P``: the largest ``λ_u`` at which the mean sup progress is still ≥ P
+  (the unsupervised gradient scales with λ_u, so every weight is evaluated on the same batches'
+  gradients, clipping included).
 
 ``--collect FILE`` adds the mean as a row of a collection (``{"what", "rows", "note"}``, the
 file the README's table is rendered from by ``tools/results_table.py``), replacing a row of the
@@ -94,9 +97,39 @@ def balance(sup, unsup, clip=lambda g: g):
             "sup_progress": progress}
 
 
-def measure(trainer, batches):
+def progress_at(pairs, clip, scale):
+    """Mean sup progress over the batches' ``(g_sup, g_unsup)`` ``pairs`` with the unsupervised
+    gradients multiplied by ``scale``."""
+    return statistics.mean(balance(sup, scale * unsup, clip)["sup_progress"]
+                           for sup, unsup in pairs)
+
+
+def weight_for_progress(pairs, clip, unsup_weight, target, steps=40):
+    """The largest λ_u (``unsup_weight`` is the one ``pairs`` were taken at) from which on every
+    smaller weight keeps the mean sup progress ≥ ``target``: a scan of 60 weights from
+    ``unsup_weight``/1000 to ×1000 (ten per factor of 10), then ``steps`` bisections between the
+    last weight that keeps it and the first that does not (from 0 when even the smallest does
+    not); the largest scanned weight if none falls below."""
+    grid = [unsup_weight * 10 ** (k / 10 - 3) for k in range(61)]
+    ok = 0.0
+    for w in grid:
+        if progress_at(pairs, clip, w / unsup_weight) < target:
+            lo, hi = ok, w
+            break
+        ok = w
+    else:
+        return ok
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if progress_at(pairs, clip, mid / unsup_weight) >= target else (lo, mid)
+    return lo
+
+
+def measure(trainer, batches, pairs=None):
     """Rows of :func:`balance` (plus per-term norms) for ``batches`` labeled + unlabeled
-    batches of a resumed :class:`~d2ssod.engine.SSODTrainer`."""
+    batches of a resumed :class:`~d2ssod.engine.SSODTrainer`; with a list ``pairs``, each
+    batch's summed ``(g_sup, g_unsup)`` is appended to it, and the clipping function is
+    returned with the rows."""
     import torch
     from detectron2.utils.events import EventStorage
 
@@ -113,10 +146,13 @@ def measure(trainer, batches):
             unsup = term_gradients(inner.method.unsupervised_losses(inner.model, unlabeled),
                                    params)
             zero = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-            row = balance(sum(sup.values(), zero), sum(unsup.values(), zero), clip)
+            g_sup, g_unsup = sum(sup.values(), zero), sum(unsup.values(), zero)
+            row = balance(g_sup, g_unsup, clip)
             row["terms"] = {k: v.norm().item() for k, v in {**sup, **unsup}.items()}
             rows.append(row)
-    return rows
+            if pairs is not None:
+                pairs.append((g_sup, g_unsup))
+    return rows if pairs is None else (rows, clip)
 
 
 def summary(rows, unsup_weight):
@@ -136,14 +172,16 @@ def markdown(data):
     ``{"config", "opts", "iteration", "mean"}`` (``mean`` as :func:`summary` returns it), and
     ``data["note"]``, the text under the table (``benchmarks/gradient_balance.json``)."""
     lines = ["| method (config) | λ_u | iteration | \\|g_sup\\| | \\|g_unsup\\| | cos | "
-             "sup progress of a clipped step | λ_u for equal norms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sup progress of a clipped step | λ_u for equal norms | λ_u for sup progress ≥ P |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         m = r["mean"]
         name = r.get("label") or config_name(r["config"])
         lines.append(f"| {name} | {m['unsup_weight']:g} | {r['iteration']} | "
                      f"{m['sup_norm']:.2f} | {m['unsup_norm']:.2f} | {m['cos']:+.2f} | "
-                     f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} |")
+                     f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} | "
+                     + (f"{m['unsup_weight_for_target_progress']:.3f} (P {m['target_progress']:g}) |"
+                        if "target_progress" in m else "— |"))
     return "\n".join(lines + ["", data["note"]])
 
 
@@ -204,6 +242,8 @@ def main(argv=None):
                         help="add the mean as a row of this collection (e.g. "
                              "benchmarks/gradient_balance.json)")
     parser.add_argument("--label", default="", help="the row's name (default: the config's)")
+    parser.add_argument("--target-progress", type=float, default=None,
+                        help="also find the largest λ_u whose mean sup progress is >= this")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
@@ -211,10 +251,15 @@ def main(argv=None):
     trainer, cfg, out = build_trainer(args.config_file, args.checkpoint,
                                       ["DATALOADER.NUM_WORKERS", 0, *args.opts])
     try:
-        rows = measure(trainer, args.batches)
+        pairs = []
+        rows, clip = measure(trainer, args.batches, pairs)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     mean = summary(rows, cfg.SSOD.UNSUP_WEIGHT)
+    if args.target_progress is not None:
+        mean["target_progress"] = args.target_progress
+        mean["unsup_weight_for_target_progress"] = weight_for_progress(
+            pairs, clip, cfg.SSOD.UNSUP_WEIGHT, args.target_progress)
     for i, r in enumerate(rows):
         print(f"batch {i}: |g_sup| {r['sup_norm']:.3f}  |g_unsup| {r['unsup_norm']:.3f}  "
               f"cos {r['cos']:+.3f}  |g_sup + g_unsup| {r['total_norm']:.3f}  "
@@ -226,6 +271,9 @@ def main(argv=None):
           f"{mean['unsup_weight']:g}), cos {mean['cos']:+.3f}, sup share "
           f"{mean['sup_share']:.3f}, sup progress {mean['sup_progress']:.3f}; λ_u for equal norms "
           f"{mean['unsup_weight_for_equal_norms']:.3f}")
+    if args.target_progress is not None:
+        print(f"largest λ_u with sup progress >= {args.target_progress:g}: "
+              f"{mean['unsup_weight_for_target_progress']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config_file": args.config_file, "checkpoint": args.checkpoint,
