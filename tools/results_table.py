@@ -37,6 +37,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "et_low_threshold": benchmark_methods.markdown_table,  # τ_low 0.3 at its balanced λ_u
           "dense_vs_retinanet_800": benchmark_methods.markdown_table,  # supervised, 3 seeds
           "et_musu_800": benchmark_methods.markdown_table,  # Efficient Teacher with MuSu
+          "dense_progress_rule": benchmark_methods.markdown_table,  # λ_u for sup progress 0.93
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
