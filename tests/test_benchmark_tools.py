@@ -298,7 +298,8 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     demo = ensure_demo_data()
     bench = _tool("benchmark_step")
     cfg, trainer = bench.build_trainer(os.path.join(REPO, "configs/custom/soft_teacher_cpu.yaml"), [
-        "OUTPUT_DIR", str(tmp_path), "DATASETS.CUSTOM.LABELED_JSON", os.path.join(demo, "labeled.json"),
+        "OUTPUT_DIR", str(tmp_path),
+        "DATASETS.CUSTOM.LABELED_JSON", os.path.join(demo, "labeled.json"),
         "DATASETS.CUSTOM.IMAGE_ROOT", os.path.join(demo, "images"),
         "DATASETS.CUSTOM.UNLABELED_DIR", os.path.join(demo, "images"),
         "DATASETS.CUSTOM.VAL_JSON", os.path.join(demo, "val.json"), *TINY])

@@ -45,7 +45,8 @@ def test_weight_for_a_target_progress_by_hand():
     assert bal.progress_at(pairs, free, 2.0) == pytest.approx(0.0)
     assert bal.weight_for_progress(pairs, free, 0.5, 0.9) == pytest.approx(0.1, rel=1e-6)
     # per-parameter clipping to 1: the first parameter's step is clip(3 − 4λ), its progress
-    # min(3 − 4λ, 1) / 1, so 0.9 holds up to λ (3 − 0.9) / 4 = 0.525 (g_u = (−4, 0) at λ_u 1)
+    # min(3 − 4λ, 1) / 1, so 0.9 holds up to λ (3 − 0.9) / 4 = 0.525
+    # (g_u = (−4, 0) at λ_u 1)
     pairs = [(sup, torch.tensor([-4.0, 0.0]))]
     assert bal.weight_for_progress(pairs, _clip("norm"), 1.0, 0.9) == pytest.approx(0.525, rel=1e-6)
     # two batches: the mean progress; an unsupervised gradient on another parameter never
@@ -65,8 +66,9 @@ def test_a_real_checkpoint_scales_the_unsupervised_gradient_with_the_weight(tiny
     _, path = tiny_checkpoint
     collection = str(tmp_path / "balance.json")
     common = ["--config-file", CONFIG, "--checkpoint", path, "--collect", collection,
-              "--label", "st tiny", "--batches", "1", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(160,)",
-              "SSOD.BURN_IN_ITERS", "1", "SEED", "7", *map(str, PSEUDO_BOX_OPTS["soft_teacher.yaml"])]
+              "--label", "st tiny", "--batches", "1", "SOLVER.IMS_PER_BATCH", "2",
+              "INPUT.MIN_SIZE_TRAIN", "(160,)", "SSOD.BURN_IN_ITERS", "1", "SEED", "7",
+              *map(str, PSEUDO_BOX_OPTS["soft_teacher.yaml"])]
     one = bal.main(["--target-progress", "0.9"] + common + ["SSOD.UNSUP_WEIGHT", "1.0"])
     two = bal.main(common + ["SSOD.UNSUP_WEIGHT", "2.0"])
     assert "mean over 1 batches at iteration 3" in capsys.readouterr().out

@@ -121,7 +121,8 @@ def build_trainer(config_file, opts, amp=False):
     setup_logger(name="d2ssod")
     # SSOD.AUTO_SCHEDULE off: it would replace the burn-in of 0 by one derived from the data,
     # and the timed steps would be supervised ones.
-    opts = ["SSOD.AUTO_SCHEDULE", False, "SSOD.BURN_IN_ITERS", 0, "TEST.EVAL_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD", 10**9,
+    opts = ["SSOD.AUTO_SCHEDULE", False, "SSOD.BURN_IN_ITERS", 0, "TEST.EVAL_PERIOD", 0,
+            "SOLVER.CHECKPOINT_PERIOD", 10**9,
             "OUTPUT_DIR", os.path.join(REPO, "output/benchmark_step"), *opts,
             *(["SOLVER.AMP.ENABLED", True] if amp else [])]
     cfg = build_cfg(config_file, [str(o) for o in opts])

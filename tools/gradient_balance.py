@@ -36,8 +36,8 @@ method's term weights applied) and prints per batch and on average:
 file the README's table is rendered from by ``tools/results_table.py``), replacing a row of the
 same ``--label`` and ``λ_u``; the label (default: the config's name) names the row in the table.
 
-Nothing is trained and no file is written besides ``--json`` and ``--collect``. Single process; the same code on
-CPU and CUDA (``MODEL.DEVICE``).
+Nothing is trained and no file is written besides ``--json`` and ``--collect``. Single process;
+the same code on CPU and CUDA (``MODEL.DEVICE``).
 """
 import argparse
 import json
@@ -172,7 +172,8 @@ def markdown(data):
     ``{"config", "opts", "iteration", "mean"}`` (``mean`` as :func:`summary` returns it), and
     ``data["note"]``, the text under the table (``benchmarks/gradient_balance.json``)."""
     lines = ["| method (config) | λ_u | iteration | \\|g_sup\\| | \\|g_unsup\\| | cos | "
-             "sup progress of a clipped step | λ_u for equal norms | λ_u for sup progress ≥ P |",
+             "sup progress of a clipped step | λ_u for equal norms | "
+             "λ_u for sup progress ≥ P |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         m = r["mean"]
@@ -180,7 +181,8 @@ def markdown(data):
         lines.append(f"| {name} | {m['unsup_weight']:g} | {r['iteration']} | "
                      f"{m['sup_norm']:.2f} | {m['unsup_norm']:.2f} | {m['cos']:+.2f} | "
                      f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} | "
-                     + (f"{m['unsup_weight_for_target_progress']:.3f} (P {m['target_progress']:g}) |"
+                     + (f"{m['unsup_weight_for_target_progress']:.3f} "
+                        f"(P {m['target_progress']:g}) |"
                         if "target_progress" in m else "— |"))
     return "\n".join(lines + ["", data["note"]])
 
