@@ -13,7 +13,7 @@
 # Detectron2 and d2ssod need (requirements.txt, and the pure wheel tools/install_detectron2.py
 # repacks) into .whl/: when Detectron2 is not importable they are installed into /tmp/site.
 DEV=${DEV:-cuda}; OUT=${OUT:-/tmp/gpu_out}; ITERS=${ITERS:-20}; SMOKE=${SMOKE:-60}
-mkdir -p $OUT /tmp/o
+rm -rf /tmp/o; mkdir -p $OUT /tmp/o
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a $OUT/progress.txt; }
 if ! python3 -c "import detectron2" 2>/dev/null && [ -d .whl ]; then
@@ -36,7 +36,7 @@ smoke() {  # name config extra...
     SOLVER.MAX_ITER $SMOKE SSOD.BURN_IN_ITERS $((SMOKE/2)) SOLVER.STEPS "($((SMOKE-10)),)" TEST.EVAL_PERIOD $SMOKE \
     SOLVER.CHECKPOINT_PERIOD 100000 DATALOADER.NUM_WORKERS 2 OUTPUT_DIR /tmp/o/$n "$@" > /tmp/o/$n.log 2>&1
   local rc=$?
-  echo "$n rc=$rc $(grep -o 'bbox.*AP.*' /tmp/o/$n.log | tail -1 | cut -c1-80) | $(grep -E 'copypaste: [0-9]' /tmp/o/$n.log | tail -1 | cut -c1-120)" >> $OUT/smoke.txt
+  echo "$n rc=$rc AP,AP50,AP75,APs,APm,APl: $(grep -E 'copypaste: [0-9]' /tmp/o/$n.log | tail -1 | awk '{print $NF}')" >> $OUT/smoke.txt
   [ $rc = 0 ] || tail -40 /tmp/o/$n.log > $OUT/fail_$n.txt
 }
 [ -z "$SKIP_SMOKE" ] && { smoke soft_teacher soft_teacher & smoke unbiased_teacher unbiased_teacher & smoke sed sed & smoke efficient_teacher efficient_teacher &
@@ -50,29 +50,29 @@ timeout 120 python3 tools/predict.py --config-file configs/demo/soft_teacher.yam
   --input 'datasets/demo/images/val_*.jpg' --images-json datasets/demo/val.json --output-dir /tmp/o/pred MODEL.DEVICE $DEV > /tmp/o/pred.log 2>&1
 echo "predict rc=$? $(tail -2 /tmp/o/pred.log | tr '\n' ' ' | cut -c1-300)" >> $OUT/smoke.txt
 stamp predict done
-# 2. step times, one at a time
-bench() {  # label config extra...
+# 2. step times, one at a time: bench LABEL CONFIG [--amp] [KEY VALUE ...]
+bench() {
   local l=$1 c=$2; shift 2
-  timeout 150 python3 tools/benchmark_step.py --config-file configs/demo/$c.yaml --iters $ITERS --warmup ${WARM:-5} \
-    --output $OUT/step_$DEV.json --label "$l@$DEV" "$@" MODEL.DEVICE $DEV DATALOADER.NUM_WORKERS 4 > /tmp/o/b_$l.log 2>&1 \
-    || tail -30 /tmp/o/b_$l.log > $OUT/fail_b_$l.txt
+  timeout 150 python3 tools/benchmark_step.py --config-file $c --iters $ITERS --warmup ${WARM:-5} \
+    --output $OUT/step_$DEV.json --label "$l@$DEV" "$@" MODEL.DEVICE $DEV DATALOADER.NUM_WORKERS 4 \
+    > /tmp/o/b_$l.log 2>&1 || tail -30 /tmp/o/b_$l.log > $OUT/fail_b_$l.txt
   stamp "bench $l: $(python3 -c "import json;print(json.load(open('$OUT/step_$DEV.json'))['$l@$DEV']['median_seconds'])" 2>&1 | tail -1)"
 }
-[ -z "$SKIP_BENCH" ] && for m in supervised soft_teacher unbiased_teacher sed soft_teacher_sed dense_supervised efficient_teacher dense_unbiased_teacher; do bench $m $m; done
-bench soft_teacher+amp soft_teacher --amp
-bench efficient_teacher+amp efficient_teacher --amp
-# the GPU recipe (R50-FPN, 800 px, 4 + 8 images, random init: no ImageNet R50 offline) on the demo images
-CUST="MODEL.WEIGHTS '' DATASETS.CUSTOM.LABELED_JSON datasets/demo/labeled.json DATASETS.CUSTOM.IMAGE_ROOT datasets/demo/images DATASETS.CUSTOM.UNLABELED_DIR datasets/demo/images DATASETS.CUSTOM.VAL_JSON datasets/demo/val.json"
-benchc() {  # label config extra...
-  local l=$1 c=$2; shift 2
-  eval timeout 150 python3 tools/benchmark_step.py --config-file configs/custom/$c.yaml --iters $ITERS --warmup ${WARM:-5} \
-    --output $OUT/step_$DEV.json --label "$l@$DEV" "$@" MODEL.DEVICE $DEV DATALOADER.NUM_WORKERS 8 $CUST > /tmp/o/b_$l.log 2>&1 \
-    || tail -30 /tmp/o/b_$l.log > $OUT/fail_b_$l.txt
-  stamp "bench $l: $(python3 -c "import json;print(json.load(open('$OUT/step_$DEV.json'))['$l@$DEV']['median_seconds'])" 2>&1 | tail -1)"
-}
-benchc supervised_gpu_r50 supervised_gpu
-benchc soft_teacher_gpu_r50 soft_teacher_gpu
-benchc soft_teacher_gpu_r50+amp soft_teacher_gpu --amp
+# the GPU recipe (R50-FPN, 800 px, 4 + 8 images) on the demo images, random init (no ImageNet
+# R50 offline)
+CUSTOM=(MODEL.WEIGHTS "" DATASETS.CUSTOM.LABELED_JSON datasets/demo/labeled.json
+        DATASETS.CUSTOM.IMAGE_ROOT datasets/demo/images DATASETS.CUSTOM.UNLABELED_DIR datasets/demo/images
+        DATASETS.CUSTOM.VAL_JSON datasets/demo/val.json)
+if [ -z "$SKIP_BENCH" ]; then
+  for m in supervised soft_teacher unbiased_teacher sed soft_teacher_sed dense_supervised efficient_teacher dense_unbiased_teacher; do
+    bench $m configs/demo/$m.yaml
+  done
+  bench soft_teacher+amp configs/demo/soft_teacher.yaml --amp
+  bench efficient_teacher+amp configs/demo/efficient_teacher.yaml --amp
+  bench supervised_gpu_r50 configs/custom/supervised_gpu.yaml "${CUSTOM[@]}"
+  bench soft_teacher_gpu_r50 configs/custom/soft_teacher_gpu.yaml "${CUSTOM[@]}"
+  bench soft_teacher_gpu_r50+amp configs/custom/soft_teacher_gpu.yaml --amp "${CUSTOM[@]}"
+fi
 # a whole demo-schedule Soft Teacher run on the device (wall time and AP), in what time is left
 LEFT=$(( ${BUDGET:-520} - ($(date +%s) - T0) ))
 stamp "full soft_teacher run with ${LEFT} s left"

@@ -105,11 +105,11 @@ def progress_at(pairs, clip, scale):
 
 
 def weight_for_progress(pairs, clip, unsup_weight, target, steps=40):
-    """The largest λ_u (``unsup_weight`` is the one ``pairs`` were taken at) from which on every
-    smaller weight keeps the mean sup progress ≥ ``target``: a scan of 60 weights from
+    """The λ_u at which the mean sup progress first falls below ``target`` as λ_u grows
+    (``unsup_weight`` is the weight ``pairs`` were taken at): a scan of 61 weights from
     ``unsup_weight``/1000 to ×1000 (ten per factor of 10), then ``steps`` bisections between the
-    last weight that keeps it and the first that does not (from 0 when even the smallest does
-    not); the largest scanned weight if none falls below."""
+    last scanned weight that keeps it and the first that does not (from 0 when even the smallest
+    does not); the largest scanned weight if none falls below."""
     grid = [unsup_weight * 10 ** (k / 10 - 3) for k in range(61)]
     ok = 0.0
     for w in grid:
@@ -125,18 +125,18 @@ def weight_for_progress(pairs, clip, unsup_weight, target, steps=40):
     return lo
 
 
-def measure(trainer, batches, pairs=None):
-    """Rows of :func:`balance` (plus per-term norms) for ``batches`` labeled + unlabeled
-    batches of a resumed :class:`~d2ssod.engine.SSODTrainer`; with a list ``pairs``, each
-    batch's summed ``(g_sup, g_unsup)`` is appended to it, and the clipping function is
-    returned with the rows."""
+def measure(trainer, batches):
+    """For ``batches`` labeled + unlabeled batches of a resumed
+    :class:`~d2ssod.engine.SSODTrainer`: the rows of :func:`balance` (plus per-term norms), each
+    batch's summed ``(g_sup, g_unsup)`` (on the model's device) and the config's clipping as a
+    function (:func:`clipper`)."""
     import torch
     from detectron2.utils.events import EventStorage
 
     inner = trainer._trainer
     params = [p for p in inner.model.parameters() if p.requires_grad]
     clip = clipper(trainer.cfg.SOLVER.CLIP_GRADIENTS, [p.numel() for p in params])
-    rows = []
+    rows, pairs = [], []
     with EventStorage(trainer.start_iter) as storage:
         for k in range(batches):
             storage.iter = inner.iter = trainer.start_iter + k
@@ -150,9 +150,8 @@ def measure(trainer, batches, pairs=None):
             row = balance(g_sup, g_unsup, clip)
             row["terms"] = {k: v.norm().item() for k, v in {**sup, **unsup}.items()}
             rows.append(row)
-            if pairs is not None:
-                pairs.append((g_sup, g_unsup))
-    return rows if pairs is None else (rows, clip)
+            pairs.append((g_sup, g_unsup))
+    return rows, pairs, clip
 
 
 def summary(rows, unsup_weight):
@@ -205,8 +204,10 @@ def collect(path, row):
 
     rows = [r for r in data["rows"] if key(r) != key(row)]
     data["rows"] = rows + [row]
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
+    os.replace(tmp, path)  # a reader never sees half a file
     return data
 
 
@@ -253,8 +254,7 @@ def main(argv=None):
     trainer, cfg, out = build_trainer(args.config_file, args.checkpoint,
                                       ["DATALOADER.NUM_WORKERS", 0, *args.opts])
     try:
-        pairs = []
-        rows, clip = measure(trainer, args.batches, pairs)
+        rows, pairs, clip = measure(trainer, args.batches)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     mean = summary(rows, cfg.SSOD.UNSUP_WEIGHT)
