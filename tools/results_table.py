@@ -29,6 +29,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "soft_teacher_ema": benchmark_methods.markdown_table,
           "soft_teacher_weight": benchmark_methods.markdown_table,  # λ_u 0.5 vs 1
           "soft_teacher_burnin_800": benchmark_methods.markdown_table,  # hand-over at 100 vs 200
+          "soft_teacher_ratio_800": benchmark_methods.markdown_table,  # 1:2 vs 1:1 unlabeled
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
