@@ -306,15 +306,8 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     assert cfg.SSOD.AUTO_SCHEDULE is False and cfg.SSOD.BURN_IN_ITERS == 0
     timer = bench.PartTimer(cfg.MODEL.DEVICE)
     bench.instrument(trainer, timer)
-    parts = []
-
-    def record(it, seconds):
-        parts.append(dict(timer.current))
-        timer.current = {}
-
-    timer.current = {}
-    bench.run_steps(trainer, 1, record)
-    assert parts[0]["teacher"] > 0 and parts[0]["student"] > 0
+    (parts,) = bench.time_steps(trainer, timer, 0, 1)
+    assert parts["teacher"] > 0 and parts["student"] > 0
 
 
 def test_supervised_runs_checkpoint_at_the_hand_overs_methods_start_from_only():

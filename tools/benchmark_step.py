@@ -152,6 +152,21 @@ def run_steps(trainer, iterations, after_step, sync=lambda: None):
             storage.step()
 
 
+def time_steps(trainer, timer, warmup, iters):
+    """Run ``warmup + iters`` iterations of an :func:`instrument`-ed trainer; per timed
+    iteration (after the warm-up) the seconds of each part and of the whole ``step``."""
+    records = []
+
+    def record(it, seconds):
+        if it >= warmup:
+            records.append(dict(timer.current, step=seconds))
+        timer.current = {}
+
+    timer.current = {}
+    run_steps(trainer, warmup + iters, record, timer.sync)
+    return records
+
+
 def store_result(path, label, result):
     """Put ``result`` under ``label`` in the json file ``path`` (other labels kept); returns
     the file's whole content."""
@@ -182,15 +197,7 @@ def main():
     timer = PartTimer(cfg.MODEL.DEVICE)
     instrument(trainer, timer)
 
-    records = []
-
-    def record(it, seconds):
-        if it >= args.warmup:
-            records.append(dict(timer.current, step=seconds))
-        timer.current = {}
-
-    timer.current = {}
-    run_steps(trainer, args.warmup + args.iters, record, timer.sync)
+    records = time_steps(trainer, timer, args.warmup, args.iters)
 
     names = ["data", "teacher", "student", "ema"]
     names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
