@@ -176,7 +176,7 @@ def markdown(data):
              "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         m = r["mean"]
-        name = r.get("label") or config_name(r["config"])
+        name = row_name(r)
         lines.append(f"| {name} | {m['unsup_weight']:g} | {r['iteration']} | "
                      f"{m['sup_norm']:.2f} | {m['unsup_norm']:.2f} | {m['cos']:+.2f} | "
                      f"{m['sup_progress']:.2f} | {m['unsup_weight_for_equal_norms']:.2f} | "
@@ -190,6 +190,12 @@ def config_name(config_file):
     return os.path.splitext(os.path.basename(config_file))[0]
 
 
+def row_name(row):
+    """A collection row's name: its ``label``, or its config's name for rows written before
+    ``--label`` existed."""
+    return row.get("label") or config_name(row["config"])
+
+
 def collect(path, row):
     """Put ``row`` (``{"label", "config", "checkpoint", "opts", "iteration", "mean"}``) into the
     collection file ``path`` (created if missing), replacing a row with the same label and
@@ -200,7 +206,7 @@ def collect(path, row):
             data = json.load(f)
 
     def key(r):
-        return (r.get("label") or config_name(r["config"]), r["mean"]["unsup_weight"])
+        return row_name(r), r["mean"]["unsup_weight"]
 
     rows = [r for r in data["rows"] if key(r) != key(row)]
     data["rows"] = rows + [row]
