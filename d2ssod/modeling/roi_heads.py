@@ -20,7 +20,9 @@
 
 Without those fields and with γ = 0 the losses are exactly Detectron2's.
 
-``SSODROIHeads`` is ``StandardROIHeads`` built with this predictor; select it with
+``SSODROIHeads`` is ``StandardROIHeads`` built with this predictor (and, with
+``MODEL.ROI_BOX_HEAD.GATHER_ROI_ALIGN``, the CPU-friendly ROIAlign of
+:mod:`d2ssod.modeling.roi_align` in its box pooler); select it with
 ``MODEL.ROI_HEADS.NAME: SSODROIHeads``.
 """
 import torch
@@ -33,6 +35,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from .losses import multiclass_focal_loss
+from .roi_align import use_gather_roi_align
 
 __all__ = ["SSODFastRCNNOutputLayers", "SSODROIHeads", "add_roi_heads_config"]
 
@@ -43,6 +46,11 @@ def add_roi_heads_config(cfg):
     ``cfg``; called by :func:`d2ssod.config.add_ssod_config`."""
     # γ of the multi-class focal loss on ROI classification (0 = cross entropy; UT uses 1.5).
     cfg.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA = 0.0
+    # Box pooler levels as d2ssod.modeling.roi_align.GatherROIAlign: on the CPU with a fixed
+    # POOLER_SAMPLING_RATIO, ROIAlign as one batched gather (the same values; its backward is
+    # several times faster than torchvision's CPU kernel); CUDA and sampling ratio 0 keep
+    # torchvision's kernels. No parameters: checkpoints do not depend on it.
+    cfg.MODEL.ROI_BOX_HEAD.GATHER_ROI_ALIGN = True
 
 
 class SSODFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -144,4 +152,6 @@ class SSODROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = SSODFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        if cfg.MODEL.ROI_BOX_HEAD.GATHER_ROI_ALIGN:
+            use_gather_roi_align(ret["box_pooler"])
         return ret

@@ -91,7 +91,11 @@ def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path):
             # the demo config's cross entropy and λ_u 1 the known last-bit resume difference
             # grows past rtol 1e-4 in some weights within these 4 steps (the logged losses
             # still match).
-            "MODEL.ROI_BOX_HEAD.FOCAL_GAMMA", 1.5, "SSOD.UNSUP_WEIGHT", 4.0)
+            "MODEL.ROI_BOX_HEAD.FOCAL_GAMMA", 1.5, "SSOD.UNSUP_WEIGHT", 4.0,
+            # and torchvision's ROIAlign: with the gather ROIAlign (same values, other rounding)
+            # the difference reached 1.4e-5 in a backbone weight after these 4 steps while the
+            # logged losses still agreed to 7e-7 (relative).
+            "MODEL.ROI_BOX_HEAD.GATHER_ROI_ALIGN", False)
     full, full_rows = train(small_cfg(UT, tmp_path / "full", *opts))
     _, first_rows = train(small_cfg(UT, tmp_path / "killed", *opts), crash_at=6)
     assert sorted(first_rows) == list(range(6))
