@@ -47,7 +47,8 @@ def gather_roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
         Tensor: (R, C, output_h, output_w).
     """
     if sampling_ratio < 1:
-        raise ValueError(f"gather_roi_align needs a fixed sampling_ratio >= 1, got {sampling_ratio}")
+        raise ValueError(f"gather_roi_align needs a fixed sampling_ratio >= 1, "
+                         f"got {sampling_ratio}")
     n, c, h, w = features.shape
     out_h, out_w = output_size
     s = int(sampling_ratio)
@@ -67,7 +68,8 @@ def gather_roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
         xl, xh, wxl, wxh, in_x = _bilinear_axis(x0[:, None] + steps_x * (box_w / out_w)[:, None], w)
         yl, yh, wyl, wyh, in_y = _bilinear_axis(y0[:, None] + steps_y * (box_h / out_h)[:, None], h)
         # corners in the order (yl, xl), (yl, xh), (yh, xl), (yh, xh): (R, samples, 4)
-        row_y = torch.stack([yl, yl, yh, yh], dim=-1) * w + (r[:, 0].long() * (h * w))[:, None, None]
+        image_start = (r[:, 0].long() * (h * w))[:, None, None]  # first row of the box's image
+        row_y = torch.stack([yl, yl, yh, yh], dim=-1) * w + image_start
         col_x = torch.stack([xl, xh, xl, xh], dim=-1)
         weight_y = torch.stack([wyl, wyl, wyh, wyh], dim=-1) * in_y[..., None]
         weight_x = torch.stack([wxl, wxh, wxl, wxh], dim=-1) * in_x[..., None]
