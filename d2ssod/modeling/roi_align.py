@@ -11,7 +11,8 @@ level is one ``F.embedding_bag`` over the feature map laid out as ``(N·H·W, C)
 The values are torchvision's (same sample points, the same clamping at the borders, zero
 outside ``[-1, size]``; equal up to float rounding, tested): a drop-in for the box pooler's
 levels. ``sampling_ratio`` 0 (adaptive: a per-box sample count) and tensors on other devices
-go to Detectron2's ``ROIAlign`` (torchvision's kernels; on CUDA those are the fast ones).
+go to Detectron2's ``ROIAlign`` (torchvision's kernels; on CUDA those are the fast ones), and so
+does tracing for export, so that exported graphs keep the standard ``roi_align`` operator.
 Like torchvision's op, no gradient flows to the boxes.
 """
 import torch
@@ -91,7 +92,10 @@ class GatherROIAlign(ROIAlign):
     sampling ratio is fixed; otherwise (adaptive ratio, or a CUDA tensor) ``ROIAlign``'s own."""
 
     def forward(self, input, rois):
-        if input.device.type != "cpu" or self.sampling_ratio < 1 or input.is_quantized:
+        if (input.device.type != "cpu" or self.sampling_ratio < 1 or input.is_quantized
+                or torch.jit.is_tracing()):
+            # a traced graph (tools/export_teacher.py: TorchScript, ONNX) keeps the standard
+            # roi_align operator that runtimes know
             return super().forward(input, rois)
         if rois.dim() != 2 or rois.size(1) != 5:
             raise ValueError(f"ROIAlign expects rois of shape (R, 5), got {tuple(rois.shape)}")

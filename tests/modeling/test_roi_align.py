@@ -80,6 +80,9 @@ def test_module_no_boxes_dtype_and_fallbacks():
     assert torch.equal(adaptive(feats, rois), ROIAlign((7, 7), 0.5, 0, aligned=True)(feats, rois))
     with pytest.raises(ValueError, match=r"\(R, 5\)"):
         pool(feats, rois[:, 1:])
+    # a traced graph keeps torchvision's roi_align operator (for TorchScript / ONNX export)
+    graph = str(torch.jit.trace(pool, (feats, rois)).graph)
+    assert "torchvision::roi_align" in graph and "embedding_bag" not in graph
 
 
 def _demo_cfg(gather):
