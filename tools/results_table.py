@@ -29,7 +29,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "soft_teacher_ema": benchmark_methods.markdown_table,
           "soft_teacher_weight": benchmark_methods.markdown_table,  # λ_u 0.5 vs 1
           "soft_teacher_burnin_800": benchmark_methods.markdown_table,  # hand-over at 100 vs 200
-          "soft_teacher_ratio_800": benchmark_methods.markdown_table,  # 1:2 vs 1:1 unlabeled
+          "soft_teacher_ratio_800": benchmark_methods.markdown_table,  # 1:1, 1:2, 1:4 unlabeled
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
@@ -39,6 +39,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "dense_vs_retinanet_800": benchmark_methods.markdown_table,  # supervised, 3 seeds
           "et_musu_800": benchmark_methods.markdown_table,  # Efficient Teacher with MuSu
           "dense_progress_rule": benchmark_methods.markdown_table,  # λ_u for sup progress 0.93
+          "et_ratio_800": benchmark_methods.markdown_table,  # Efficient Teacher at 1:2
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
