@@ -8,7 +8,7 @@ DEMO_METHOD ?= soft_teacher
 DEMO_OUT ?= output/demo
 # KEY VALUE overrides for the demo's three runs, e.g. Soft Teacher at the paper's ratio from
 # the hand-over at 200: DEMO_OPTS="SSOD.UNLABELED_RATIO 4.0 SSOD.BURN_IN_ITERS 200" (gap closed
-# 0.66 ± 0.11 over 3 seeds, benchmarks/soft_teacher_ratio_800.md; longer than the 15 minutes)
+# 0.66 ± 0.11 over 3 seeds, benchmarks/soft_teacher_ratio_800.md; 19.5 min idle, README)
 DEMO_OPTS ?=
 # pytest workers: the suite is CPU bound; two processes match the CI machine's two cores.
 TEST_WORKERS ?= 2
