@@ -89,7 +89,8 @@ def gather_roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
 
 class GatherROIAlign(ROIAlign):
     """Detectron2's ``ROIAlign`` whose CPU forward is :func:`gather_roi_align` when the
-    sampling ratio is fixed; otherwise (adaptive ratio, or a CUDA tensor) ``ROIAlign``'s own."""
+    sampling ratio is fixed; otherwise (adaptive ratio, a CUDA or quantized tensor, or while
+    tracing for export) ``ROIAlign``'s own."""
 
     def forward(self, input, rois):
         if (input.device.type != "cpu" or self.sampling_ratio < 1 or input.is_quantized
