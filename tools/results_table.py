@@ -30,6 +30,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "soft_teacher_weight": benchmark_methods.markdown_table,  # λ_u 0.5 vs 1
           "soft_teacher_burnin_800": benchmark_methods.markdown_table,  # hand-over at 100 vs 200
           "soft_teacher_ratio_800": benchmark_methods.markdown_table,  # 1:1, 1:2, 1:4 unlabeled
+          "soft_teacher_ratio4_handover400_800": benchmark_methods.markdown_table,  # 1:4 at 400
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
@@ -40,6 +41,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "et_musu_800": benchmark_methods.markdown_table,  # Efficient Teacher with MuSu
           "dense_progress_rule": benchmark_methods.markdown_table,  # λ_u for sup progress 0.93
           "et_ratio_800": benchmark_methods.markdown_table,  # Efficient Teacher at 1:2
+          "et_handover200_800": benchmark_methods.markdown_table,  # its hand-over at 200
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
