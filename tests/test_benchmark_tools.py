@@ -310,6 +310,36 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     assert parts["teacher"] > 0 and parts["student"] > 0
 
 
+def test_versus_timing_alternates_blocks_after_each_runs_warm_up():
+    """``--versus``: two trainers in one process, warm-up first for each, then blocks in turn
+    until each has its timed iterations; each run keeps its own iteration count."""
+    bench = _tool("benchmark_step")
+    calls = []
+
+    class Trainer:
+        def __init__(self, name):
+            self.name = name
+
+        def before_train(self):
+            calls.append((self.name, "before_train"))
+
+        def before_step(self):
+            pass
+
+        def run_step(self):
+            calls.append((self.name, self.iter))
+
+        def after_step(self):
+            pass
+
+    runs = [(Trainer("a"), bench.PartTimer("cpu")), (Trainer("b"), bench.PartTimer("cpu"))]
+    records = bench.time_alternating(runs, warmup=1, iters=3, block=2)
+    assert [len(r) for r in records] == [3, 3]
+    assert all(set(r) == {"step"} and r["step"] >= 0 for rec in records for r in rec)
+    assert calls == [("a", "before_train"), ("b", "before_train"), ("a", 0), ("b", 0),
+                     ("a", 1), ("a", 2), ("b", 1), ("b", 2), ("a", 3), ("b", 3)]
+
+
 def test_supervised_runs_checkpoint_at_the_hand_overs_methods_start_from_only():
     period = _tool("benchmark_methods").checkpoint_period
     assert period({"soft_teacher": 200, "unbiased_teacher": 400}, set(), 100) == 200

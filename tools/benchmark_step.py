@@ -25,6 +25,12 @@ the full step time over the sum of the measured parts except ``other``: how much
 the named parts explain. Results (median per part, seconds) go to ``--output``. ``--amp``
 trains with ``SOLVER.AMP.ENABLED`` (bfloat16 autocast on CPU, float16 + gradient scaler on
 CUDA); its label gets ``+amp``.
+
+``--versus "KEY VALUE ..."`` builds a second trainer with those overrides added and times the
+two in one process, alternating blocks of ``--block`` iterations (``--warmup`` untimed ones
+each first), so both see the same machine: on a shared machine whose speed drifts by more than
+the difference measured, separate runs cannot tell a 10 % change. The second result is stored
+under ``<label>|versus`` with its overrides.
 """
 import argparse
 import json
@@ -167,6 +173,70 @@ def time_steps(trainer, timer, warmup, iters):
     return records
 
 
+def time_alternating(runs, warmup, iters, block):
+    """Time ``runs`` (``[(trainer, timer), ...]``, each :func:`instrument`-ed) in one process:
+    ``warmup`` untimed iterations each, then blocks of ``block`` iterations in turn until each
+    has ``iters`` timed ones. Returns each run's records, as :func:`time_steps`."""
+    from detectron2.utils.events import EventStorage
+
+    storages, records, done = [], [[] for _ in runs], [0] * len(runs)
+    for trainer, _ in runs:
+        storages.append(EventStorage(0))
+        trainer.storage = storages[-1]
+        with storages[-1]:
+            trainer.before_train()
+
+    def one_step(k, keep):
+        (trainer, timer), storage = runs[k], storages[k]
+        with storage:
+            trainer.iter = storage.iter = done[k]
+            timer.current = {}
+            timer.sync()
+            t = time.perf_counter()
+            trainer.before_step()
+            trainer.run_step()
+            trainer.after_step()
+            timer.sync()
+            if keep:
+                records[k].append(dict(timer.current, step=time.perf_counter() - t))
+            storage.step()
+        done[k] += 1
+
+    for k in range(len(runs)):
+        for _ in range(warmup):
+            one_step(k, False)
+    while min(len(r) for r in records) < iters:
+        for k in range(len(runs)):
+            for _ in range(min(block, iters - len(records[k]))):
+                one_step(k, True)
+    return records
+
+
+def summarise(cfg, trainer, args, opts, records):
+    """The stored result of one timed trainer."""
+    names = ["data", "teacher", "student", "ema"]
+    names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
+    med = {n: statistics.median(r.get(n, 0.0) for r in records) for n in names + ["step"]}
+    explained = [sum(r.get(n, 0.0) for n in names) for r in records]
+    med["other"] = statistics.median(r["step"] - e for r, e in zip(records, explained))
+    return {
+        "config": os.path.relpath(args.config_file, REPO),
+        "overrides": [str(o) for o in opts],
+        "device": cfg.MODEL.DEVICE if not cfg.MODEL.DEVICE.startswith("cuda")
+        else torch.cuda.get_device_name(0),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "labeled_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "unlabeled_batch": round(cfg.SOLVER.IMS_PER_BATCH * cfg.SSOD.UNLABELED_RATIO),
+        "iters": args.iters,
+        "amp": str(trainer._trainer.precision).replace("torch.", "") if args.amp else None,
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "share_of_step": {k: round(med[k] / med["step"], 3) for k in names + ["other"]},
+        "ratio_step_to_parts": round(statistics.median(
+            r["step"] / e for r, e in zip(records, explained)), 3),
+    }
+
+
 def store_result(path, label, result):
     """Put ``result`` under ``label`` in the json file ``path`` (other labels kept); returns
     the file's whole content."""
@@ -183,46 +253,42 @@ def store_result(path, label, result):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=os.path.join(REPO, "configs/demo/unbiased_teacher.yaml"))
+    parser.add_argument("--config-file",
+                        default=os.path.join(REPO, "configs/demo/unbiased_teacher.yaml"))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks/step.json"))
     parser.add_argument("--label", default=None, help="key of this run in the output file")
     parser.add_argument("--amp", action="store_true",
                         help="SOLVER.AMP.ENABLED (bfloat16 autocast on CPU, float16 on CUDA)")
+    parser.add_argument("--versus", default=None, metavar='"KEY VALUE ..."',
+                        help="time a second trainer with these overrides added, alternating "
+                             "blocks of iterations with the first in one process")
+    parser.add_argument("--block", type=int, default=5,
+                        help="iterations per block with --versus")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
     cfg, trainer = build_trainer(args.config_file, args.opts, args.amp)
     timer = PartTimer(cfg.MODEL.DEVICE)
     instrument(trainer, timer)
-
-    records = time_steps(trainer, timer, args.warmup, args.iters)
-
-    names = ["data", "teacher", "student", "ema"]
-    names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
-    med = {n: statistics.median(r.get(n, 0.0) for r in records) for n in names + ["step"]}
-    explained = [sum(r.get(n, 0.0) for n in names) for r in records]
-    med["other"] = statistics.median(r["step"] - e for r, e in zip(records, explained))
-    result = {
-        "config": os.path.relpath(args.config_file, REPO),
-        "overrides": [str(o) for o in args.opts],
-        "device": cfg.MODEL.DEVICE if not cfg.MODEL.DEVICE.startswith("cuda")
-        else torch.cuda.get_device_name(0),
-        "cpu_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "labeled_batch": cfg.SOLVER.IMS_PER_BATCH,
-        "unlabeled_batch": round(cfg.SOLVER.IMS_PER_BATCH * cfg.SSOD.UNLABELED_RATIO),
-        "iters": args.iters,
-        "amp": str(trainer._trainer.precision).replace("torch.", "") if args.amp else None,
-        "median_seconds": {k: round(v, 4) for k, v in med.items()},
-        "share_of_step": {k: round(med[k] / med["step"], 3) for k in names + ["other"]},
-        "ratio_step_to_parts": round(statistics.median(
-            r["step"] / e for r, e in zip(records, explained)), 3),
-    }
+    if args.versus is None:
+        results = [summarise(cfg, trainer, args, args.opts,
+                             time_steps(trainer, timer, args.warmup, args.iters))]
+    else:
+        versus_opts = args.opts + args.versus.split()
+        cfg2, trainer2 = build_trainer(args.config_file, versus_opts, args.amp)
+        timer2 = PartTimer(cfg2.MODEL.DEVICE)
+        instrument(trainer2, timer2)
+        records = time_alternating([(trainer, timer), (trainer2, timer2)], args.warmup,
+                                   args.iters, args.block)
+        results = [summarise(cfg, trainer, args, args.opts, records[0]),
+                   summarise(cfg2, trainer2, args, versus_opts, records[1])]
     label = args.label or f"{cfg.SSOD.METHOD}@{cfg.MODEL.DEVICE}{'+amp' if args.amp else ''}"
-    store_result(args.output, label, result)
-    print(json.dumps({label: result}, indent=2))
+    labels = [label, f"{label}|versus"][: len(results)]
+    for name, result in zip(labels, results):
+        store_result(args.output, name, result)
+    print(json.dumps(dict(zip(labels, results)), indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ Config (``MODEL.MOBILENETV2.*``, declared by :func:`add_mobilenetv2_config`):
 * ``CHANNELS_LAST``: convolutions in NHWC memory format (outputs are returned as contiguous
   NCHW, so FPN, ROIAlign and checkpoints see ordinary tensors; loading a checkpoint copies into
   the NHWC parameters).
+* ``FOLD_FROZEN_BN``: each FrozenBN is computed inside the convolution before it
+  (:mod:`d2ssod.modeling.frozen_bn_fold`); the model's modules, parameters and keys are unchanged.
 """
 import hashlib
 import importlib.util
@@ -51,6 +53,8 @@ from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from .frozen_bn_fold import fold_frozen_batchnorms
 
 __all__ = [
     "MobileNetV2Backbone",
@@ -90,6 +94,12 @@ def add_mobilenetv2_config(cfg):
     # Run the backbone's convolutions in channels-last memory format (same results up to float
     # rounding; measured 6-8 % faster training steps on CPU for the demo detector, 1 thread).
     _C.MOBILENETV2.CHANNELS_LAST = True
+    # Apply each frozen BatchNorm inside the convolution before it (scaled kernel + bias)
+    # instead of as a pass over the activations: same results up to float rounding, the same
+    # checkpoint keys; measured 27 % less time for the demo backbone's forward + backward on CPU
+    # (d2ssod/modeling/frozen_bn_fold.py). Affects FrozenBN layers only (NORM "FrozenBN" and the
+    # stages frozen by FREEZE_AT).
+    _C.MOBILENETV2.FOLD_FROZEN_BN = True
 
 
 def _downsamples(block):
@@ -190,7 +200,7 @@ class MobileNetV2Backbone(Backbone):
 
     def __init__(self, out_features=("res2", "res3", "res4", "res5"), width_mult=1.0,
                  norm="FrozenBN", freeze_at=1, pretrained="", in_channels=3,
-                 channels_last=False):
+                 channels_last=False, fold_frozen_bn=False):
         """
         Args:
             out_features (list[str]): subset of res2..res5.
@@ -203,6 +213,8 @@ class MobileNetV2Backbone(Backbone):
                 the input is converted on entry, the outputs back to contiguous NCHW. Same
                 numbers up to float rounding; faster where oneDNN/cuDNN have NHWC kernels (on
                 CPU the 1×1 convolutions otherwise take a slow im2col path).
+            fold_frozen_bn (bool): compute each FrozenBN inside the convolution before it
+                (:func:`~d2ssod.modeling.frozen_bn_fold.fold_frozen_batchnorms`).
         """
         super().__init__()
         out_features = list(out_features)
@@ -246,6 +258,8 @@ class MobileNetV2Backbone(Backbone):
         elif norm == "":
             _fold_batchnorms(self.features)
         self.freeze(freeze_at)
+        if fold_frozen_bn:
+            fold_frozen_batchnorms(self.features)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.features.to(memory_format=torch.channels_last)
@@ -313,6 +327,7 @@ def build_mobilenetv2_backbone(cfg, input_shape):
         pretrained=_pretrained_path(cfg),
         in_channels=input_shape.channels,
         channels_last=c.CHANNELS_LAST,
+        fold_frozen_bn=c.FOLD_FROZEN_BN,
     )
 
 
