@@ -33,6 +33,7 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "soft_teacher_ratio4_handover400_800": benchmark_methods.markdown_table,  # 1:4 at 400
           "soft_teacher_bf16_800": benchmark_methods.markdown_table,  # bfloat16 autocast
           "soft_teacher_late_decay_800": benchmark_methods.markdown_table,  # LR steps 720/780
+          "soft_teacher_eval200_800": benchmark_methods.markdown_table,  # evaluated every 200
           "step_mode": benchmark_methods.markdown_table,
           "methods_800_sed_box_terms": benchmark_methods.markdown_table,  # SED with box terms
           "dense_methods": benchmark_methods.markdown_table,
