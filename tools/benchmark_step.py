@@ -137,24 +137,30 @@ def build_trainer(config_file, opts, amp=False):
     return cfg, trainer
 
 
+def timed_iteration(trainer, storage, it, sync):
+    """Iteration ``it`` of ``trainer`` (hooks included) in ``storage``; returns the seconds of
+    before_step + run_step + after_step between two calls of ``sync`` (CUDA: wait for the
+    device). The caller steps ``storage`` afterwards."""
+    trainer.iter = storage.iter = it
+    sync()
+    t = time.perf_counter()
+    trainer.before_step()
+    trainer.run_step()
+    trainer.after_step()
+    sync()
+    return time.perf_counter() - t
+
+
 def run_steps(trainer, iterations, after_step, sync=lambda: None):
-    """Run ``iterations`` training iterations (hooks included) in an event storage, calling
-    ``after_step(it, seconds)`` after each, ``seconds`` = before_step + run_step + after_step
-    between two calls of ``sync`` (CUDA: wait for the device)."""
+    """Run ``iterations`` training iterations in an event storage, calling
+    ``after_step(it, seconds)`` after each (``seconds``: :func:`timed_iteration`)."""
     from detectron2.utils.events import EventStorage
 
     with EventStorage(0) as storage:
         trainer.storage = storage
         trainer.before_train()
         for it in range(iterations):
-            trainer.iter = storage.iter = it
-            sync()
-            t = time.perf_counter()
-            trainer.before_step()
-            trainer.run_step()
-            trainer.after_step()
-            sync()
-            after_step(it, time.perf_counter() - t)
+            after_step(it, timed_iteration(trainer, storage, it, sync))
             storage.step()
 
 
@@ -189,16 +195,10 @@ def time_alternating(runs, warmup, iters, block):
     def one_step(k, keep):
         (trainer, timer), storage = runs[k], storages[k]
         with storage:
-            trainer.iter = storage.iter = done[k]
             timer.current = {}
-            timer.sync()
-            t = time.perf_counter()
-            trainer.before_step()
-            trainer.run_step()
-            trainer.after_step()
-            timer.sync()
+            seconds = timed_iteration(trainer, storage, done[k], timer.sync)
             if keep:
-                records[k].append(dict(timer.current, step=time.perf_counter() - t))
+                records[k].append(dict(timer.current, step=seconds))
             storage.step()
         done[k] += 1
 
@@ -269,17 +269,19 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    cfg, trainer = build_trainer(args.config_file, args.opts, args.amp)
-    timer = PartTimer(cfg.MODEL.DEVICE)
-    instrument(trainer, timer)
+    def instrumented(opts):
+        cfg, trainer = build_trainer(args.config_file, opts, args.amp)
+        timer = PartTimer(cfg.MODEL.DEVICE)
+        instrument(trainer, timer)
+        return cfg, trainer, timer
+
+    cfg, trainer, timer = instrumented(args.opts)
     if args.versus is None:
         results = [summarise(cfg, trainer, args, args.opts,
                              time_steps(trainer, timer, args.warmup, args.iters))]
     else:
         versus_opts = args.opts + args.versus.split()
-        cfg2, trainer2 = build_trainer(args.config_file, versus_opts, args.amp)
-        timer2 = PartTimer(cfg2.MODEL.DEVICE)
-        instrument(trainer2, timer2)
+        cfg2, trainer2, timer2 = instrumented(versus_opts)
         records = time_alternating([(trainer, timer), (trainer2, timer2)], args.warmup,
                                    args.iters, args.block)
         results = [summarise(cfg, trainer, args, args.opts, records[0]),
