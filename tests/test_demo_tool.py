@@ -47,3 +47,21 @@ def test_warm_start_makes_teacher_and_student_the_supervised_model(tmp_path):
     assert (ssod / "last_checkpoint").read_text() == "model_0000299.pth"
     with pytest.raises(SystemExit, match="CHECKPOINT_PERIOD"):
         tool.warm_start_from_supervised(str(sup), str(tmp_path / "other"), 200)
+
+
+def test_ap_curve_reads_no_predictions_as_zero_ap(tmp_path):
+    """Detectron2 logs NaN AP when the model detects nothing (a 8-iteration run can); the curve
+    reads it as COCO's 0, and keeps the iteration numbering (periodic i - 1 -> i, final at total)."""
+    import json
+
+    nan = float("nan")
+    recs = [{"iteration": 3, "student/bbox/AP": nan, "student/bbox/AP50": nan},
+            {"iteration": 5, "time": 0.1},
+            {"iteration": 8, "student/bbox/AP": 12.5, "student/bbox/AP50": 30.0,
+             "teacher/bbox/AP": 14.0, "teacher/bbox/AP50": 31.0}]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tool = _demo_tool()
+    assert tool.ap_curve(str(tmp_path), "student", 8) == [(4, 0.0, 0.0), (8, 12.5, 30.0)]
+    assert tool.ap_curve(str(tmp_path), "teacher", 8) == [(8, 14.0, 31.0)]
+    with pytest.raises(SystemExit, match="no bogus/bbox/AP"):
+        tool.ap_curve(str(tmp_path), "bogus", 8)

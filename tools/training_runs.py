@@ -8,6 +8,7 @@ starts from that checkpoint instead (:func:`warm_start_from_supervised`) and onl
 semi-supervised iterations are new.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,15 +58,21 @@ def wait_for_file(path, proc, name, out_dir, poll=2.0):
 def ap_curve(out_dir, prefix, total):
     """[(iterations trained, AP, AP50)] from a run's metrics.json, for evaluations under
     ``prefix``. Periodic evaluations are logged at the last finished iteration (i − 1), the
-    final one after the loop (at ``total``)."""
+    final one after the loop (at ``total``).
+
+    A model with no detection above the test score threshold (early in a short run) is logged
+    by Detectron2's COCO evaluator as NaN ("No predictions from the model!"); against the
+    validation sets these tools evaluate on, which have boxes, COCO's AP of no detections is 0,
+    and it is read as 0 so that gains, gaps and means over seeds stay numbers."""
     points = []
     with open(os.path.join(out_dir, "metrics.json")) as f:
         for line in f:
             rec = json.loads(line)
             if f"{prefix}/bbox/AP" in rec:
                 it = rec["iteration"]
-                points.append((it if it == total else it + 1, rec[f"{prefix}/bbox/AP"],
-                               rec[f"{prefix}/bbox/AP50"]))
+                ap, ap50 = (rec[f"{prefix}/bbox/{k}"] for k in ("AP", "AP50"))
+                points.append((it if it == total else it + 1, 0.0 if math.isnan(ap) else ap,
+                               0.0 if math.isnan(ap50) else ap50))
     if not points:
         raise SystemExit(f"no {prefix}/bbox/AP in {out_dir}/metrics.json")
     return points
