@@ -10,6 +10,10 @@ DEMO_OUT ?= output/demo
 # the hand-over at 200: DEMO_OPTS="SSOD.UNLABELED_RATIO 4.0 SSOD.BURN_IN_ITERS 200" (gap closed
 # 0.66 ± 0.11 over 3 seeds, benchmarks/soft_teacher_ratio_800.md; 19.5 min idle, README)
 DEMO_OPTS ?=
+# SEED of the demo's three runs. A fixed seed makes `make demo` repeat the README's numbers (up
+# to float rounding on other CPUs); single runs with drawn seeds (-1, Detectron2's default) have
+# closed 0.22 to 0.51 of the gap with this config (README, "Results on the embedded demo data").
+DEMO_SEED ?= 1
 # pytest workers: the suite is CPU bound; two processes match the CI machine's two cores.
 TEST_WORKERS ?= 2
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
@@ -33,7 +37,7 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 	touch $(STAMP)
 
 demo: setup
-	$(PY) tools/demo.py --method $(DEMO_METHOD) --output $(DEMO_OUT) $(DEMO_OPTS)
+	$(PY) tools/demo.py --method $(DEMO_METHOD) --output $(DEMO_OUT) SEED $(DEMO_SEED) $(DEMO_OPTS)
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
