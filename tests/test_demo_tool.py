@@ -50,8 +50,9 @@ def test_warm_start_makes_teacher_and_student_the_supervised_model(tmp_path):
 
 
 def test_ap_curve_reads_no_predictions_as_zero_ap(tmp_path):
-    """Detectron2 logs NaN AP when the model detects nothing (a 8-iteration run can); the curve
-    reads it as COCO's 0, and keeps the iteration numbering (periodic i - 1 -> i, final at total)."""
+    """Detectron2 logs NaN AP when the model detects nothing (an 8-iteration run can); the
+    curve reads it as COCO's 0 and keeps the iteration numbering (periodic i - 1 -> i, final at
+    total)."""
     import json
 
     nan = float("nan")
