@@ -166,23 +166,16 @@ def run_steps(trainer, iterations, after_step, sync=lambda: None):
 
 def time_steps(trainer, timer, warmup, iters):
     """Run ``warmup + iters`` iterations of an :func:`instrument`-ed trainer; per timed
-    iteration (after the warm-up) the seconds of each part and of the whole ``step``."""
-    records = []
-
-    def record(it, seconds):
-        if it >= warmup:
-            records.append(dict(timer.current, step=seconds))
-        timer.current = {}
-
-    timer.current = {}
-    run_steps(trainer, warmup + iters, record, timer.sync)
-    return records
+    iteration (after the warm-up) the seconds of each part and of the whole ``step``
+    (:func:`time_alternating` with one run in one block)."""
+    return time_alternating([(trainer, timer)], warmup, iters, block=max(iters, 1))[0]
 
 
 def time_alternating(runs, warmup, iters, block):
     """Time ``runs`` (``[(trainer, timer), ...]``, each :func:`instrument`-ed) in one process:
     ``warmup`` untimed iterations each, then blocks of ``block`` iterations in turn until each
-    has ``iters`` timed ones. Returns each run's records, as :func:`time_steps`."""
+    has ``iters`` timed ones. Returns each run's records: per timed iteration, the seconds
+    of each part and of the whole ``step``."""
     from detectron2.utils.events import EventStorage
 
     storages, records, done = [], [[] for _ in runs], [0] * len(runs)
