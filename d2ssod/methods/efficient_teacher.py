@@ -496,19 +496,19 @@ class EfficientTeacher(SSODMethod):
         losses.update(self._domain_losses(model, features))
         return losses
 
-    def unsupervised_losses(self, student, unlabeled):
+    def unsupervised_losses(self, student, unlabeled, record=None):
         """The four stages, plus with domain adaptation after burn-in
         ``loss_domain_unlabeled`` on the strong views' neck outputs (from the student's
-        forward in stage 3)."""
+        forward in stage 3). ``record`` as in the base class (the visualisation hook's)."""
         if not self.domain_adaptation:
-            return super().unsupervised_losses(student, unlabeled)
+            return super().unsupervised_losses(student, unlabeled, record)
         model = unwrap_model(student)
         if not self.domain_after_burn_in:
-            losses = super().unsupervised_losses(student, unlabeled)
+            losses = super().unsupervised_losses(student, unlabeled, record)
             losses["loss_domain_unlabeled"] = self._idle_domain_term(model)
             return losses
         with neck_outputs(model) as captured:
-            losses = super().unsupervised_losses(student, unlabeled)
+            losses = super().unsupervised_losses(student, unlabeled, record)
         losses.update(self._domain_losses(model, {"unlabeled": (captured, 1)}))
         return losses
 
