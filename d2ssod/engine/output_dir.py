@@ -1,11 +1,16 @@
 """One run per output folder, and no silent config change on ``--resume``.
 
 :class:`OutputDirLock` is an exclusive ``fcntl.flock`` on ``OUTPUT_DIR/run.lock``, held for
-the life of the training process. The operating system releases a ``flock`` when its holder
-exits, however it exits (crash, ``kill -9``, lost node), so a dead run never leaves the folder
-locked: the file itself may stay, with the pid and host of the last holder, and only serves to
-name the holder in the refusal. The lock is advisory and needs a file system with working
-``flock`` (local disks; NFSv4 and Lustre mounted with ``flock``).
+the life of the training process. A ``flock`` belongs to the open file, and the operating system
+releases it when the last descriptor of that file closes, which exiting does however a process
+exits (crash, ``kill -9``, lost node). Processes started with ``exec`` never get the descriptor
+(Python opens it non-inheritable), and processes forked from the training process (data-loader
+workers) close their copy as they start (:func:`os.register_at_fork`), so the lock dies with the
+training process, not seconds later with its workers (it did before: an immediate ``--resume``
+after ``kill -9`` was refused under a dead pid). The file itself may stay, with the pid and host
+of the last holder, and only serves to name the holder in the refusal, with whether that process
+still runs. The lock is advisory and needs a file system with working ``flock`` (local disks;
+NFSv4 and Lustre mounted with ``flock``).
 
 :func:`config_differences` compares the run's config with the ``config.yaml`` Detectron2's
 ``default_setup`` wrote into ``OUTPUT_DIR`` when the run started, so that ``--resume`` with other
@@ -17,6 +22,7 @@ Only the main process (rank 0) takes the lock and makes the comparison.
 import errno
 import fcntl
 import os
+import re
 import socket
 
 import yaml
@@ -25,6 +31,21 @@ __all__ = ["OutputDirLock", "OutputDirBusyError", "ConfigChangedError", "RESUME_
            "config_differences", "check_resume_config"]
 
 LOCK_NAME = "run.lock"
+
+# descriptors of the locks this process holds, closed in every child forked from it
+_HELD_FDS = set()
+
+
+def _close_held_in_child():
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)  # this process's copy only: the parent's lock stays
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 # Keys that a resumed run may change without --allow-config-change:
 # OUTPUT_DIR: the same folder may be spelled differently (relative / absolute);
@@ -71,10 +92,12 @@ class OutputDirLock:
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     def release(self):
         if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -86,11 +109,31 @@ class OutputDirLock:
 
 
 def _read_holder(fd):
+    """``"held by pid P on host H, <whether P runs>"`` from the lock file."""
     try:
         text = os.pread(fd, 512, 0).decode(errors="replace").strip()
     except OSError:
         text = ""
-    return f"held by {text}" if text else "holder unknown"
+    return f"held by {text}, {_liveness(text)}" if text else "holder unknown"
+
+
+def _liveness(text):
+    """Whether the process that ``"pid P on host H"`` names runs, in words. A lock outlives no
+    process of its own, so a holder that does not run has just exited (the folder is free in a
+    moment) or the file was written by a process that forked its holder without this module."""
+    match = re.fullmatch(r"pid (\d+) on host (\S+)", text)
+    if not match:
+        return "liveness unknown"
+    pid, host = int(match.group(1)), match.group(2)
+    if host != socket.gethostname():
+        return "on another host, whose processes cannot be checked from here"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "which no longer runs: retry in a moment"
+    except PermissionError:
+        pass  # it exists, owned by another user
+    return "running"
 
 
 def _flatten(node, prefix=""):

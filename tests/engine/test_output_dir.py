@@ -1,6 +1,7 @@
 """One run per OUTPUT_DIR (the lock) and the config comparison on --resume
 (d2ssod/engine/output_dir.py, used by tools/train_net.py)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_a_live_holder_is_named_and_a_dead_one_does_not_block(tmp_path):
         with pytest.raises(OutputDirBusyError) as e:
             OutputDirLock(tmp_path).acquire()
         msg = str(e.value)
-        assert str(tmp_path) in msg and f"pid {child.pid} on host {socket.gethostname()}" in msg
+        assert str(tmp_path) in msg
+        assert f"pid {child.pid} on host {socket.gethostname()}, running" in msg
         assert "choose another OUTPUT_DIR" in msg
 
         # the same refusal from tools/train_net.py, before it writes anything into the folder
@@ -57,10 +59,63 @@ def test_a_live_holder_is_named_and_a_dead_one_does_not_block(tmp_path):
     assert f"pid {child.pid}" in (tmp_path / "run.lock").read_text()
     with OutputDirLock(tmp_path) as lock:
         assert f"pid {os.getpid()}" in (tmp_path / "run.lock").read_text()
-        with pytest.raises(OutputDirBusyError, match=f"pid {os.getpid()}"):
+        with pytest.raises(OutputDirBusyError, match=f"pid {os.getpid()} on host .*, running"):
             OutputDirLock(tmp_path).acquire()  # a second descriptor, even in this process
+        # ... and that refusal did not drop this process's lock (closing any descriptor of
+        # the file would): another process is still refused
+        _refused_in_child(tmp_path)
     assert lock._fd is None
     OutputDirLock(tmp_path).acquire().release()
+
+
+def _refused_in_child(folder):
+    code = textwrap.dedent(f"""
+        from d2ssod.engine.output_dir import OutputDirBusyError, OutputDirLock
+        try:
+            OutputDirLock({str(folder)!r}).acquire()
+        except OutputDirBusyError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert f"held by pid {os.getpid()}" in out, out
+
+
+def test_the_lock_dies_with_its_process_even_while_its_forked_children_live(tmp_path):
+    # what a data-loader worker is: a forked child that outlives its parent's kill -9 by
+    # seconds. It must not keep the folder locked.
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from d2ssod.engine.output_dir import OutputDirLock
+        lock = OutputDirLock({str(tmp_path)!r}).acquire()
+        worker = os.fork()
+        if worker == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(worker, flush=True)
+        sys.stdin.read()
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait(timeout=30)
+        os.kill(worker, 0)  # the worker still runs
+        with OutputDirLock(tmp_path):  # at once, no retry
+            assert f"pid {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_a_refusal_says_whether_the_named_holder_runs(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert OD._liveness(f"pid {os.getpid()} on host {host}") == "running"
+    assert "no longer running" in OD._liveness(f"pid {dead.pid} on host {host}")
+    assert "another host" in OD._liveness(f"pid {os.getpid()} on host not-{host}")
+    assert OD._liveness("garbage") == "liveness unknown"
 
 
 def _started_run(folder, *opts):

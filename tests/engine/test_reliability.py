@@ -99,7 +99,9 @@ def _assert_same_final_state(a, killed_dir):
 def test_kill_9_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(
         tmp_path, uninterrupted_run):
     killed_dir = tmp_path / "killed"
-    victim = _train_net(killed_dir)
+    # with loader workers: they outlive the kill by seconds, and must not keep the folder
+    # locked (the resume below starts at once)
+    victim = _train_net(killed_dir, "DATALOADER.NUM_WORKERS", 2)
     last = killed_dir / "last_checkpoint"
     deadline = time.monotonic() + 240
     while not (last.exists() and last.read_text().strip() == "model_0000001.pth"):
