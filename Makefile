@@ -39,7 +39,20 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 demo: setup
 	$(PY) tools/demo.py --method $(DEMO_METHOD) --output $(DEMO_OUT) SEED $(DEMO_SEED) $(DEMO_OPTS)
 
+# Instruction-set caps under which `make test` first runs the tests marked `numerics`:
+# floating-point kernels differ between x86-64 CPUs (oneDNN and ATen pick them by instruction
+# set), and a result that holds on one CPU only is a red suite on the next. Each entry is one
+# extra run: an AVX2 machine without AVX-512, and the x86-64 baseline (SSE4.1, ATen's scalar
+# kernels). A cap above what the CPU has is capped at what it has.
+NUMERICS_ISAS ?= ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=avx2 \
+	ONEDNN_MAX_CPU_ISA=SSE41,ATEN_CPU_CAPABILITY=default
+
 test: setup
+	for isa in $(NUMERICS_ISAS); do \
+	  echo "numerics tests under $$isa"; \
+	  env $$(echo $$isa | tr , ' ') OMP_NUM_THREADS=1 \
+	    $(PY) -m pytest -q -n $(TEST_WORKERS) -m numerics tests || exit 1; \
+	done
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: setup

@@ -95,20 +95,23 @@ def load_tool(name):
 # boxes to work on; by demo config file name.
 _SOFT_TEACHER_ALL = ("SSOD.SOFT_TEACHER.CLS_THRESH", 0.0, "SSOD.SOFT_TEACHER.REG_THRESH", 0.0,
                      "SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH", 1.0)
+# every candidate kept (score threshold 0, 10 per level); the untrained teacher's P5 scores are
+# above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain boxes, the latter with
+# box terms
+_EFFICIENT_TEACHER_ALL = ("MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
+                          "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
+                          "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 0.01,
+                          "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,
+                          "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX_OBJ_THRESH", 0.0)
 PSEUDO_BOX_OPTS = {
     "unbiased_teacher.yaml": ("SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05),
     "dense_unbiased_teacher.yaml": ("SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.0,
                                     "MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0),
     "soft_teacher.yaml": _SOFT_TEACHER_ALL,
     "soft_teacher_sed.yaml": _SOFT_TEACHER_ALL,
-    # every candidate kept (score threshold 0, 10 per level); the untrained teacher's P5 scores
-    # are above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain boxes, the latter
-    # with box terms
-    "efficient_teacher.yaml": ("MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
-                               "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
-                               "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 0.01,
-                               "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,
-                               "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX_OBJ_THRESH", 0.0),
+    "efficient_teacher.yaml": _EFFICIENT_TEACHER_ALL,
+    "efficient_teacher_musu.yaml": _EFFICIENT_TEACHER_ALL,
+    "efficient_teacher_musu_all.yaml": _EFFICIENT_TEACHER_ALL,
 }
 
 

@@ -1,6 +1,9 @@
 """Short real trainings of the demo configs: finite losses, burn-in, resume, DefaultPredictor."""
+import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,44 +77,97 @@ def test_30_iteration_run_has_finite_losses_and_unsup_terms_after_burn_in(config
     assert os.path.exists(os.path.join(tmp_path, "model_final.pth"))
 
 
-def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path):
-    # Resume is equal to ~3e-8 here, not bit-exact (known; see the issue notes). With the demo's
-    # 64 ROI samples out of 300 pre-NMS boxes per level, such a last-bit difference can flip one
-    # sampled proposal and grow to ~4e-6 in a few weights within 4 steps, so this test keeps the
-    # larger proposal sets, where the comparison below has a 30x margin. For the same reason
-    # the demo's gradient clipping is off here: with it (one thread), at iteration 4 the resumed
-    # run had bit-identical teacher and student weights, RNG states and unlabeled batch, yet the
-    # teacher's >= 0.05 detections differed (its forward is not bit-reproducible across
-    # processes here), and one flipped box moved the unsupervised losses by 0.5 %.
-    opts = ("SOLVER.MAX_ITER", 8, "SSOD.BURN_IN_ITERS", 2, "SOLVER.CHECKPOINT_PERIOD", 4,
-            "SSOD.PSEUDO_EVAL_PERIOD", 0, "SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05,
-            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 1000, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 128,
-            "SOLVER.CLIP_GRADIENTS.ENABLED", False,
-            # the UT loss this margin was measured with (the paper's: focal γ 1.5, λ_u 4). With
-            # the demo config's cross entropy and λ_u 1 the known last-bit resume difference
-            # grows past rtol 1e-4 in some weights within these 4 steps (the logged losses
-            # still match).
-            "MODEL.ROI_BOX_HEAD.FOCAL_GAMMA", 1.5, "SSOD.UNSUP_WEIGHT", 4.0,
-            # and torchvision's ROIAlign: with the gather ROIAlign (same values, other rounding)
-            # the difference reached 1.4e-5 in a backbone weight after these 4 steps while the
-            # logged losses still agreed to 7e-7 (relative).
-            "MODEL.ROI_BOX_HEAD.GATHER_ROI_ALIGN", False)
-    full, full_rows = train(small_cfg(UT, tmp_path / "full", *opts))
-    _, first_rows = train(small_cfg(UT, tmp_path / "killed", *opts), crash_at=6)
-    assert sorted(first_rows) == list(range(6))
-    with open(tmp_path / "killed" / "last_checkpoint") as f:
-        assert f.read().strip() == "model_0000003.pth"
-    resumed, resumed_rows = train(small_cfg(UT, tmp_path / "killed", *opts), resume=True)
-    assert resumed.start_iter == 4 and sorted(resumed_rows) == [4, 5, 6, 7]
+def _run_in_process(tmp_path, name, out_dir, opts, **spec):
+    """tests/engine/resume_run.py in its own process, started; ``wait()`` returns its result."""
+    spec_path, result = tmp_path / f"{name}.json", tmp_path / f"{name}.pth"
+    spec_path.write_text(json.dumps(dict(config=UT, opts=["OUTPUT_DIR", str(out_dir), *opts],
+                                         **spec)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests/engine/resume_run.py"),
+                             str(spec_path), str(result)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    log.close()
+
+    def wait():
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        return torch.load(result, map_location="cpu", weights_only=False)
+    return wait
+
+
+def _relative_distance(a, b):
+    """‖a − b‖ / ‖a‖ over every floating-point tensor of two state dicts."""
+    keys = [k for k, v in a.items() if v.is_floating_point()]
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
+    return float((num / sum((a[k].double() ** 2).sum() for k in keys)).sqrt())
+
+
+def _assert_equal(a, b, path):
+    """Exact equality of nested dicts / lists / tensors / numbers, naming the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.numerics
+def test_resume_after_kill_restores_the_state_exactly_and_continues_within_rounding(tmp_path):
+    """Each run in its own process (as a real kill and restart are), on the demo config.
+
+    1. At the resume point (the start of iteration 4) the resumed run's state equals the killed
+       run's bit for bit: student, teacher, optimizer, scheduler, RNG states, and the labeled
+       and unlabeled batches the streams hand to iteration 4. This holds on every machine.
+    2. The continuation is not bit-exact (see below), so it is judged against float32's own
+       sensitivity, measured here on this machine: a second uninterrupted run whose student
+       weights move by one unit in the last place at the resume point. After 4 steps that
+       last-bit difference has grown (proposal sampling, NMS and top-k amplify it); the resumed
+       run must end no farther from the uninterrupted one than that run does. Measured on one
+       machine under four instruction-set caps (relative distance of the student, resumed vs
+       nudged): 2e-9 vs 6e-5, 3e-6 vs 6e-5 (ONEDNN_MAX_CPU_ISA=AVX2), 8e-8 vs 5e-5
+       (ATEN_CPU_CAPABILITY=default).
+    Not bit-exact: two uninterrupted runs in separate processes were bit-identical there, and
+    the resumed run's losses at iterations 4 and 5 too, yet its weights after the updates of
+    iterations 4-5 differ by ~1e-8 (cause not found: the restored optimizer buffers have the
+    same strides, and re-allocating them changes nothing)."""
+    opts = [str(o) for o in (
+        "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0,
+        "DATASETS.TEST", "()", "SEED", 7, "SOLVER.WARMUP_ITERS", 5, "SOLVER.BASE_LR", 0.005,
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", "SOLVER.MAX_ITER", 8, "SSOD.BURN_IN_ITERS", 2,
+        "SOLVER.CHECKPOINT_PERIOD", 4, "SSOD.PSEUDO_EVAL_PERIOD", 0,
+        "SSOD.UNBIASED_TEACHER.SCORE_THRESH", 0.05)]
+    full = _run_in_process(tmp_path, "full", tmp_path / "full", opts)
+    nudged = _run_in_process(tmp_path, "nudged", tmp_path / "nudged", opts, snapshot_at=4,
+                             nudge=True)
+    killed = _run_in_process(tmp_path, "killed", tmp_path / "killed", opts, crash_at=6,
+                             snapshot_at=4)()
+    assert sorted(killed["rows"]) == list(range(6))
+    assert (tmp_path / "killed" / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    resumed = _run_in_process(tmp_path, "resumed", tmp_path / "killed", opts, resume=True,
+                              snapshot_at=4)()
+    assert resumed["start_iter"] == 4 and sorted(resumed["rows"]) == [4, 5, 6, 7]
+
+    at_kill, at_resume = killed["snapshot"], resumed["snapshot"]
+    assert at_kill.keys() == at_resume.keys() == {
+        "student", "teacher", "optimizer", "scheduler", "rng", "next_labeled", "next_unlabeled"}
+    _assert_equal(at_kill, at_resume, "state at iteration 4")
+
+    full, nudged = full(), nudged()
     for it in (4, 5, 6, 7):
-        assert resumed_rows[it].keys() == full_rows[it].keys()
-        for k, v in full_rows[it].items():
-            assert resumed_rows[it][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (it, k)
-    for (k, a), b in zip(full.teacher.model.state_dict().items(),
-                         resumed.teacher.model.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
-    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert resumed["rows"][it].keys() == full["rows"][it].keys()
+        assert all(math.isfinite(v) for v in resumed["rows"][it].values())
+    for part in ("student", "teacher"):
+        rounding = _relative_distance(full[part], nudged[part])
+        assert 0 < rounding  # the nudge took effect
+        assert _relative_distance(full[part], resumed[part]) <= rounding, part
 
 
 @pytest.mark.parametrize("config", [UT, DENSE_UT], ids=["faster_rcnn", "dense"])
