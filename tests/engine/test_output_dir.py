@@ -113,7 +113,7 @@ def test_a_refusal_says_whether_the_named_holder_runs(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     assert OD._liveness(f"pid {os.getpid()} on host {host}") == "running"
-    assert "no longer running" in OD._liveness(f"pid {dead.pid} on host {host}")
+    assert "no longer runs" in OD._liveness(f"pid {dead.pid} on host {host}")
     assert "another host" in OD._liveness(f"pid {os.getpid()} on host not-{host}")
     assert OD._liveness("garbage") == "liveness unknown"
 
