@@ -279,9 +279,10 @@ class YOLODenseDetector(DenseDetector):
             bce = F.binary_cross_entropy_with_logits(
                 cls_logits.reshape(-1, self.num_classes)[index], target, reduction="none")
             cls_sum = _level_sums(bce.sum(dim=1) * cls_w, levels[anchor], num_levels)
-        cls_count = _level_sums(cls_w.to(cls_logits.dtype), levels[anchor],
-                                num_levels) * self.num_classes
-        loss_cls = (cls_sum / cls_count.clamp(min=1)).sum()
+        # per level: Σ w·BCE summed over the K classes / (max(Σ w, 1)·K), the class-averaged
+        # weighted mean (docs/methods.md, "MuSu": a level whose Σ w < 1 is not scaled up)
+        cls_count = _level_sums(cls_w.to(cls_logits.dtype), levels[anchor], num_levels)
+        loss_cls = (cls_sum / (cls_count.clamp(min=1) * self.num_classes)).sum()
 
         bce = F.binary_cross_entropy_with_logits(obj_logits, obj_target, reduction="none")
         valid = obj_valid.to(bce.dtype)
