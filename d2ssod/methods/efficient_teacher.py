@@ -8,9 +8,10 @@ What this method contributes to the shared trainer, on the dense detector
 * the **Pseudo Label Assigner**: the teacher's detections (score c = σ(obj)·σ(cls), after its
   NMS) with c ≥ ``SCORE_THRESH_HIGH`` are *reliable* and train box, objectness and class like
   ground truth; those with ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*:
-  their anchors' objectness target is the teacher's objectness (soft, overwriting reliable
-  targets on shared anchors), their box term counts only where that objectness is ≥
-  ``UNCERTAIN_BOX_OBJ_THRESH``, and they have no class term; lower scores are background. The
+  their anchors' objectness target is soft, the teacher's objectness (``UNCERTAIN_OBJECTNESS``;
+  else its score c), overwriting reliable targets on shared anchors; their box term counts only
+  where that objectness is ≥ ``UNCERTAIN_BOX_OBJ_THRESH`` (``UNCERTAIN_BOX``), and they have no
+  class term; lower scores are background. The
   student reads these as the per-box fields ``gt_objectness`` / ``gt_reg_valid`` of its targets;
 * every student term (box, objectness, class) on unlabeled images with weight 1 relative to
   ``λ_u`` (the official unsupervised weights equal the supervised ones, which the detector
@@ -67,7 +68,7 @@ SCORE_BINS = 1000
 
 
 def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, uncertain=True,
-                         uncertain_box=True):
+                         uncertain_box=True, uncertain_objectness=True):
     """The Pseudo Label Assigner's split of one image's teacher detections.
 
     Args:
@@ -81,21 +82,24 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
             ``>= box_obj_thresh``.
         uncertain (bool): keep uncertain boxes at all (False: reliable ones only).
         uncertain_box (bool): whether uncertain boxes may have a box term.
+        uncertain_objectness (bool): an uncertain box's soft objectness target is the teacher's
+            objectness (True) or its score σ(obj)·σ(cls) (False).
 
     Returns:
         Instances: the kept boxes as targets: ``gt_boxes``, ``gt_classes``, ``gt_scores``,
-        ``gt_objectness`` (−1 for reliable boxes, the teacher's objectness for uncertain ones)
-        and ``gt_reg_valid``.
+        ``gt_objectness`` (−1 for reliable boxes, the teacher's objectness or score for uncertain
+        ones) and ``gt_reg_valid``.
     """
     scores = detections.scores
     reliable = scores >= thresh_high
     keep = reliable | (scores >= thresh_low) if uncertain else reliable
     objectness = detections.pred_objectness
     reg_valid = reliable | (objectness >= box_obj_thresh) if uncertain_box else reliable
+    soft = objectness if uncertain_objectness else scores
     return Instances(
         detections.image_size, gt_boxes=detections.pred_boxes[keep],
         gt_classes=detections.pred_classes[keep], gt_scores=scores[keep],
-        gt_objectness=torch.where(reliable, torch.full_like(objectness, -1.0), objectness)[keep],
+        gt_objectness=torch.where(reliable, torch.full_like(soft, -1.0), soft)[keep],
         gt_reg_valid=reg_valid[keep])
 
 
@@ -323,7 +327,13 @@ class EfficientTeacher(SSODMethod):
         _C.SCORE_THRESH_LOW = 0.1
         # Use uncertain boxes at all (False: reliable boxes only, as a plain threshold).
         _C.UNCERTAIN = True
-        # Uncertain boxes get a box term where the teacher's objectness is >= this threshold.
+        # Uncertain boxes' soft objectness target: the teacher's objectness (True,
+        # efficientteacher pseudo_label_with_obj, as its COCO configs) or the detection's score
+        # σ(obj)·σ(cls) (False: the official default, kept by its VOC config).
+        _C.UNCERTAIN_OBJECTNESS = True
+        # Uncertain boxes get a box term where the teacher's objectness is >= this threshold
+        # (efficientteacher pseudo_label_with_bbox; officially only with pseudo_label_with_obj,
+        # so True needs UNCERTAIN_OBJECTNESS True).
         _C.UNCERTAIN_BOX = True
         _C.UNCERTAIN_BOX_OBJ_THRESH = 0.99
         # Epoch Adaptor, domain adaptation: a discriminator on the neck outputs (behind a
@@ -370,6 +380,12 @@ class EfficientTeacher(SSODMethod):
         if c.DOMAIN_LOSS_WEIGHT < 0:
             raise ValueError(f"SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT="
                              f"{c.DOMAIN_LOSS_WEIGHT} must be >= 0.")
+        if c.UNCERTAIN_BOX and not c.UNCERTAIN_OBJECTNESS:
+            raise ValueError(
+                "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX=True with UNCERTAIN_OBJECTNESS=False: the "
+                "official code gives uncertain boxes a box term only with objectness targets "
+                "(pseudo_label_with_obj); set UNCERTAIN_BOX False (as the VOC config) or "
+                "UNCERTAIN_OBJECTNESS True.")
         if c.CLASS_THRESHOLDS_HIGH and not c.CLASS_THRESHOLDS:
             raise ValueError(
                 "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH=True re-estimates τ_high with the "
@@ -402,7 +418,7 @@ class EfficientTeacher(SSODMethod):
         self.assigner_args = dict(
             thresh_high=c.SCORE_THRESH_HIGH, thresh_low=c.SCORE_THRESH_LOW,
             box_obj_thresh=c.UNCERTAIN_BOX_OBJ_THRESH, uncertain=c.UNCERTAIN,
-            uncertain_box=c.UNCERTAIN_BOX)
+            uncertain_box=c.UNCERTAIN_BOX, uncertain_objectness=c.UNCERTAIN_OBJECTNESS)
         self.domain_adaptation = c.DOMAIN_ADAPTATION
         self.domain_weight = c.DOMAIN_LOSS_WEIGHT
         self.domain_after_burn_in = c.DOMAIN_AFTER_BURN_IN
