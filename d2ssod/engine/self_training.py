@@ -392,8 +392,12 @@ class SelfTraining:
             return detection_agreement(a[0], a[1], b[0], b[1], iou)
 
         scores = [stability(p, agreement) for p in per_model]
+        # an image the final model gives no box (≥ τ) has no pseudo-label: selected, it would
+        # be dropped from training as empty and never re-labelled, although "every checkpoint
+        # finds nothing" scores 1. It ranks last, so retrain1's model labels it again.
+        empty = [i for i, p in enumerate(per_model) if len(p[-1][0]) == 0]
         selected, rest = select_most_stable(list(enumerate(scores)),
-                                            self.cfg.SELF_TRAIN.SELECT_RATIO)
+                                            self.cfg.SELF_TRAIN.SELECT_RATIO, last=empty)
         chosen = set(selected)
         folder = self.stage_dir(stage)
         with open(os.path.join(folder, "stability.csv"), "w", newline="") as f:
@@ -410,6 +414,7 @@ class SelfTraining:
                                     [{"stability": round(scores[i], 6)} for i in selected])
         record.update(
             selected=selected, rest=rest, stability_threshold=threshold,
+            images_without_boxes=len(empty),
             stability_mean=float(np.mean(scores)) if scores else None,
             # the rest's pseudo-labels by the supervised model, for comparing with the selection
             rest_quality_supervised=self._pseudo_quality(
