@@ -101,11 +101,15 @@ PSEUDO_BOX_OPTS = {
                                     "MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0),
     "soft_teacher.yaml": _SOFT_TEACHER_ALL,
     "soft_teacher_sed.yaml": _SOFT_TEACHER_ALL,
-    # every candidate kept (score threshold 0, 10 per level); the untrained teacher's P5 scores
-    # are above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain boxes, the latter
-    # with box terms
-    "efficient_teacher.yaml": ("MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
-                               "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
+    # every anchor's best class kept (score threshold 0, every candidate of a level, NMS at
+    # IoU 1 and no cap): the untrained teacher's scores are nearly equal within a level, so a
+    # top-k, NMS or cap would pick anchors on a knife edge (bfloat16 picks others than float32);
+    # its P5 scores are above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain
+    # boxes, the latter with box terms
+    "efficient_teacher.yaml": ("SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH", 0.0,
+                               "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 100000,
+                               "SSOD.EFFICIENT_TEACHER.TEACHER_NMS_THRESH", 1.0,
+                               "SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS", 100000,
                                "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 0.01,
                                "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,
                                "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX_OBJ_THRESH", 0.0),

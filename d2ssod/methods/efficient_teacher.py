@@ -5,8 +5,11 @@ its defaults and our deviations: docs/methods.md, "Efficient Teacher".
 What this method contributes to the shared trainer, on the dense detector
 (:class:`~d2ssod.modeling.dense_detector.YOLODenseDetector`):
 
-* the **Pseudo Label Assigner**: the teacher's detections (score c = σ(obj)·σ(cls), after its
-  NMS) with c ≥ ``SCORE_THRESH_HIGH`` are *reliable* and train box, objectness and class like
+* the teacher's detections as the official code makes them (:meth:`EfficientTeacher.
+  teacher_detections`): each anchor's best class only, score c = σ(obj)·σ(cls) above
+  ``TEACHER_SCORE_THRESH``, per-class NMS at ``TEACHER_NMS_THRESH``, at most
+  ``TEACHER_MAX_DETECTIONS`` per image;
+* the **Pseudo Label Assigner**: the teacher's detections with c ≥ ``SCORE_THRESH_HIGH`` are *reliable* and train box, objectness and class like
   ground truth; those with ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*:
   their anchors' objectness target is soft, the teacher's objectness (``UNCERTAIN_OBJECTNESS``;
   else its score c), overwriting reliable targets on shared anchors; their box term counts only
@@ -321,6 +324,15 @@ class EfficientTeacher(SSODMethod):
     @classmethod
     def add_config(cls, cfg):
         _C = cfg.SSOD.EFFICIENT_TEACHER = CN()
+        # The teacher's detections (efficientteacher: YOLOv5's NMS with multi_label False):
+        # each anchor's best class only (TEACHER_BEST_CLASS; False: every anchor × class pair,
+        # as at evaluation), score σ(obj)·σ(cls) > TEACHER_SCORE_THRESH (nms_conf_thres 0.1),
+        # per-class NMS at TEACHER_NMS_THRESH (nms_iou_thres 0.65), at most
+        # TEACHER_MAX_DETECTIONS per image (max_det 300).
+        _C.TEACHER_BEST_CLASS = True
+        _C.TEACHER_SCORE_THRESH = 0.1
+        _C.TEACHER_NMS_THRESH = 0.65
+        _C.TEACHER_MAX_DETECTIONS = 300
         # τ_high: teacher detections with σ(obj)·σ(cls) >= this are reliable pseudo boxes.
         _C.SCORE_THRESH_HIGH = 0.6
         # τ_low: detections in [τ_low, τ_high) are uncertain; below τ_low, background.
@@ -377,6 +389,12 @@ class EfficientTeacher(SSODMethod):
             raise ValueError(
                 f"SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW={c.SCORE_THRESH_LOW} and "
                 f"SCORE_THRESH_HIGH={c.SCORE_THRESH_HIGH} must satisfy 0 <= LOW <= HIGH <= 1.")
+        if not 0.0 <= c.TEACHER_SCORE_THRESH <= 1.0:
+            raise ValueError(f"SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH="
+                             f"{c.TEACHER_SCORE_THRESH} must lie in [0, 1].")
+        if c.TEACHER_MAX_DETECTIONS < 1:
+            raise ValueError(f"SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS="
+                             f"{c.TEACHER_MAX_DETECTIONS} must be >= 1.")
         if c.DOMAIN_LOSS_WEIGHT < 0:
             raise ValueError(f"SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT="
                              f"{c.DOMAIN_LOSS_WEIGHT} must be >= 0.")
@@ -419,6 +437,10 @@ class EfficientTeacher(SSODMethod):
             thresh_high=c.SCORE_THRESH_HIGH, thresh_low=c.SCORE_THRESH_LOW,
             box_obj_thresh=c.UNCERTAIN_BOX_OBJ_THRESH, uncertain=c.UNCERTAIN,
             uncertain_box=c.UNCERTAIN_BOX, uncertain_objectness=c.UNCERTAIN_OBJECTNESS)
+        # the teacher's inference options (YOLODenseDetector.forward_inference)
+        self.teacher_inference = dict(
+            best_class=c.TEACHER_BEST_CLASS, score_thresh=c.TEACHER_SCORE_THRESH,
+            nms_thresh=c.TEACHER_NMS_THRESH, max_detections=c.TEACHER_MAX_DETECTIONS)
         self.domain_adaptation = c.DOMAIN_ADAPTATION
         self.domain_weight = c.DOMAIN_LOSS_WEIGHT
         self.domain_after_burn_in = c.DOMAIN_AFTER_BURN_IN
@@ -439,6 +461,14 @@ class EfficientTeacher(SSODMethod):
                         "iterations after burn-in", self.epoch_iters)
 
     # ------------------------------------------------------------------- pseudo-labels
+    def teacher_detections(self, unlabeled):
+        """The teacher's detections on the weak views (weak-view pixels) with the official
+        pseudo-labelling NMS (``TEACHER_*`` keys) instead of the evaluation settings."""
+        weak = [u["weak"] for u in unlabeled]
+        with torch.no_grad():
+            return self.teacher.model.inference(weak, do_postprocess=False,
+                                                **self.teacher_inference)
+
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
         """The assigner's targets per image; ``batch_info["detections"]`` = all the teacher's

@@ -82,6 +82,23 @@ def test_coco_and_voc_configs_set_the_official_uncertain_box_switches(config, ob
     assert out.gt_reg_valid.tolist() == [True, True] + reg_valid
 
 
+def test_the_teacher_labels_with_the_official_pseudo_label_nms():
+    # efficientteacher: best class per anchor (multi_label False), conf > 0.1, NMS IoU 0.65,
+    # max_det 300; the detector's evaluation settings are not used
+    cfg = get_ssod_cfg()
+    cfg.SSOD.METHOD = "efficient_teacher"
+    cfg.MODEL.META_ARCHITECTURE = "YOLODenseDetector"
+    calls = []
+    model = SimpleNamespace(inference=lambda inputs, **kw: calls.append((inputs, kw)) or [])
+    method = EfficientTeacher(cfg, None, SimpleNamespace(model=model))
+    method.teacher_detections([{"weak": "w0"}, {"weak": "w1"}])
+    assert calls == [(["w0", "w1"], dict(do_postprocess=False, best_class=True, score_thresh=0.1,
+                                         nms_thresh=0.65, max_detections=300))]
+    cfg.SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS = 0
+    with pytest.raises(ValueError, match="TEACHER_MAX_DETECTIONS=0"):
+        EfficientTeacher.validate_config(cfg)
+
+
 def test_registered_learns_every_dense_term_and_checks_its_keys():
     assert METHOD_REGISTRY.get("efficient_teacher") is EfficientTeacher
     cfg = get_ssod_cfg()
