@@ -80,6 +80,14 @@ def test_coco_and_voc_configs_set_the_official_uncertain_box_switches(config, ob
     assert out.gt_classes.tolist() == [0, 1, 2, 3, 4]
     assert out.gt_objectness.tolist() == pytest.approx([-1.0, -1.0] + objectness)
     assert out.gt_reg_valid.tolist() == [True, True] + reg_valid
+    # the teacher's EMA as the official one: m_n = 0.9999·(1 − e^(−n/2000)) for the n-th step
+    # from the first (iteration 0 → n = 1), not reset when burn-in ends
+    from d2ssod.engine.hooks import EMAHook
+    s = cfg.SSOD
+    ema = EMAHook(s.EMA_MOMENTUM, s.BURN_IN_ITERS, s.TEACHER_INIT_AT_BURN_IN, s.EMA_RAMP,
+                  s.EMA_RAMP_EXP_ITERS)
+    for it in (0, s.BURN_IN_ITERS - 1, s.BURN_IN_ITERS):
+        assert ema.momentum_at(it) == pytest.approx(0.9999 * (1 - math.exp(-(it + 1) / 2000)))
 
 
 def test_the_teacher_labels_with_the_official_pseudo_label_nms():
