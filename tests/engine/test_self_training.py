@@ -67,6 +67,7 @@ def test_an_image_without_confident_boxes_ranks_last_and_is_relabelled(tmp_path)
     cfg = build_cfg(CONFIG, ["SELF_TRAIN.SELECT_RATIO", "0.5"])
     written = []
     fake = SimpleNamespace(cfg=cfg, stage_dir=lambda stage: str(tmp_path),
+                           _tta_labels=lambda dicts: None,
                            _pseudo_quality=lambda dicts, dets: None,
                            _write_pseudo=lambda stage, dicts, images, dets, fields: (
                                written.append(fields) or {}))
