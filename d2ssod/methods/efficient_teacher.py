@@ -9,13 +9,14 @@ What this method contributes to the shared trainer, on the dense detector
   teacher_detections`): each anchor's best class only, score c = σ(obj)·σ(cls) above
   ``TEACHER_SCORE_THRESH``, per-class NMS at ``TEACHER_NMS_THRESH``, at most
   ``TEACHER_MAX_DETECTIONS`` per image;
-* the **Pseudo Label Assigner**: the teacher's detections with c ≥ ``SCORE_THRESH_HIGH`` are *reliable* and train box, objectness and class like
-  ground truth; those with ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*:
-  their anchors' objectness target is soft, the teacher's objectness (``UNCERTAIN_OBJECTNESS``;
-  else its score c), overwriting reliable targets on shared anchors; their box term counts only
-  where that objectness is ≥ ``UNCERTAIN_BOX_OBJ_THRESH`` (``UNCERTAIN_BOX``), and they have no
-  class term; lower scores are background. The
-  student reads these as the per-box fields ``gt_objectness`` / ``gt_reg_valid`` of its targets;
+* the **Pseudo Label Assigner**: the teacher's detections with c ≥ ``SCORE_THRESH_HIGH`` are
+  *reliable* and train box, objectness and class like ground truth; those with
+  ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*: their anchors' objectness
+  target is soft, the teacher's objectness (``UNCERTAIN_OBJECTNESS``; else its score c),
+  overwriting reliable targets on shared anchors; their box term counts only where that
+  objectness is ≥ ``UNCERTAIN_BOX_OBJ_THRESH`` (``UNCERTAIN_BOX``), and they have no class
+  term; lower scores are background. The student reads these as the per-box fields
+  ``gt_objectness`` / ``gt_reg_valid`` of its targets;
 * every student term (box, objectness, class) on unlabeled images with weight 1 relative to
   ``λ_u`` (the official unsupervised weights equal the supervised ones, which the detector
   applies).
