@@ -215,6 +215,15 @@ def add_ssod_config(cfg):
     _ST.RETRAIN_SCHEDULE = "labeled_passes"
     # Images per forward pass when predicting the unlabeled images.
     _ST.INFERENCE_BATCH_SIZE = 4
+    # Test-time augmentation of the pseudo-labelling passes (ST's label, ST++'s label and
+    # relabel; not ST++'s stability, which compares plain predictions, as ST++ does): each image
+    # is predicted at INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST times each of TTA_SCALES and, with
+    # TTA_FLIP, flipped horizontally at each scale too; the views' detections are merged by
+    # per-class NMS at the detector's test IoU and its cap per image
+    # (d2ssod/engine/tta_labels.py). ST++ labels with scales 0.5-2 and flips; False: one pass.
+    _ST.TTA = True
+    _ST.TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+    _ST.TTA_FLIP = True
 
     # ---------------------------------------------------------------------------------------
     # Long runs (trainer-wide; d2ssod/engine/hooks.py)

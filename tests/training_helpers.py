@@ -95,10 +95,12 @@ def load_tool(name):
 # boxes to work on; by demo config file name.
 _SOFT_TEACHER_ALL = ("SSOD.SOFT_TEACHER.CLS_THRESH", 0.0, "SSOD.SOFT_TEACHER.REG_THRESH", 0.0,
                      "SSOD.SOFT_TEACHER.UNCERTAINTY_THRESH", 1.0)
-# every candidate kept (score threshold 0, 10 per level); the untrained teacher's P5 scores are
-# above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain boxes, the latter with
-# box terms
+# the 10 best candidates per level kept (score thresholds 0); the untrained teacher's P5 scores
+# are above τ_high 0.01 and the P3 / P4 ones below: reliable and uncertain boxes, the latter
+# with box terms. (Its scores nearly tie within a level, so which anchors are kept is a knife
+# edge: tests that compare two precisions replay one run's pseudo boxes, test_amp.py.)
 _EFFICIENT_TEACHER_ALL = ("MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
+                          "SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH", 0.0,
                           "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
                           "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 0.01,
                           "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,

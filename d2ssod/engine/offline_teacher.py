@@ -27,6 +27,7 @@ from d2ssod.data.view_geometry import map_boxes, view_to_view
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .ema import EMATeacher
+from .hooks import MethodHook
 from .visualization import class_names, render_record
 
 __all__ = ["load_method", "unlabeled_dicts", "unlabeled_batches", "write_pseudo_label_pictures",
@@ -49,7 +50,9 @@ class _KeyCheckingCheckpointer(DetectionCheckpointer):
 
 def load_method(cfg, checkpoint):
     """The method of ``cfg`` (``SSOD.METHOD``) whose teacher holds the ``"model"`` weights of
-    ``checkpoint``. Errors name the file or key and the fix."""
+    ``checkpoint``, with the method's training state (e.g. Efficient Teacher's per-class
+    thresholds) restored from the checkpoint's trainer entry where it has one. Errors name the
+    file or key and the fix."""
     name = cfg.SSOD.METHOD
     if not METHOD_REGISTRY.get(name).uses_teacher:
         raise ValueError(f"SSOD.METHOD={name!r} makes no pseudo-labels; give the config of a "
@@ -60,7 +63,7 @@ def load_method(cfg, checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; {hint}.")
     model = build_model(cfg)
     checkpointer = _KeyCheckingCheckpointer(model)
-    checkpointer.load(checkpoint)
+    extra = checkpointer.load(checkpoint)
     incompatible = checkpointer.incompatible
     if incompatible is not None and incompatible.missing_keys:
         raise ValueError(
@@ -68,7 +71,12 @@ def load_method(cfg, checkpoint):
             f"({cfg.MODEL.META_ARCHITECTURE}): {len(incompatible.missing_keys)} weights missing, "
             f"e.g. {incompatible.missing_keys[:3]}. Pass the config it was trained with.")
     teacher = EMATeacher(model)
-    return build_method(cfg, student=teacher.model, teacher=teacher)
+    method = build_method(cfg, student=teacher.model, teacher=teacher)
+    # what MethodHook saved: Detectron2's trainer state keeps each hook's under its class name
+    state = extra.get("trainer", {}).get("hooks", {}).get(MethodHook.__qualname__)
+    if state:
+        method.load_state_dict(state)
+    return method
 
 
 def unlabeled_dicts(cfg, folder=None):

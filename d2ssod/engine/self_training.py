@@ -19,7 +19,9 @@ Trainings run in :class:`SelfTrainingTrainer` (``SSODTrainer`` with ``SSOD.METHO
 "supervised" and :class:`~d2ssod.data.mappers.SelfTrainingDatasetMapper`). Predictions use only
 the meta-architecture's inference contract (``model(batched_inputs)`` in eval mode returns
 ``Instances`` with ``pred_boxes``, ``scores``, ``pred_classes`` in original-image pixels), so
-any detector d2ssod trains can be self-trained. Labeling runs on the main process.
+any detector d2ssod trains can be self-trained. Labeling runs on the main process; the
+pseudo-labelling passes use test-time augmentation (``SELF_TRAIN.TTA``,
+:mod:`~d2ssod.engine.tta_labels`), the stability scores plain predictions.
 """
 import csv
 import json
@@ -49,6 +51,8 @@ from d2ssod.data.loader import build_ssod_train_loader
 from d2ssod.data.mappers import SelfTrainingDatasetMapper
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.selection.stability import detection_agreement, select_most_stable, stability
+
+from .tta_labels import detector_nms_thresh, merge_detections, tta_augmentations, unflip_boxes
 
 from .trainer import SSODTrainer
 
@@ -159,6 +163,9 @@ class SelfTraining:
             raise ValueError("ST++ compares checkpoints: SELF_TRAIN.NUM_CHECKPOINTS must be >= 2.")
         if not 0.0 < s.SELECT_RATIO < 1.0 and mode == "stpp":
             raise ValueError(f"SELF_TRAIN.SELECT_RATIO={s.SELECT_RATIO} must lie in (0, 1).")
+        if s.TTA and (not s.TTA_SCALES or min(s.TTA_SCALES) <= 0):
+            raise ValueError(f"SELF_TRAIN.TTA_SCALES={tuple(s.TTA_SCALES)} must be positive "
+                             f"scales (at least one) with SELF_TRAIN.TTA True.")
         if s.RETRAIN_SCHEDULE not in RETRAIN_SCHEDULES:
             raise ValueError(f"SELF_TRAIN.RETRAIN_SCHEDULE={s.RETRAIN_SCHEDULE!r}: choose one of "
                              f"{list(RETRAIN_SCHEDULES)}.")
@@ -316,8 +323,10 @@ class SelfTraining:
         DetectionCheckpointer(model).load(path)
         return model.eval()
 
-    def predict(self, model_paths, dataset_dicts):
-        """Detections with score ≥ ``SELF_TRAIN.SCORE_THRESH`` of each model on each image.
+    def predict(self, model_paths, dataset_dicts, tta=False):
+        """Detections with score ≥ ``SELF_TRAIN.SCORE_THRESH`` of each model on each image; with
+        ``tta`` and ``SELF_TRAIN.TTA``, those of every test-time view merged
+        (:mod:`~d2ssod.engine.tta_labels`).
 
         Returns:
             ``(images, detections)``: per image ``{file_name, image_id, height, width}``, and per
@@ -325,9 +334,24 @@ class SelfTraining:
             arrays in original-image pixels.
         """
         models = [self._load_model(p) for p in model_paths]
+        if not (tta and self.cfg.SELF_TRAIN.TTA):
+            return self._predict_view(models, dataset_dicts)
+        views = [self._predict_view(models, dataset_dicts, augmentations, flipped)
+                 for augmentations, flipped in tta_augmentations(self.cfg)]
+        nms, cap = detector_nms_thresh(self.cfg), self.cfg.TEST.DETECTIONS_PER_IMAGE
+        detections = [[merge_detections([v[1][i][m] for v in views], nms, cap)
+                       for m in range(len(models))] for i in range(len(dataset_dicts))]
+        return views[0][0], detections
+
+    def _predict_view(self, models, dataset_dicts, augmentations=None, flipped=False):
+        """:meth:`predict` of one view: the test mapper's (``augmentations`` None) or the given
+        augmentations, boxes unflipped into the original image when ``flipped``."""
         thresh = self.cfg.SELF_TRAIN.SCORE_THRESH
+        mapper = (DatasetMapper(self.cfg, False) if augmentations is None else
+                  DatasetMapper(is_train=False, augmentations=augmentations,
+                                image_format=self.cfg.INPUT.FORMAT))
         loader = build_detection_test_loader(
-            dataset_dicts, mapper=DatasetMapper(self.cfg, False),
+            dataset_dicts, mapper=mapper,
             sampler=torch.utils.data.SequentialSampler(range(len(dataset_dicts))),
             batch_size=self.cfg.SELF_TRAIN.INFERENCE_BATCH_SIZE,
             num_workers=self.cfg.DATALOADER.NUM_WORKERS)
@@ -342,7 +366,10 @@ class SelfTraining:
                     for out in outputs:
                         inst = out[i]["instances"].to("cpu")
                         keep = inst.scores >= thresh
-                        per_model.append((inst.pred_boxes.tensor[keep].numpy(),
+                        boxes = inst.pred_boxes.tensor[keep]
+                        if flipped:
+                            boxes = unflip_boxes(boxes, inputs["width"])
+                        per_model.append((boxes.numpy(),
                                           inst.pred_classes[keep].numpy(),
                                           inst.scores[keep].numpy()))
                     detections.append(per_model)
@@ -376,11 +403,11 @@ class SelfTraining:
         if comm.is_main_process():
             dicts = self.unlabeled_dicts()
             paths = self.checkpoint_paths()
-            images, per_model = self.predict(paths if self.mode == "stpp" else paths[-1:], dicts)
-            final = [p[-1] for p in per_model]
             if self.mode == "st":
-                record = self._write_pseudo(stage, dicts, images, final)
+                images, per_model = self.predict(paths[-1:], dicts, tta=True)
+                record = self._write_pseudo(stage, dicts, images, [p[-1] for p in per_model])
             else:
+                images, per_model = self.predict(paths, dicts)
                 record = self._select_and_label(stage, dicts, images, per_model)
         comm.synchronize()
         return comm.all_gather(record)[0]
@@ -392,8 +419,12 @@ class SelfTraining:
             return detection_agreement(a[0], a[1], b[0], b[1], iou)
 
         scores = [stability(p, agreement) for p in per_model]
+        # an image the final model gives no box (≥ τ) has no pseudo-label: selected, it would
+        # be dropped from training as empty and never re-labelled, although "every checkpoint
+        # finds nothing" scores 1. It ranks last, so retrain1's model labels it again.
+        empty = [i for i, p in enumerate(per_model) if len(p[-1][0]) == 0]
         selected, rest = select_most_stable(list(enumerate(scores)),
-                                            self.cfg.SELF_TRAIN.SELECT_RATIO)
+                                            self.cfg.SELF_TRAIN.SELECT_RATIO, last=empty)
         chosen = set(selected)
         folder = self.stage_dir(stage)
         with open(os.path.join(folder, "stability.csv"), "w", newline="") as f:
@@ -404,24 +435,36 @@ class SelfTraining:
                                  int(i in chosen)])
         threshold = min(scores[i] for i in selected) if selected else None
         plot_stability_histogram(scores, threshold, os.path.join(folder, "stability.png"))
+        # the selected images' pseudo-labels: the final model's, with test-time augmentation
+        # (SELF_TRAIN.TTA) where ST++ uses it, in labelling rather than in scoring stability
+        labels = (self._tta_labels([dicts[i] for i in selected])
+                  or [per_model[i][-1] for i in selected])
         record = self._write_pseudo(stage, [dicts[i] for i in selected],
-                                    [images[i] for i in selected],
-                                    [per_model[i][-1] for i in selected],
+                                    [images[i] for i in selected], labels,
                                     [{"stability": round(scores[i], 6)} for i in selected])
         record.update(
             selected=selected, rest=rest, stability_threshold=threshold,
+            images_without_boxes=len(empty),
             stability_mean=float(np.mean(scores)) if scores else None,
             # the rest's pseudo-labels by the supervised model, for comparing with the selection
             rest_quality_supervised=self._pseudo_quality(
                 [dicts[i] for i in rest], [per_model[i][-1] for i in rest]))
         return record
 
+    def _tta_labels(self, dataset_dicts):
+        """The final supervised model's detections of ``dataset_dicts`` with test-time
+        augmentation, or None when ``SELF_TRAIN.TTA`` is off (the plain ones are at hand)."""
+        if not self.cfg.SELF_TRAIN.TTA or not dataset_dicts:
+            return None
+        _, per_model = self.predict(self.checkpoint_paths()[-1:], dataset_dicts, tta=True)
+        return [p[-1] for p in per_model]
+
     def _stage_relabel(self, stage, records):
         """ST++: pseudo-label the images left out of the selection with ``retrain1``'s model."""
         record = {}
         if comm.is_main_process():
             dicts = [self.unlabeled_dicts()[i] for i in records["label"]["rest"]]
-            images, per_model = self.predict([records["retrain1"]["model"]], dicts)
+            images, per_model = self.predict([records["retrain1"]["model"]], dicts, tta=True)
             record = self._write_pseudo(stage, dicts, images, [p[-1] for p in per_model])
         comm.synchronize()
         return comm.all_gather(record)[0]

@@ -5,13 +5,18 @@ its defaults and our deviations: docs/methods.md, "Efficient Teacher".
 What this method contributes to the shared trainer, on the dense detector
 (:class:`~d2ssod.modeling.dense_detector.YOLODenseDetector`):
 
-* the **Pseudo Label Assigner**: the teacher's detections (score c = σ(obj)·σ(cls), after its
-  NMS) with c ≥ ``SCORE_THRESH_HIGH`` are *reliable* and train box, objectness and class like
-  ground truth; those with ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*:
-  their anchors' objectness target is the teacher's objectness (soft, overwriting reliable
-  targets on shared anchors), their box term counts only where that objectness is ≥
-  ``UNCERTAIN_BOX_OBJ_THRESH``, and they have no class term; lower scores are background. The
-  student reads these as the per-box fields ``gt_objectness`` / ``gt_reg_valid`` of its targets;
+* the teacher's detections as the official code makes them (:meth:`EfficientTeacher.
+  teacher_detections`): each anchor's best class only, score c = σ(obj)·σ(cls) above
+  ``TEACHER_SCORE_THRESH``, per-class NMS at ``TEACHER_NMS_THRESH``, at most
+  ``TEACHER_MAX_DETECTIONS`` per image;
+* the **Pseudo Label Assigner**: the teacher's detections with c ≥ ``SCORE_THRESH_HIGH`` are
+  *reliable* and train box, objectness and class like ground truth; those with
+  ``SCORE_THRESH_LOW`` ≤ c < ``SCORE_THRESH_HIGH`` are *uncertain*: their anchors' objectness
+  target is soft, the teacher's objectness (``UNCERTAIN_OBJECTNESS``; else its score c),
+  overwriting reliable targets on shared anchors; their box term counts only where that
+  objectness is ≥ ``UNCERTAIN_BOX_OBJ_THRESH`` (``UNCERTAIN_BOX``), and they have no class
+  term; lower scores are background. The student reads these as the per-box fields
+  ``gt_objectness`` / ``gt_reg_valid`` of its targets;
 * every student term (box, objectness, class) on unlabeled images with weight 1 relative to
   ``λ_u`` (the official unsupervised weights equal the supervised ones, which the detector
   applies).
@@ -67,7 +72,7 @@ SCORE_BINS = 1000
 
 
 def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, uncertain=True,
-                         uncertain_box=True):
+                         uncertain_box=True, uncertain_objectness=True):
     """The Pseudo Label Assigner's split of one image's teacher detections.
 
     Args:
@@ -81,21 +86,24 @@ def assign_pseudo_labels(detections, thresh_high, thresh_low, box_obj_thresh, un
             ``>= box_obj_thresh``.
         uncertain (bool): keep uncertain boxes at all (False: reliable ones only).
         uncertain_box (bool): whether uncertain boxes may have a box term.
+        uncertain_objectness (bool): an uncertain box's soft objectness target is the teacher's
+            objectness (True) or its score σ(obj)·σ(cls) (False).
 
     Returns:
         Instances: the kept boxes as targets: ``gt_boxes``, ``gt_classes``, ``gt_scores``,
-        ``gt_objectness`` (−1 for reliable boxes, the teacher's objectness for uncertain ones)
-        and ``gt_reg_valid``.
+        ``gt_objectness`` (−1 for reliable boxes, the teacher's objectness or score for uncertain
+        ones) and ``gt_reg_valid``.
     """
     scores = detections.scores
     reliable = scores >= thresh_high
     keep = reliable | (scores >= thresh_low) if uncertain else reliable
     objectness = detections.pred_objectness
     reg_valid = reliable | (objectness >= box_obj_thresh) if uncertain_box else reliable
+    soft = objectness if uncertain_objectness else scores
     return Instances(
         detections.image_size, gt_boxes=detections.pred_boxes[keep],
         gt_classes=detections.pred_classes[keep], gt_scores=scores[keep],
-        gt_objectness=torch.where(reliable, torch.full_like(objectness, -1.0), objectness)[keep],
+        gt_objectness=torch.where(reliable, torch.full_like(soft, -1.0), soft)[keep],
         gt_reg_valid=reg_valid[keep])
 
 
@@ -317,13 +325,28 @@ class EfficientTeacher(SSODMethod):
     @classmethod
     def add_config(cls, cfg):
         _C = cfg.SSOD.EFFICIENT_TEACHER = CN()
+        # The teacher's detections (efficientteacher: YOLOv5's NMS with multi_label False):
+        # each anchor's best class only (TEACHER_BEST_CLASS; False: every anchor × class pair,
+        # as at evaluation), score σ(obj)·σ(cls) > TEACHER_SCORE_THRESH (nms_conf_thres 0.1),
+        # per-class NMS at TEACHER_NMS_THRESH (nms_iou_thres 0.65), at most
+        # TEACHER_MAX_DETECTIONS per image (max_det 300).
+        _C.TEACHER_BEST_CLASS = True
+        _C.TEACHER_SCORE_THRESH = 0.1
+        _C.TEACHER_NMS_THRESH = 0.65
+        _C.TEACHER_MAX_DETECTIONS = 300
         # τ_high: teacher detections with σ(obj)·σ(cls) >= this are reliable pseudo boxes.
         _C.SCORE_THRESH_HIGH = 0.6
         # τ_low: detections in [τ_low, τ_high) are uncertain; below τ_low, background.
         _C.SCORE_THRESH_LOW = 0.1
         # Use uncertain boxes at all (False: reliable boxes only, as a plain threshold).
         _C.UNCERTAIN = True
-        # Uncertain boxes get a box term where the teacher's objectness is >= this threshold.
+        # Uncertain boxes' soft objectness target: the teacher's objectness (True,
+        # efficientteacher pseudo_label_with_obj, as its COCO configs) or the detection's score
+        # σ(obj)·σ(cls) (False: the official default, kept by its VOC config).
+        _C.UNCERTAIN_OBJECTNESS = True
+        # Uncertain boxes get a box term where the teacher's objectness is >= this threshold
+        # (efficientteacher pseudo_label_with_bbox; officially only with pseudo_label_with_obj,
+        # so True needs UNCERTAIN_OBJECTNESS True).
         _C.UNCERTAIN_BOX = True
         _C.UNCERTAIN_BOX_OBJ_THRESH = 0.99
         # Epoch Adaptor, domain adaptation: a discriminator on the neck outputs (behind a
@@ -367,9 +390,21 @@ class EfficientTeacher(SSODMethod):
             raise ValueError(
                 f"SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW={c.SCORE_THRESH_LOW} and "
                 f"SCORE_THRESH_HIGH={c.SCORE_THRESH_HIGH} must satisfy 0 <= LOW <= HIGH <= 1.")
+        if not 0.0 <= c.TEACHER_SCORE_THRESH <= 1.0:
+            raise ValueError(f"SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH="
+                             f"{c.TEACHER_SCORE_THRESH} must lie in [0, 1].")
+        if c.TEACHER_MAX_DETECTIONS < 1:
+            raise ValueError(f"SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS="
+                             f"{c.TEACHER_MAX_DETECTIONS} must be >= 1.")
         if c.DOMAIN_LOSS_WEIGHT < 0:
             raise ValueError(f"SSOD.EFFICIENT_TEACHER.DOMAIN_LOSS_WEIGHT="
                              f"{c.DOMAIN_LOSS_WEIGHT} must be >= 0.")
+        if c.UNCERTAIN_BOX and not c.UNCERTAIN_OBJECTNESS:
+            raise ValueError(
+                "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX=True with UNCERTAIN_OBJECTNESS=False: the "
+                "official code gives uncertain boxes a box term only with objectness targets "
+                "(pseudo_label_with_obj); set UNCERTAIN_BOX False (as the VOC config) or "
+                "UNCERTAIN_OBJECTNESS True.")
         if c.CLASS_THRESHOLDS_HIGH and not c.CLASS_THRESHOLDS:
             raise ValueError(
                 "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH=True re-estimates τ_high with the "
@@ -402,7 +437,11 @@ class EfficientTeacher(SSODMethod):
         self.assigner_args = dict(
             thresh_high=c.SCORE_THRESH_HIGH, thresh_low=c.SCORE_THRESH_LOW,
             box_obj_thresh=c.UNCERTAIN_BOX_OBJ_THRESH, uncertain=c.UNCERTAIN,
-            uncertain_box=c.UNCERTAIN_BOX)
+            uncertain_box=c.UNCERTAIN_BOX, uncertain_objectness=c.UNCERTAIN_OBJECTNESS)
+        # the teacher's inference options (YOLODenseDetector.forward_inference)
+        self.teacher_inference = dict(
+            best_class=c.TEACHER_BEST_CLASS, score_thresh=c.TEACHER_SCORE_THRESH,
+            nms_thresh=c.TEACHER_NMS_THRESH, max_detections=c.TEACHER_MAX_DETECTIONS)
         self.domain_adaptation = c.DOMAIN_ADAPTATION
         self.domain_weight = c.DOMAIN_LOSS_WEIGHT
         self.domain_after_burn_in = c.DOMAIN_AFTER_BURN_IN
@@ -423,6 +462,14 @@ class EfficientTeacher(SSODMethod):
                         "iterations after burn-in", self.epoch_iters)
 
     # ------------------------------------------------------------------- pseudo-labels
+    def teacher_detections(self, unlabeled):
+        """The teacher's detections on the weak views (weak-view pixels) with the official
+        pseudo-labelling NMS (``TEACHER_*`` keys) instead of the evaluation settings."""
+        weak = [u["weak"] for u in unlabeled]
+        with torch.no_grad():
+            return self.teacher.model.inference(weak, do_postprocess=False,
+                                                **self.teacher_inference)
+
     @torch.no_grad()
     def pseudo_label(self, unlabeled):
         """The assigner's targets per image; ``batch_info["detections"]`` = all the teacher's

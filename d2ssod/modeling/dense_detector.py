@@ -19,7 +19,10 @@ YOLOv5's dense techniques. docs/methods.md, "Efficient Teacher" has the method i
   cls 0.3·K/80·3/L), times YOLOv5's nominal batch of 64 images (``LOSS_SCALE``);
 * inference: score = σ(objectness)·σ(class) per anchor and class, Detectron2's score
   threshold, top-k and per-class NMS, ``Instances`` with ``pred_boxes``, ``scores``,
-  ``pred_classes`` and the anchor's ``pred_objectness``.
+  ``pred_classes`` and the anchor's ``pred_objectness``. ``inference`` also takes the options
+  of a teacher's pass (:meth:`YOLODenseDetector.forward_inference`): the best class per anchor
+  only, and its own score threshold, NMS threshold and cap on detections per image
+  (Efficient Teacher's pseudo-labels: YOLOv5's NMS with multi_label off).
 
 Targets may carry per-box fields besides ``gt_boxes`` / ``gt_classes`` (pseudo-labels):
 
@@ -171,15 +174,16 @@ class YOLODenseDetector(DenseDetector):
             return super().forward(batched_inputs)
         return self.inference(batched_inputs)
 
-    def inference(self, batched_inputs, do_postprocess=True):
+    def inference(self, batched_inputs, do_postprocess=True, **options):
         """Detections of ``batched_inputs``: with ``do_postprocess``, as ``forward`` in eval mode
         (``[{"instances": ...}]`` resized to each input's "height"/"width"); without, the
-        ``Instances`` in the input images' pixel coordinates, as ``GeneralizedRCNN``'s."""
+        ``Instances`` in the input images' pixel coordinates, as ``GeneralizedRCNN``'s.
+        ``options``: those of :meth:`forward_inference` (a teacher's settings)."""
         assert not self.training
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         features = [features[f] for f in self.head_in_features]
-        results = self.forward_inference(images, features, self.head(features))
+        results = self.forward_inference(images, features, self.head(features), **options)
         if do_postprocess:
             return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
         return results
@@ -279,9 +283,10 @@ class YOLODenseDetector(DenseDetector):
             bce = F.binary_cross_entropy_with_logits(
                 cls_logits.reshape(-1, self.num_classes)[index], target, reduction="none")
             cls_sum = _level_sums(bce.sum(dim=1) * cls_w, levels[anchor], num_levels)
-        cls_count = _level_sums(cls_w.to(cls_logits.dtype), levels[anchor],
-                                num_levels) * self.num_classes
-        loss_cls = (cls_sum / cls_count.clamp(min=1)).sum()
+        # per level: Σ w·BCE summed over the K classes / (max(Σ w, 1)·K), the class-averaged
+        # weighted mean (docs/methods.md, "MuSu": a level whose Σ w < 1 is not scaled up)
+        cls_count = _level_sums(cls_w.to(cls_logits.dtype), levels[anchor], num_levels)
+        loss_cls = (cls_sum / (cls_count.clamp(min=1) * self.num_classes)).sum()
 
         bce = F.binary_cross_entropy_with_logits(obj_logits, obj_target, reduction="none")
         valid = obj_valid.to(bce.dtype)
@@ -304,31 +309,51 @@ class YOLODenseDetector(DenseDetector):
         }
 
     # ------------------------------------------------------------------------------ inference
-    def forward_inference(self, images, features, predictions):
+    def forward_inference(self, images, features, predictions, best_class=False,
+                          score_thresh=None, nms_thresh=None, max_detections=None):
+        """Detections per image (``Instances``, the input images' pixels). By default every
+        (anchor, class) pair is a candidate, with the ``*_TEST`` settings; a teacher may ask
+        for ``best_class`` (one candidate per anchor: its highest-scoring class, as YOLOv5's
+        NMS without multi_label) and its own ``score_thresh`` (candidates above it),
+        ``nms_thresh`` and ``max_detections`` per image (None: the test settings)."""
         cls_logits, box_deltas, obj_logits = self._transpose_dense_predictions(
             predictions, [self.num_classes, 4, 1])
         anchors = self.anchor_generator(features)
         strides = self.anchor_generator.strides
+        score_thresh = self.test_score_thresh if score_thresh is None else score_thresh
+        nms_thresh = self.test_nms_thresh if nms_thresh is None else nms_thresh
+        if max_detections is None:
+            max_detections = self.max_detections_per_image
         results = []
         for i, image_size in enumerate(images.image_sizes):
             per_level = [
-                self._decode_level(a.tensor, s, c[i], b[i], o[i, :, 0], image_size)
+                self._decode_level(a.tensor, s, c[i], b[i], o[i, :, 0], image_size,
+                                   score_thresh, best_class)
                 for a, s, c, b, o in zip(anchors, strides, cls_logits, box_deltas, obj_logits)]
             pred = Instances.cat(per_level)
             keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
-                               self.test_nms_thresh)
-            results.append(pred[keep[: self.max_detections_per_image]])
+                               nms_thresh)
+            results.append(pred[keep[:max_detections]])
         return results
 
-    def _decode_level(self, anchors, stride, cls_logits, box_deltas, obj_logits, image_size):
-        """One image's candidates at one level: σ(obj)·σ(cls) above the score threshold, the
+    def _decode_level(self, anchors, stride, cls_logits, box_deltas, obj_logits, image_size,
+                      score_thresh, best_class=False):
+        """One image's candidates at one level: σ(obj)·σ(cls) above ``score_thresh`` for every
+        (anchor, class) pair, or with ``best_class`` for each anchor's best class only, the
         top-k of them, their boxes decoded."""
         objectness = obj_logits.sigmoid()
-        scores = (objectness[:, None] * cls_logits.sigmoid()).flatten()
-        candidates = (scores > self.test_score_thresh).nonzero(as_tuple=True)[0]
+        if best_class:
+            best, best_classes = cls_logits.sigmoid().max(dim=1)
+            scores = objectness * best
+        else:
+            scores = (objectness[:, None] * cls_logits.sigmoid()).flatten()
+        candidates = (scores > score_thresh).nonzero(as_tuple=True)[0]
         top = scores[candidates].topk(min(len(candidates), self.test_topk_candidates))
         candidates = candidates[top.indices]
-        anchor, classes = candidates // self.num_classes, candidates % self.num_classes
+        if best_class:
+            anchor, classes = candidates, best_classes[candidates]
+        else:
+            anchor, classes = candidates // self.num_classes, candidates % self.num_classes
         boxes = self.box2box_transform.apply_deltas(box_deltas[anchor], anchors[anchor], stride)
         return Instances(image_size, pred_boxes=Boxes(boxes), scores=top.values,
                          pred_classes=classes, pred_objectness=objectness[anchor])

@@ -9,7 +9,9 @@ given:
 * :func:`detection_agreement`: ours for detection, the class-aware F1 of two sets of boxes
   matched at IoU ≥ 0.5 (both empty → 1, exactly one empty → 0).
 
-:func:`stability` averages any of them; :func:`select_most_stable` keeps the top fraction.
+:func:`stability` averages any of them; :func:`select_most_stable` keeps the top fraction,
+ranking the images given as ``last`` (for detection: those without a confident box in the final
+checkpoint, whose agreement "both empty" is 1) after all others.
 """
 import math
 
@@ -85,19 +87,22 @@ def stability(predictions, agreement):
     return float(np.mean([agreement(p, final) for p in predictions[:-1]]))
 
 
-def select_most_stable(scores, ratio):
+def select_most_stable(scores, ratio, last=()):
     """Split images into the ``floor(ratio · N)`` most stable ones and the rest.
 
     Args:
         scores: sequence of ``(image key, stability)`` pairs.
         ratio: fraction R in [0, 1] to keep (ST++: 0.5).
+        last: keys ranked after every other key whatever their stability (ST++ for detection:
+            the images the final model gives no box, which have no pseudo-label to select).
 
     Returns:
-        ``(selected, rest)``: lists of keys, each in decreasing stability; ties keep the order
-        of ``scores`` (a stable sort), so the split is deterministic.
+        ``(selected, rest)``: lists of keys, each in decreasing stability (``last`` keys at the
+        end); ties keep the order of ``scores`` (a stable sort), so the split is deterministic.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"select ratio must lie in [0, 1], got {ratio}.")
-    ranked = sorted(scores, key=lambda kv: -kv[1])
+    last = set(last)
+    ranked = sorted(scores, key=lambda kv: (kv[0] in last, -kv[1]))
     keep = int(math.floor(ratio * len(ranked) + 1e-9))
     return [k for k, _ in ranked[:keep]], [k for k, _ in ranked[keep:]]

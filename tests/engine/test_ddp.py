@@ -42,6 +42,7 @@ def _pseudo_counts(cfg, trainer):
                                 "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
                                 "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_HIGH", 0.01,
                                 "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", 0.0,
+                                "SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH", 0.0,
                                 "SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX_OBJ_THRESH", 0.0), True),
     # the default thresholds on an untrained teacher: no pseudo box on either rank; every
     # unsupervised term still reaches every head parameter (background objectness, 0 × outputs)
@@ -150,6 +151,7 @@ def test_two_process_efficient_teacher_with_every_epoch_adaptor_part(tmp_path):
          "MODEL.DENSE_DETECTOR.SCORE_THRESH_TEST", 0.0,
          "MODEL.DENSE_DETECTOR.TOPK_CANDIDATES_TEST", 10,
          "SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW", floor,
+         "SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH", 0.0,
          "SSOD.EFFICIENT_TEACHER.DOMAIN_ADAPTATION", True,
          "SSOD.EFFICIENT_TEACHER.DOMAIN_AFTER_BURN_IN", True,
          "SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS", True,

@@ -3,7 +3,9 @@ that crashes after its first stage and is resumed by running it again."""
 import csv
 import json
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -47,6 +49,40 @@ def test_unknown_retrain_schedule_is_refused():
     cfg = build_cfg(CONFIG, ["SELF_TRAIN.RETRAIN_SCHEDULE", "epochs"])
     with pytest.raises(ValueError, match="RETRAIN_SCHEDULE='epochs'.*labeled_passes"):
         SelfTraining(cfg, "st")
+
+
+def _dets(*boxes):
+    """Detections (boxes, classes, scores) of one checkpoint: ``(class, x0)`` per box."""
+    return (np.array([[x, 0.0, x + 10, 10] for _, x in boxes], dtype=np.float32).reshape(-1, 4),
+            np.array([c for c, _ in boxes], dtype=np.int64), np.full(len(boxes), 0.9))
+
+
+def test_an_image_without_confident_boxes_ranks_last_and_is_relabelled(tmp_path):
+    # 4 images, K = 3 checkpoints each (the last the final model), R = 0.5: 2 are selected
+    empty, a, b = _dets(), _dets((0, 0)), _dets((1, 0))
+    per_model = [[empty, empty, empty],  # every checkpoint finds nothing: agreement 1, 1
+                 [a, empty, a],          # (1 + 0) / 2 = 0.5
+                 [a, a, a],              # 1.0
+                 [b, a, a]]              # other class, then the same: (0 + 1) / 2 = 0.5
+    cfg = build_cfg(CONFIG, ["SELF_TRAIN.SELECT_RATIO", "0.5"])
+    written = []
+    fake = SimpleNamespace(cfg=cfg, stage_dir=lambda stage: str(tmp_path),
+                           _tta_labels=lambda dicts: None,
+                           _pseudo_quality=lambda dicts, dets: None,
+                           _write_pseudo=lambda stage, dicts, images, dets, fields: (
+                               written.append(fields) or {}))
+    images = [{"image_id": i, "file_name": f"{i}.jpg"} for i in range(4)]
+    record = SelfTraining._select_and_label(fake, "label", list(range(4)), images, per_model)
+    # stability 1, 0.5, 1, 0.5: image 0 would rank first; without a box it ranks after all
+    # others, so image 2 and then image 1 (the 0.5 tie in dataset order) are selected, and
+    # image 0 goes to the rest, which retrain1's model labels again
+    assert record["selected"] == [2, 1] and record["rest"] == [3, 0]
+    assert record["images_without_boxes"] == 1
+    assert written == [[{"stability": 1.0}, {"stability": 0.5}]]
+    with open(tmp_path / "stability.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stability"], r["selected"]) for r in rows] == [
+        ("1.000000", "0"), ("0.500000", "1"), ("1.000000", "1"), ("0.500000", "0")]
 
 
 def _register_slice(name, source, count):

@@ -66,6 +66,47 @@ def test_pla_switches():
     assert per_class.gt_objectness.tolist() == pytest.approx([0.95, -1, -1, 0.8, 0.5, 0.3])
 
 
+@pytest.mark.parametrize("config, objectness, reg_valid", [
+    # COCO (pseudo_label_with_obj, pseudo_label_with_bbox): the uncertain boxes' (scores 0.5,
+    # 0.3, 0.1) soft targets are their objectness, the one at objectness 0.995 keeps its box
+    ("configs/coco/efficient_teacher_10p.yaml", [0.995, 0.8, 0.5], [True, False, False]),
+    # VOC (both switches off, as yolov5l_voc_burn.yaml): their scores, and no box term
+    ("configs/voc/efficient_teacher_voc07_voc12.yaml", [0.5, 0.3, 0.1], [False, False, False])])
+def test_coco_and_voc_configs_set_the_official_uncertain_box_switches(config, objectness,
+                                                                     reg_valid):
+    cfg = build_cfg(os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    method = EfficientTeacher(cfg, None, None)
+    out = assign_pseudo_labels(DETS, **method.assigner_args)
+    assert out.gt_classes.tolist() == [0, 1, 2, 3, 4]
+    assert out.gt_objectness.tolist() == pytest.approx([-1.0, -1.0] + objectness)
+    assert out.gt_reg_valid.tolist() == [True, True] + reg_valid
+    # the teacher's EMA as the official one: m_n = 0.9999·(1 − e^(−n/2000)) for the n-th step
+    # from the first (iteration 0 → n = 1), not reset when burn-in ends
+    from d2ssod.engine.hooks import EMAHook
+    s = cfg.SSOD
+    ema = EMAHook(s.EMA_MOMENTUM, s.BURN_IN_ITERS, s.TEACHER_INIT_AT_BURN_IN, s.EMA_RAMP,
+                  s.EMA_RAMP_EXP_ITERS)
+    for it in (0, s.BURN_IN_ITERS - 1, s.BURN_IN_ITERS):
+        assert ema.momentum_at(it) == pytest.approx(0.9999 * (1 - math.exp(-(it + 1) / 2000)))
+
+
+def test_the_teacher_labels_with_the_official_pseudo_label_nms():
+    # efficientteacher: best class per anchor (multi_label False), conf > 0.1, NMS IoU 0.65,
+    # max_det 300; the detector's evaluation settings are not used
+    cfg = get_ssod_cfg()
+    cfg.SSOD.METHOD = "efficient_teacher"
+    cfg.MODEL.META_ARCHITECTURE = "YOLODenseDetector"
+    calls = []
+    model = SimpleNamespace(inference=lambda inputs, **kw: calls.append((inputs, kw)) or [])
+    method = EfficientTeacher(cfg, None, SimpleNamespace(model=model))
+    method.teacher_detections([{"weak": "w0"}, {"weak": "w1"}])
+    assert calls == [(["w0", "w1"], dict(do_postprocess=False, best_class=True, score_thresh=0.1,
+                                         nms_thresh=0.65, max_detections=300))]
+    cfg.SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS = 0
+    with pytest.raises(ValueError, match="TEACHER_MAX_DETECTIONS=0"):
+        EfficientTeacher.validate_config(cfg)
+
+
 def test_registered_learns_every_dense_term_and_checks_its_keys():
     assert METHOD_REGISTRY.get("efficient_teacher") is EfficientTeacher
     cfg = get_ssod_cfg()
@@ -83,6 +124,11 @@ def test_registered_learns_every_dense_term_and_checks_its_keys():
     with pytest.raises(ValueError, match="SCORE_THRESH_LOW"):
         EfficientTeacher.validate_config(cfg)
     cfg.SSOD.EFFICIENT_TEACHER.SCORE_THRESH_LOW = 0.1
+    cfg.SSOD.EFFICIENT_TEACHER.UNCERTAIN_OBJECTNESS = False
+    with pytest.raises(ValueError, match="UNCERTAIN_BOX=True with UNCERTAIN_OBJECTNESS=False"):
+        EfficientTeacher.validate_config(cfg)
+    cfg.SSOD.EFFICIENT_TEACHER.UNCERTAIN_BOX = False
+    EfficientTeacher.validate_config(cfg)
     cfg.SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS_HIGH = True
     with pytest.raises(ValueError, match="set SSOD.EFFICIENT_TEACHER.CLASS_THRESHOLDS True"):
         EfficientTeacher.validate_config(cfg)

@@ -22,6 +22,7 @@ from d2ssod.modeling.dense_assigners import (
     candidate_bags,
     musu_weights,
 )
+from d2ssod.modeling.dense_matching import ShapeMatcher
 from dense_helpers import BOX, SOFTPLUS_1, W_BOX, W_CLS, W_OBJ, instances, one_level_losses
 
 DENSE_SUP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -193,3 +194,31 @@ def test_pseudo_labelled_images_use_the_pseudo_assigner():
         "pseudo": one_level_losses(pseudo, pseudo_assigner=musu)}.items()}
     assert values["gt"] == values["yolo"] and values["pseudo"] == values["musu"]
     assert values["musu"]["loss_box_reg"] != values["yolo"]["loss_box_reg"]
+
+
+class _FixedWeights(YOLOAssigner):
+    """The shape rule with every pair's weights set to ``weight`` (< 1: a level whose Σ w < 1,
+    as MuSu gives a level that holds only a bag's lower-ranked members)."""
+
+    def __init__(self, weight):
+        super().__init__(matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8]))
+        self.weight = weight
+
+    def __call__(self, *args, **kwargs):
+        a = super().__call__(*args, **kwargs)
+        return a._replace(reg_weight=torch.full_like(a.reg_weight, self.weight),
+                          cls_weight=torch.full_like(a.cls_weight, self.weight))
+
+
+def test_class_term_normalisation_when_the_weights_sum_below_one():
+    # BOX matches anchor 0 alone, class logits 0: BCE log 2 per class, K = 2 classes. With
+    # weight 0.25 the level's Σ w = 0.25 < 1, so the class term is Σ w·BCE over classes /
+    # (max(Σ w, 1)·K) = 0.25·2·log 2 / (1·2) = 0.25·log 2 (docs/methods.md, "MuSu"); the old
+    # max(Σ w·K, 1) = 1 gave 0.5·log 2
+    losses, _ = one_level_losses(instances(BOX, [1]), assigner=_FixedWeights(0.25))
+    assert losses["loss_cls"].item() == pytest.approx(W_CLS * 0.25 * math.log(2))
+    # the box term the same way: 0.25·(1 − 0.25) / max(0.25, 1)
+    assert losses["loss_box_reg"].item() == pytest.approx(W_BOX * 0.25 * 0.75)
+    # Σ w ≥ 1 (weight 1): the plain mean over positives and classes
+    losses, _ = one_level_losses(instances(BOX, [1]), assigner=_FixedWeights(1.0))
+    assert losses["loss_cls"].item() == pytest.approx(W_CLS * math.log(2))

@@ -92,3 +92,72 @@ def test_demo_model_trains_on_an_empty_image_and_infers_like_generalized_rcnn(de
     clipped = raw.pred_boxes.clone()
     clipped.clip((96, 128))
     assert torch.allclose(out["instances"].pred_boxes.tensor, clipped.tensor / 2)
+
+
+def _one_level_detector(max_detections=100):
+    """The one-level detector of dense_helpers (stride 8, one 8x8 anchor per cell, K = 2)."""
+    from torch import nn
+
+    from d2ssod.modeling.anchor_generator import ExplicitAnchorGenerator
+    from d2ssod.modeling.dense_assigners import YOLOAssigner
+    from d2ssod.modeling.dense_detector import YOLODenseDetector
+    from d2ssod.modeling.dense_matching import ShapeMatcher
+    return YOLODenseDetector(
+        backbone=nn.Module(), head=nn.Identity(), head_in_features=["p3"],
+        anchor_generator=ExplicitAnchorGenerator(widths_heights=[[[8, 8]]], strides=[8]),
+        assigner=YOLOAssigner(matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8])),
+        num_classes=2, obj_level_weights=[4.0], max_detections_per_image=max_detections,
+        pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3).eval()
+
+
+def _infer(det, obj_prob, cls_prob, grid, **options):
+    """Detections (scores to 1e-6 in the tests: float32 products of logit → sigmoid round
+    trips) of made-up probabilities: ``obj_prob`` (H·W,), ``cls_prob`` (H·W, 2), row-major
+    cells; box outputs 0, so each anchor's box is its cell."""
+    h, w = grid
+    logit = torch.logit(torch.as_tensor(obj_prob, dtype=torch.float64)).float()
+    cls_logit = torch.logit(torch.as_tensor(cls_prob, dtype=torch.float64)).float()
+    predictions = ([cls_logit.T.reshape(1, 2, h, w)], [torch.zeros(1, 4, h, w)],
+                   [logit.reshape(1, 1, h, w)])
+    images = type("Images", (), {"image_sizes": [(8 * h, 8 * w)]})()
+    return det.forward_inference(images, [torch.zeros(1, 1, h, w)], predictions,
+                                 **options)[0]
+
+
+def test_teacher_inference_keeps_each_anchors_best_class():
+    # 2x2 cells (the anchors tile the image: IoU 0 between any two, so NMS removes nothing);
+    # σ(obj), σ(cls) per anchor → σ(obj)·σ(cls) of classes 0 / 1:
+    #   anchor 0: 0.9,  (0.8, 0.6) → 0.72 / 0.54     anchor 1: 0.5,  (0.1, 0.3) → 0.05 / 0.15
+    #   anchor 2: 0.2,  (0.4, 0.45) → 0.08 / 0.09    anchor 3: 0.95, (0.3, 0.9) → 0.285 / 0.855
+    obj = [0.9, 0.5, 0.2, 0.95]
+    cls = [[0.8, 0.6], [0.1, 0.3], [0.4, 0.45], [0.3, 0.9]]
+    det = _one_level_detector()
+    best = _infer(det, obj, cls, (2, 2), best_class=True, score_thresh=0.1)
+    # the best class of each anchor above 0.1: anchor 3 class 1, anchor 0 class 0, anchor 1
+    # class 1 (anchor 2's best, 0.09, is below); by score
+    assert best.scores.tolist() == pytest.approx([0.855, 0.72, 0.15], abs=1e-6)
+    assert best.pred_classes.tolist() == [1, 0, 1]
+    # tolerance: the boxes are decoded in float32 (exact here, a margin for the sigmoid)
+    assert torch.allclose(best.pred_boxes.tensor, torch.tensor(
+        [[8.0, 8, 16, 16], [0, 0, 8, 8], [8, 0, 16, 8]]), atol=1e-4)
+    assert best.pred_objectness.tolist() == pytest.approx([0.95, 0.9, 0.5], abs=1e-6)
+    # the evaluation path (every anchor × class pair) keeps anchor 0's class 1 (0.54) and
+    # anchor 3's class 0 (0.285) too
+    every = _infer(det, obj, cls, (2, 2), score_thresh=0.1)
+    assert every.scores.tolist() == pytest.approx([0.855, 0.72, 0.54, 0.285, 0.15], abs=1e-6)
+    assert every.pred_classes.tolist() == [1, 0, 1, 0, 1]
+
+
+def test_teacher_inference_caps_detections_per_image():
+    # 20x20 cells, none overlapping another: σ(obj) = 0.2 + 0.7·i/399 for cell i, σ(cls) =
+    # (0.5, 0.25), so each anchor's best score is 0.5·σ(obj) (all > 0.1) and the cap of 300
+    # keeps the cells 399 … 100, in that order, whatever the evaluation cap (100)
+    obj = [0.2 + 0.7 * i / 399 for i in range(400)]
+    det = _one_level_detector(max_detections=100)
+    out = _infer(det, obj, [[0.5, 0.25]] * 400, (20, 20), best_class=True, score_thresh=0.1,
+                 max_detections=300)
+    assert len(out) == 300
+    assert out.scores.tolist() == pytest.approx([0.5 * obj[i] for i in range(399, 99, -1)],
+                                                abs=1e-6)
+    assert set(out.pred_classes.tolist()) == {0}
+    assert len(_infer(det, obj, [[0.5, 0.25]] * 400, (20, 20))) == 100  # the test settings

@@ -81,3 +81,6 @@ def test_select_most_stable_keeps_floor_ratio_with_ties_in_input_order():
     assert select_most_stable(scores, 0.0) == ([], ["b", "d", "c", "e", "a"])
     with pytest.raises(ValueError):
         select_most_stable(scores, 1.5)
+    # keys given as last rank after every other, in their own stability order
+    selected, rest = select_most_stable(scores, 0.4, last=["b", "e"])
+    assert selected == ["d", "c"] and rest == ["a", "b", "e"]
