@@ -1,4 +1,5 @@
-"""tools/benchmark_methods.py's aggregation and tools/results_table.py's README block."""
+"""tools/benchmark_methods.py's aggregation and tools/results_table.py's tables (docs/results.md,
+README.md)."""
 import hashlib
 import json
 import math
@@ -75,15 +76,33 @@ def test_readme_block_is_replaced_between_the_markers_only():
         table.render_block("no markers here", "| new |\n")
 
 
-def test_readme_tables_are_the_ones_rendered_from_the_benchmark_files():
+@pytest.mark.parametrize("doc", ["docs/results.md", "README.md"])
+def test_doc_tables_are_the_ones_rendered_from_the_benchmark_files(doc):
     table = _tool("results_table")
     benchmarks = os.path.join(REPO, "benchmarks")
     if not any(os.path.exists(os.path.join(benchmarks, f"{n}.json")) for n in table.TABLES):
         pytest.skip("no benchmark json yet")
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    assert table.render_readme(readme, benchmarks) == readme, (
-        "a README benchmark table was edited by hand or is stale: run tools/results_table.py")
+    with open(os.path.join(REPO, doc)) as f:
+        text = f.read()
+    # docs/results.md holds every table whose json exists; the README the ones it shows
+    required = doc == table.RESULTS
+    assert table.render_readme(text, benchmarks, required=required) == text, (
+        f"a {doc} benchmark table was edited by hand or is stale: run tools/results_table.py")
+
+
+def test_results_page_needs_every_table_and_the_readme_only_its_own(tmp_path):
+    table = _tool("results_table")
+    (tmp_path / "methods.json").write_text(json.dumps({"rows": {}}))
+    table.TABLES, saved = {"methods": lambda data: "| rendered |\n"}, table.TABLES
+    try:
+        assert table.render_readme("no tables\n", str(tmp_path)) == "no tables\n"
+        with pytest.raises(SystemExit, match="markers"):
+            table.render_readme("no tables\n", str(tmp_path), required=True)
+        text = f"{table.BEGIN}\nold\n{table.END}\n"
+        assert table.render_readme(text, str(tmp_path), required=True) == (
+            f"{table.BEGIN}\n| rendered |\n{table.END}\n")
+    finally:
+        table.TABLES = saved
 
 
 def test_variant_spec_parses_into_label_config_and_overrides():

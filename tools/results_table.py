@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Put the method benchmark's table into the README.
+"""Put the benchmark tables into docs/results.md and the README.
 
-    python tools/results_table.py            # README.md's blocks ← benchmarks/<name>.json
-    python tools/results_table.py --check    # exit 1 if a README block is out of date
+    python tools/results_table.py            # README.md, docs/results.md <- benchmarks/<name>.json
+    python tools/results_table.py --check    # exit 1 if a block is out of date or a table is missing
 
-The README's numbers of the multi-seed method benchmarks are never typed: each table lives
-between the markers ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is
-rendered from ``benchmarks/<name>.json`` (written by ``tools/benchmark_methods.py --json``) with
-the same function that writes its ``.md`` (``tools/benchmark_methods.py``,
-``benchmark_self_training.py``, ``benchmark_noise.py``). The names are in :data:`TABLES`.
+The numbers of the multi-seed benchmarks are never typed: each table lives between the markers
+``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is rendered from
+``benchmarks/<name>.json`` (written by ``tools/benchmark_methods.py --json``) with the same
+function that writes its ``.md`` (``tools/benchmark_methods.py``, ``benchmark_self_training.py``,
+``benchmark_noise.py``, ``gradient_balance.py``). The names are in :data:`TABLES`. Every table
+whose json exists is in ``docs/results.md`` (:data:`RESULTS`); the README repeats a few of them
+(one per detector), rendered the same way.
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ import benchmark_self_training  # noqa: E402
 import gradient_balance  # noqa: E402
 from training_runs import REPO  # noqa: E402
 
-# README blocks, each rendered from benchmarks/<name>.json by the function that writes the
+# blocks, each rendered from benchmarks/<name>.json by the function that writes the
 # benchmark's own .md
 TABLES = {"methods": benchmark_methods.markdown_table,
           "methods_400": benchmark_methods.markdown_table,  # the earlier 400-iteration demo
@@ -56,6 +58,9 @@ def markers(name):
 
 BEGIN, END = markers("methods")
 
+RESULTS = os.path.join("docs", "results.md")  # holds every table
+DOCS = ("README.md", RESULTS)  # the files whose blocks are rendered, relative to the repository
+
 
 def render_block(readme_text, table, name="methods"):
     """``readme_text`` with the text between the markers of ``name`` replaced by ``table``."""
@@ -64,40 +69,54 @@ def render_block(readme_text, table, name="methods"):
         head, rest = readme_text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
     except ValueError:
-        raise SystemExit(f"the README needs the markers {BEGIN} and {END} (in this order) where "
+        raise SystemExit(f"the file needs the markers {BEGIN} and {END} (in this order) where "
                          f"the table goes") from None
     return f"{head}{BEGIN}\n{table}{END}{tail}"
 
 
-def render_readme(readme_text, benchmarks_dir):
-    """``readme_text`` with every block of :data:`TABLES` whose json exists re-rendered."""
+def render_readme(readme_text, benchmarks_dir, required=False):
+    """``readme_text`` with every block of :data:`TABLES` whose json exists re-rendered.
+
+    A block that the text does not have is left out, unless ``required`` (docs/results.md must
+    hold every table whose json exists: then a missing block raises ``SystemExit``)."""
     for name, render in TABLES.items():
         path = os.path.join(benchmarks_dir, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                readme_text = render_block(readme_text, render(json.load(f)), name)
+        if not os.path.exists(path):
+            continue
+        if not required and markers(name)[0] not in readme_text:
+            continue
+        with open(path) as f:
+            readme_text = render_block(readme_text, render(json.load(f)), name)
     return readme_text
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--benchmarks", default=os.path.join(REPO, "benchmarks"))
-    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
+    parser.add_argument("--docs", "--readme", nargs="+", dest="docs",
+                        default=[os.path.join(REPO, d) for d in DOCS],
+                        help="markdown files whose blocks are rendered (default: %(default)s); "
+                             "a file named results.md must hold every table")
     parser.add_argument("--check", action="store_true",
-                        help="only check that the README's tables are the rendered ones")
+                        help="only check that the files' tables are the rendered ones")
     args = parser.parse_args()
-    with open(args.readme) as f:
-        text = f.read()
-    new = render_readme(text, args.benchmarks)
+    stale = []
+    for doc in args.docs:
+        with open(doc) as f:
+            text = f.read()
+        new = render_readme(text, args.benchmarks, required=os.path.basename(doc) == "results.md")
+        if args.check:
+            if new != text:
+                stale.append(doc)
+            continue
+        with open(doc, "w") as f:
+            f.write(new)
+        print(f"wrote the benchmark tables of {args.benchmarks} into {doc}")
+    if stale:
+        raise SystemExit(f"{', '.join(stale)}: a benchmark table differs from its json in "
+                         f"{args.benchmarks}; run python tools/results_table.py")
     if args.check:
-        if new != text:
-            raise SystemExit(f"{args.readme}: a benchmark table differs from its json in "
-                             f"{args.benchmarks}; run python tools/results_table.py")
-        print("README benchmark tables are up to date")
-        return
-    with open(args.readme, "w") as f:
-        f.write(new)
-    print(f"wrote the benchmark tables of {args.benchmarks} into {args.readme}")
+        print(f"benchmark tables are up to date in {', '.join(args.docs)}")
 
 
 if __name__ == "__main__":
