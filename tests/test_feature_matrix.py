@@ -196,16 +196,22 @@ def _resume_and_check(cfg, checkpoint, start_iter):
     assert final["iteration"] == cfg.SOLVER.MAX_ITER - 1
 
 
+def _checkpoints(folder):
+    return sorted(p.name for p in folder.glob("model_*"))
+
+
 def resume_after_kill(method, tmp_path, **_):
     """A run killed before iteration 2 (after the periodic checkpoint of iteration 1) and
-    resumed with ``resume=True`` (what ``--resume`` does)."""
+    resumed with ``resume=True`` (what ``--resume`` does). With SOLVER.CHECKPOINT_MAX_TO_KEEP 1
+    the resumed run also counts the checkpoint the killed one left."""
     cfg = build_method_cfg(method, str(tmp_path), "SOLVER.MAX_ITER", 3,
-                           "SOLVER.CHECKPOINT_PERIOD", 1)
+                           "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.CHECKPOINT_MAX_TO_KEEP", 1)
     with pytest.raises(KeyboardInterrupt, match="simulated kill"):
         train(cfg, RecordScalars(crash_at=2))
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
-    assert not (tmp_path / "model_final.pth").exists()
+    assert _checkpoints(tmp_path) == ["model_0000001.pth"]
     _resume_and_check(cfg, tmp_path / "model_0000001.pth", 2)
+    assert _checkpoints(tmp_path) == ["model_0000002.pth", "model_final.pth"]
 
 
 def sigterm(method, tmp_path, **_):
@@ -216,7 +222,7 @@ def sigterm(method, tmp_path, **_):
         train(cfg, SendSignal(at=1))
     assert stop.value.iteration == 1
     assert stop.value.checkpoint == str(tmp_path / "model_0000001.pth")
-    assert sorted(p.name for p in tmp_path.glob("model_*")) == ["model_0000001.pth"]
+    assert _checkpoints(tmp_path) == ["model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
     _resume_and_check(cfg, tmp_path / "model_0000001.pth", 2)
 
