@@ -6,7 +6,10 @@ dense detector, and the alternating-step switch). Columns: :data:`FEATURES`. Eac
 test, ``test_cell[<method>-<feature>]``, on short real runs (2 images a step, 128 px, 2-3
 iterations), and asserts something that must hold on any machine: finite losses, files written
 and readable, states restored exactly, tool outputs equal to the predictor's. A combination
-that makes no sense is refused with a clear error, and the refusal is the cell's test.
+that makes no sense is refused with a clear error, and the refusal is the cell's test: the
+pseudo-label tools on a method without a teacher, SED in alternate mode on two processes.
+SSOD.VIS_PERIOD on a method without a teacher is not refused but logged as ignored, because
+tools/compare.py (``make demo``) passes the method run's overrides to its supervised baselines.
 
 The cells that read a checkpoint share one short training per method
 (``matrix_helpers.shared_run``: 3 iterations, a checkpoint every iteration with
