@@ -35,7 +35,9 @@ METHODS = {
     "efficient_teacher_musu": ("efficient_teacher_musu.yaml", _EFFICIENT_TEACHER_BOXES),
     "efficient_teacher_musu_all": ("efficient_teacher_musu_all.yaml", _EFFICIENT_TEACHER_BOXES),
     "dense_unbiased_teacher": ("dense_unbiased_teacher.yaml", ()),
-    # the alternating-step switch (SSOD.STEP_MODE alternate) on the three method families
+    # the alternating-step switch (SSOD.STEP_MODE alternate): README's Soft Teacher rows, and
+    # the other method families
+    "soft_teacher_alternate": ("soft_teacher.yaml", ("SSOD.STEP_MODE", "alternate")),
     "unbiased_teacher_alternate": ("unbiased_teacher.yaml", ("SSOD.STEP_MODE", "alternate")),
     "sed_alternate": ("sed.yaml", ("SSOD.STEP_MODE", "alternate")),
     "efficient_teacher_alternate": ("efficient_teacher.yaml", ("SSOD.STEP_MODE", "alternate")),
@@ -74,7 +76,7 @@ def uses_teacher(method):
     return SSODTrainer.uses_teacher(build_cfg(config_path(method)))
 
 
-def train(cfg, *hooks, resume=False):
+def train(cfg, *hooks):
     """Train ``cfg`` in this process (seeded by ``cfg.SEED``) with a :class:`RecordScalars` and
     ``hooks``; returns ``(trainer, per-iteration scalars)``. Exceptions leave ``train()``."""
     from detectron2.utils.env import seed_all_rng
@@ -83,7 +85,7 @@ def train(cfg, *hooks, resume=False):
 
     seed_all_rng(cfg.SEED)
     trainer = SSODTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
+    trainer.resume_or_load(resume=False)
     rec = RecordScalars()
     trainer.register_hooks([rec, *hooks])
     trainer.train()
