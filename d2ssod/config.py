@@ -79,7 +79,8 @@ def add_ssod_config(cfg):
     # Every this many iterations, a TensorBoard image ("pseudo_labels") of two unlabeled images
     # of the step: the weak view with the teacher's detections coloured by what the method's
     # rules did with each, beside the strong view with the same boxes (0 disables; main
-    # process only; d2ssod/engine/visualization.py).
+    # process only; d2ssod/engine/visualization.py). Methods without a teacher log that they
+    # ignore it.
     _C.SSOD.VIS_PERIOD = 0
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True

@@ -302,6 +302,12 @@ class SSODTrainer(DefaultTrainer):
             at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
                       len(ret))
             ret.insert(at, PseudoLabelVisHook.from_config(cfg))
+        elif cfg.SSOD.VIS_PERIOD > 0:
+            # Not an error: tools/compare.py (make demo) gives the supervised baselines the
+            # method run's overrides, SSOD.VIS_PERIOD included.
+            logger.warning("SSOD.VIS_PERIOD=%d is ignored: SSOD.METHOD=%r keeps no teacher and "
+                           "makes no pseudo-labels to draw.", cfg.SSOD.VIS_PERIOD,
+                           cfg.SSOD.METHOD)
         # last, so that its stop checkpoint holds every other hook's update of the iteration
         ret.append(PreemptionHook(cfg.SOLVER.PREEMPTION_CHECK_PERIOD))
         return ret
