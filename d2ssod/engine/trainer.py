@@ -40,7 +40,7 @@ from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .amp import amp_precision, autocast, build_grad_scaler
-from .checkpoint import SSODCheckpointer
+from .checkpoint import SSODCheckpointer, dataset_meta
 from .ema import EMATeacher
 from .hooks import EMAHook, MethodHook, PreemptionHook, TrainerCheckpointHook
 from .schedule import StepSchedule
@@ -240,6 +240,7 @@ class SSODTrainer(DefaultTrainer):
         self.checkpointer = SSODCheckpointer(
             self.teacher.model if self.teacher is not None else self.student,
             cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.checkpointer.dataset_meta = dataset_meta(cfg)  # the classes, for inference
 
     @classmethod
     def uses_teacher(cls, cfg):
