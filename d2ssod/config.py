@@ -89,6 +89,7 @@ def add_ssod_config(cfg):
     # unlabeled training images by the rule below (d2ssod/engine/auto_schedule.py; the rule and
     # its reasons: docs/custom_data.md). The same data give the same schedule to a method and
     # its supervised twin, so the twin's checkpoint at the burn-in is the method's hand-over.
+    # Any of these keys given as a KEY VALUE override is kept and the rest derived around it.
     _C.SSOD.AUTO_SCHEDULE = False
     _R = _C.SSOD.AUTO_SCHEDULE_RULE = CN()
     # Supervised iterations ≈ this many passes over the labeled images (the demo's burn-in:
@@ -99,7 +100,8 @@ def add_ssod_config(cfg):
     # batch round(SOLVER.IMS_PER_BATCH × SSOD.UNLABELED_RATIO): the gain comes from the
     # unlabeled images, so their count sets the length (COCO 10 % in Soft Teacher: ~54 passes).
     _R.UNLABELED_EPOCHS = 20.0
-    # Bounds on the total iterations (burn-in + semi-supervised), before rounding to the period.
+    # Bounds on the total iterations (burn-in + semi-supervised), before rounding to the period;
+    # MAX_ITER wins where MIN_ITER is larger.
     _R.MIN_ITER = 100
     _R.MAX_ITER = 90000
     # The burn-in takes at most this fraction of the total, so the semi-supervised phase keeps

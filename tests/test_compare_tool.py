@@ -104,3 +104,10 @@ def test_summary_table_without_oracle():
         "| soft_teacher_cpu (+40 unlabeled) | 28.50 | 49.00 |", "",
         "gap closed: n/a — wall time 1.5 min",
         "the unlabeled images did not help: -1.50 AP against supervised (one seed)"]
+
+
+def test_bad_schedule_flags_are_named_without_a_traceback():
+    tool = load_tool("compare")
+    for flag in ("--burn-in", "--ssod-iters"):
+        with pytest.raises(SystemExit, match=f"{flag} 0: must be >= 1"):
+            tool.main([flag, "0", "--labeled-json", "nowhere.json"])

@@ -22,7 +22,8 @@ json (``DATASETS.TEST``):
 
 ``N`` and ``M`` are the config's (with ``SSOD.AUTO_SCHEDULE`` derived once from the data and
 given to every run, so all share one schedule) unless ``--burn-in`` / ``--ssod-iters`` say
-otherwise. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
+otherwise; then the rule derives the rest of the schedule (LR steps, warm-up, evaluation
+period, EMA momentum) around them. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
 Progress (iterations of each run) is printed every ``--progress-every`` seconds.
 
 Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised, ``gap_closed = (method −
@@ -123,23 +124,33 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     t0 = time.time()
     name = name or os.path.splitext(os.path.basename(method_cfg))[0]
     opts = [str(o) for o in opts]
-    cfg = build_cfg(method_cfg, opts)
+    for flag, value in (("--burn-in", burn_in), ("--ssod-iters", ssod_iters)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} {value}: must be >= 1.")
+    if ssod_iters is not None and burn_in is None:  # the burn-in the rule gives, then fixed
+        burn_in = build_cfg(method_cfg, opts).SSOD.BURN_IN_ITERS
+    # the flags are explicit schedule keys: SSOD.AUTO_SCHEDULE derives the rest around them
+    yours = ([] if burn_in is None else ["SSOD.BURN_IN_ITERS", burn_in]) + \
+        ([] if ssod_iters is None else ["SOLVER.MAX_ITER", burn_in + ssod_iters])
+    cfg = build_cfg(method_cfg, opts + [str(o) for o in yours])
     custom = bool(cfg.DATASETS.CUSTOM.LABELED_JSON)
     if custom:
         print(format_report(custom_dataset_report(cfg, min_boxes)), flush=True)
         # explicit image root: the oracle's json lives elsewhere than the labeled one
         opts += ["DATASETS.CUSTOM.IMAGE_ROOT", cfg.DATASETS.CUSTOM.IMAGE_ROOT
                  or os.path.dirname(os.path.abspath(cfg.DATASETS.CUSTOM.LABELED_JSON))]
-    burn_in = burn_in if burn_in is not None else cfg.SSOD.BURN_IN_ITERS
-    total = burn_in + ssod_iters if ssod_iters is not None else cfg.SOLVER.MAX_ITER
+    burn_in, total = cfg.SSOD.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER
     if not 0 < burn_in < total:
-        raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total})")
+        raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total}): set "
+                         f"--burn-in and --ssod-iters")
     common = ["SOLVER.MAX_ITER", total, *opts]
     if cfg.SSOD.AUTO_SCHEDULE:  # derived once from the data, the same for every run
         common += ["SSOD.AUTO_SCHEDULE", False,
                    *[x for k in _SCHEDULE_KEYS for x in (k, _cfg_value(cfg, k))]]
         print(f"schedule from the data (SSOD.AUTO_SCHEDULE): {total} iterations, burn-in "
-              f"{burn_in}, " + ", ".join(f"{k} {_cfg_value(cfg, k)}" for k in _SCHEDULE_KEYS))
+              f"{burn_in}, " + ", ".join(f"{k} {_cfg_value(cfg, k)}" for k in _SCHEDULE_KEYS)
+              + (f"; yours: {' '.join(map(str, yours))} (from --burn-in / --ssod-iters), the "
+                 f"rest derived around it" if yours else ""))
     # checkpoints at the hand-over: the derived period ends the derived burn-in on one
     period = cfg.SOLVER.CHECKPOINT_PERIOD
     ckpt = ["SOLVER.CHECKPOINT_PERIOD",

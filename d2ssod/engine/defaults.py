@@ -48,7 +48,8 @@ def build_cfg(config_file=None, opts=()):
     """Detectron2 defaults + d2ssod keys, merged with ``config_file`` and ``KEY VALUE`` pairs,
     custom datasets registered, the class count taken from the custom labeled json where left
     at 0 (:func:`~d2ssod.data.custom.resolve_num_classes`), the schedule derived from the
-    dataset sizes with ``SSOD.AUTO_SCHEDULE`` (:mod:`d2ssod.engine.auto_schedule`), choices
+    dataset sizes with ``SSOD.AUTO_SCHEDULE`` (:mod:`d2ssod.engine.auto_schedule`; schedule keys
+    given in ``opts`` are the user's and kept, the rest derived around them), choices
     validated; returned frozen. Errors name the file/key."""
     cfg = get_ssod_cfg()
     if config_file:
@@ -59,7 +60,7 @@ def build_cfg(config_file=None, opts=()):
     resolve_num_classes(cfg)
     validate_ssod_config(cfg)
     _check_datasets(cfg)
-    apply_auto_schedule(cfg)
+    apply_auto_schedule(cfg, user_keys=list(opts)[0::2])
     cfg.freeze()
     return cfg
 
