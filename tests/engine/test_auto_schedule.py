@@ -60,12 +60,12 @@ def _user_files(tmp_path):
     """2 labeled images with a box, 1 without, 4 unlabeled; returns the dataset overrides."""
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("a.png", "b.png", "empty.png"):
-        cv2.imwrite(str(images / name), np.zeros((24, 32, 3), np.uint8))
+    for i, name in enumerate(("a.png", "b.png", "empty.png")):  # distinct images (leak check)
+        cv2.imwrite(str(images / name), np.full((24, 32, 3), i, np.uint8))
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     for i in range(4):
-        cv2.imwrite(str(unlabeled / f"u{i}.png"), np.zeros((24, 32, 3), np.uint8))
+        cv2.imwrite(str(unlabeled / f"u{i}.png"), np.full((24, 32, 3), 10 + i, np.uint8))
     with open(tmp_path / "labeled.json", "w") as f:
         json.dump({"images": [{"id": i + 1, "file_name": n, "height": 24, "width": 32}
                               for i, n in enumerate(("a.png", "b.png", "empty.png"))],
