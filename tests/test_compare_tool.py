@@ -57,7 +57,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
         "--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
         "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
         "--oracle-json", str(data / "unlabeled_boxes.json"), "--output", str(out),
-        "--progress-every", "5", *map(str, TINY)])
+        "--progress-every", "5", "--seed", "3", *map(str, TINY)])
     printed = capsys.readouterr().out
     assert "Dataset check of" in printed and "boxes per class: circle" in printed
     assert "schedule from the data (SSOD.AUTO_SCHEDULE): 8 iterations, burn-in 4" in printed
@@ -88,7 +88,13 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert table.startswith("| run (8 iterations, custom_val) | AP | AP50 |")
     assert "| supervised (4 labeled, 50 %) |" in table and "| soft_teacher_cpu (+4 unlabeled) |" in table
     assert "| oracle (100% labeled) |" in table
-    assert ("the unlabeled images helped" in table) == (summary["ap_gain"] > 0)
+    assert summary["seed"] == 3 and "SEED: 3" in cfg_text
+    assert summary["checks"] == load_tool("compare").report_checks(
+        summary["supervised"]["AP"], summary["ssod"]["AP"], summary["oracle"]["AP"])
+    if summary["checks"]:
+        assert "cannot tell whether the unlabeled images helped" in table
+    else:
+        assert ("the unlabeled images helped" in table) == (summary["ap_gain"] > 0)
     assert json.loads((out / "summary_soft_teacher_cpu.json").read_text()) == summary
     assert (out / "ap_curve.png").stat().st_size > 0
 
@@ -111,3 +117,32 @@ def test_bad_schedule_flags_are_named_without_a_traceback():
     for flag in ("--burn-in", "--ssod-iters"):
         with pytest.raises(SystemExit, match=f"{flag} 0: must be >= 1"):
             tool.main([flag, "0", "--labeled-json", "nowhere.json"])
+
+
+def test_the_report_checks_itself():
+    tool = load_tool("compare")
+    # issue 35: oracle 1.09 AP below the method's 1.79 printed "gap closed: 3.65"
+    # (1.79 − 0.83) / (1.09 − 0.83) = 3.69: the method above the oracle
+    assert tool.report_checks(0.83, 1.79, 1.09) == [
+        "the method (1.79 AP) is above the oracle (1.09 AP), which trained on the true boxes of "
+        "the same images: the differences are noise of runs too short or a validation set too "
+        "small"]
+    checks = tool.report_checks(1.5, 1.79, 1.09)
+    assert checks == ["the oracle (1.09 AP) is not above supervised (1.50 AP), so there is no gap "
+                      "to close: the runs are too short or the validation set too small to "
+                      "separate them"]
+    assert len(tool.report_checks(0.33, 0.68, 0.9)) == 1  # all below 1 AP: noise
+    assert tool.report_checks(30.0, 32.0, 40.0) == []
+    table = tool.summary_table(
+        {"method": "m", "supervised": {"AP": 1.5, "AP50": 3.0}, "ssod": {"AP": 1.79, "AP50": 4.0},
+         "oracle": {"AP": 1.09, "AP50": 2.0}, "ap_gain": 0.29, "gap_closed": None,
+         "checks": checks, "seed": 1, "total_iters": 40, "test_dataset": "custom_val",
+         "wall_seconds": 60.0}, 6, 33)
+    assert "gap closed: n/a" in table and "helped:" not in table
+    assert "cannot tell whether the unlabeled images helped (+0.29 AP against supervised, " \
+           "seed 1):\n* the oracle (1.09 AP) is not above supervised" in table
+
+
+def test_seed_flag_must_be_valid():
+    with pytest.raises(SystemExit, match="--seed -1: give a seed >= 0"):
+        load_tool("compare").main(["--seed", "-1", "--labeled-json", "nowhere.json"])

@@ -26,8 +26,11 @@ otherwise; then the rule derives the rest of the schedule (LR steps, warm-up, ev
 period, EMA momentum) around them. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
 Progress (iterations of each run) is printed every ``--progress-every`` seconds.
 
-Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised, ``gap_closed = (method −
-sup) / (oracle − sup)``, wall time), ``summary.md`` (the table, printed at the end) and
+Every run gets ``SEED`` ``--seed`` (default 1, as ``make demo``), so the same command gives the
+same comparison. Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised,
+``gap_closed = (method − sup) / (oracle − sup)``, the seed, ``checks``: why the numbers cannot
+be read as a gain, when the oracle is not above supervised (no gap then) or every run is below
+1 AP; wall time), ``summary.md`` (the table, printed at the end) and
 ``ap_curve.png`` (AP against iteration), each also kept as ``*_<name>.*`` where ``name`` is the
 method config's file name, plus ``plots_<name>/`` (``tools/plot_metrics.py`` on the method's
 run) and, for a method with a teacher, ``pseudo_labels_<image>.png`` (its final teacher's
@@ -110,8 +113,32 @@ class Progress:
         self._stop.set()
 
 
+DEFAULT_SEED = 1  # as make demo (DEMO_SEED 1): the same command gives the same runs
+MIN_AP = 1.0  # below this AP on every run, the detectors have barely started to learn
+
+
+def report_checks(supervised_ap, ssod_ap, oracle_ap):
+    """The reasons the numbers of a comparison cannot be read as a gain (empty when none): the
+    oracle not above supervised (then there is no gap to close), the method above the oracle
+    (a gap closed above 1), every run below ``MIN_AP``. With any of them no gap is given."""
+    checks = []
+    if oracle_ap is not None and oracle_ap <= supervised_ap:
+        checks.append(f"the oracle ({oracle_ap:.2f} AP) is not above supervised "
+                      f"({supervised_ap:.2f} AP), so there is no gap to close: the runs are too "
+                      f"short or the validation set too small to separate them")
+    elif oracle_ap is not None and ssod_ap > oracle_ap:
+        checks.append(f"the method ({ssod_ap:.2f} AP) is above the oracle ({oracle_ap:.2f} AP), "
+                      f"which trained on the true boxes of the same images: the differences "
+                      f"are noise of runs too short or a validation set too small")
+    if max(a for a in (supervised_ap, ssod_ap, oracle_ap) if a is not None) < MIN_AP:
+        checks.append(f"every run is below {MIN_AP:g} AP: the detectors have barely started to "
+                      f"learn, so their differences are noise; train longer (more iterations, "
+                      f"or --ssod-iters) before reading a gain")
+    return checks
+
+
 def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters=None,
-                   oracle_json=None, min_boxes=10, progress_every=30.0):
+                   oracle_json=None, min_boxes=10, progress_every=30.0, seed=DEFAULT_SEED):
     """Train and compare as the module docstring says; returns the summary dict."""
     sys.path.insert(0, REPO)
     from detectron2.data import DatasetCatalog
@@ -124,6 +151,12 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     t0 = time.time()
     name = name or os.path.splitext(os.path.basename(method_cfg))[0]
     opts = [str(o) for o in opts]
+    if "SEED" in opts[0::2]:  # a SEED override wins over --seed
+        seed = int(opts[opts[0::2].index("SEED") * 2 + 1])
+    elif seed is not None and seed >= 0:
+        opts += ["SEED", str(seed)]
+    else:
+        raise SystemExit(f"--seed {seed}: give a seed >= 0, so the comparison can be repeated.")
     for flag, value in (("--burn-in", burn_in), ("--ssod-iters", ssod_iters)):
         if value is not None and value < 1:
             raise SystemExit(f"{flag} {value}: must be >= 1.")
@@ -213,7 +246,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         **final,
         "oracle": final.get("oracle"),
         "ap_gain": ssod - sup,
-        "gap_closed": (ssod - sup) / (oracle - sup) if oracle is not None and oracle != sup else None,
+        "checks": report_checks(sup, ssod, oracle),
+        "seed": seed,
         "burn_in_iters": burn_in,
         "total_iters": total,
         "test_dataset": test_name,
@@ -221,6 +255,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     }
     labeled, unlabeled = (sum(len(DatasetCatalog.get(d)) for d in names)
                           for names in (cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_UNLABELED))
+    summary["gap_closed"] = ((ssod - sup) / (oracle - sup)
+                             if oracle is not None and not summary["checks"] else None)
     table = summary_table(summary, labeled, unlabeled)
     for base, ext, write in (("summary", "json", lambda f: json.dump(summary, f, indent=2)),
                              ("summary", "md", lambda f: f.write(table + "\n"))):
@@ -248,15 +284,23 @@ def summary_table(s, labeled, unlabeled):
         rows.append(("oracle (100% labeled)", s["oracle"]))
     gap = "n/a" if s["gap_closed"] is None else f"{s['gap_closed']:.2f}"
     gain = s["ap_gain"]
-    verdict = (f"the unlabeled images helped: {gain:+.2f} AP over supervised (one seed)" if gain > 0 else
-               f"the unlabeled images did not help: {gain:+.2f} AP against supervised (one seed)")
+    seed = "one seed" if s.get("seed") is None else f"seed {s['seed']}"
+    checks = s.get("checks") or []
+    if checks:
+        verdict = [f"cannot tell whether the unlabeled images helped ({gain:+.2f} AP against "
+                   f"supervised, {seed}):", *(f"* {c}" for c in checks)]
+    elif gain > 0:
+        verdict = [f"the unlabeled images helped: {gain:+.2f} AP over supervised ({seed})"]
+    else:
+        verdict = [f"the unlabeled images did not help: {gain:+.2f} AP against supervised "
+                   f"({seed})"]
     return "\n".join([
         f"| run ({s['total_iters']} iterations, {s['test_dataset']}) | AP | AP50 |",
         "|---|---|---|",
         *(f"| {label} | {r['AP']:.2f} | {r['AP50']:.2f} |" for label, r in rows),
         "",
         f"gap closed: {gap} — wall time {s['wall_seconds'] / 60:.1f} min",
-        verdict,
+        *verdict,
     ])
 
 
@@ -276,6 +320,9 @@ def main(argv=None):
                         help="M: semi-supervised iterations (default: the config's)")
     parser.add_argument("--min-boxes", type=int, default=10,
                         help="the dataset check warns for classes with fewer boxes")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"SEED of every run, recorded in summary.json (default "
+                             f"{DEFAULT_SEED}, as make demo); a SEED override wins")
     parser.add_argument("--progress-every", type=float, default=30.0, help="seconds; 0 = quiet")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
@@ -284,7 +331,8 @@ def main(argv=None):
             if getattr(args, flag) for x in (f"DATASETS.CUSTOM.{key}", os.path.abspath(getattr(args, flag)))]
     return run_comparison(args.config_file, args.output, data + list(args.opts), burn_in=args.burn_in,
                           ssod_iters=args.ssod_iters, oracle_json=args.oracle_json,
-                          min_boxes=args.min_boxes, progress_every=args.progress_every)
+                          min_boxes=args.min_boxes, progress_every=args.progress_every,
+                          seed=args.seed)
 
 
 if __name__ == "__main__":
