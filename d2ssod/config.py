@@ -226,6 +226,10 @@ def add_ssod_config(cfg):
     # 0 keeps them all (Detectron2's behaviour). Same meaning as max_to_keep of Detectron2's
     # PeriodicCheckpointer (train.checkpointer.max_to_keep in its LazyConfig trainings).
     _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # Iterations between writes of the training metrics (console, metrics.json, TensorBoard):
+    # Detectron2's PeriodicWriter period (train.log_period in its LazyConfig trainings).
+    # tools/compare.py lowers it for short runs, so its progress lines move.
+    _C.SOLVER.LOG_PERIOD = 20
     # After SIGTERM, training saves a checkpoint and stops at the end of an iteration. Under DDP
     # the ranks agree on that iteration by exchanging one CPU flag every this many iterations
     # (so a stop can take up to this many more iterations); a single process checks every one.
@@ -281,6 +285,9 @@ def _validate_long_run_config(cfg):
     if cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP < 0:
         raise ValueError(f"SOLVER.CHECKPOINT_MAX_TO_KEEP={cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP} must "
                          f"be >= 0 (0 keeps every periodic checkpoint).")
+    if cfg.SOLVER.LOG_PERIOD < 1:
+        raise ValueError(f"SOLVER.LOG_PERIOD={cfg.SOLVER.LOG_PERIOD} must be >= 1 (iterations "
+                         f"between metric writes).")
     if cfg.SOLVER.PREEMPTION_CHECK_PERIOD < 1:
         raise ValueError(f"SOLVER.PREEMPTION_CHECK_PERIOD={cfg.SOLVER.PREEMPTION_CHECK_PERIOD} "
                          f"must be >= 1 (iterations between the ranks' checks for a SIGTERM).")

@@ -9,7 +9,8 @@
 * **YOLO**: a folder of ``.txt`` files, one line ``class cx cy w h`` per box with the centre and
   size as fractions of the image; the class names (:func:`read_class_names`: one name per line,
   line k = class k, or a YOLOv5 ``data.yaml``; by default LabelImg's ``classes.txt`` in the
-  labels folder); the images, for their sizes. Box: ``[(cx − w/2)·W, (cy − h/2)·H, w·W, h·H]``.
+  labels folder); the images, for their sizes.
+  Box: ``[(cx − w/2)·W, (cy − h/2)·H, w·W, h·H]``.
   An empty ``.txt`` is an image without objects. An image with no ``.txt`` at all is usually
   an unlabeled image in the same folder: it is left out and reported, unless
   ``keep_images_without_labels`` includes it as an image without objects. A box past the image

@@ -203,7 +203,8 @@ def _warnings(r, resized, min_boxes):
 
 def _examples(items):
     shown = ", ".join(items[:MAX_EXAMPLES])
-    return shown + (f", ... ({len(items) - MAX_EXAMPLES} more)" if len(items) > MAX_EXAMPLES else "")
+    more = len(items) - MAX_EXAMPLES
+    return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
 def _box_warnings(r):

@@ -212,7 +212,8 @@ def test_bad_data_yaml(tmp_path, text, message):
         read_class_names(str(path))
     # the same text under a .txt name is refused, not read as class names
     txt = _write(tmp_path / "names.txt", "names:\n  0: car\n")
-    with pytest.raises(ConversionError, match=r"names.txt:1: 'names:' looks like a YOLOv5 data.yaml"):
+    with pytest.raises(ConversionError,
+                       match=r"names.txt:1: 'names:' looks like a YOLOv5 data.yaml"):
         read_class_names(str(txt))
 
 

@@ -100,7 +100,8 @@ def test_invalid_and_out_of_image_boxes_are_reported_with_their_file(tmp_path):
         {"id": 6, "image_id": 2, "category_id": 1, "bbox": [0, 0, 100, 100]},   # the whole image
     ]
     r = dataset_report(_write_json(tmp_path, images, anns), [[32]], 100, 1000, min_boxes=1)
-    assert r.invalid_boxes == [("tiles/t1.jpg", [10, 10, -5, 20]), ("tiles/t2.jpg", [10, 10, 20, 0])]
+    assert r.invalid_boxes == [("tiles/t1.jpg", [10, 10, -5, 20]),
+                               ("tiles/t2.jpg", [10, 10, 20, 0])]
     assert r.boxes_past_edge == [("tiles/t1.jpg", [90, 10, 20, 20], (100, 50)),
                                  ("tiles/t2.jpg", [-3, 0, 20, 20], (100, 100))]
     text = format_report(r)
