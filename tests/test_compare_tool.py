@@ -168,6 +168,20 @@ def test_data_errors_name_the_flag_without_a_traceback(tmp_path):
         tool.main(["--labeled-json", str(missing), "--output", str(tmp_path / "out")])
     assert str(e.value).startswith(f"error: --labeled-json '{missing}' is not valid JSON")
     assert "DATASETS.CUSTOM" not in str(e.value)
+    # the validation json is read at the first evaluation, minutes into training: checked
+    # before any training starts, naming the flag (walk-through: val images in their own folder)
+    src = ensure_demo_data()
+    data = tmp_path / "mydata"
+    _write_slice(src, "labeled.json", 2, str(data / "images"), str(data / "labeled.json"))
+    _write_slice(src, "val.json", 2, str(data / "val"), str(data / "val.json"), strip_folder=True)
+    _write_slice(src, "unlabeled.json", 2, str(data / "unlabeled"), str(data / "u.json"))
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
+                   "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
+                   "--output", str(tmp_path / "out2"), *map(str, TINY)])
+    assert str(e.value).startswith(f"error: 2 image(s) named in {data / 'val.json'} do not exist")
+    assert str(e.value).endswith("relative to --image-root.")
+    assert not (tmp_path / "out2").exists()  # nothing trained
     # a key given as a KEY VALUE override is named as the user typed it
     flags = {"DATASETS.CUSTOM.UNLABELED_DIR": "--unlabeled-dir"}
     assert tool.flag_names("DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) u: every image in it "

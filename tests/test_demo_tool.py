@@ -73,10 +73,11 @@ def test_a_failed_training_says_what_it_died_of(tmp_path):
     tool = _demo_tool()
     (tmp_path / "log.txt").write_text(
         "Traceback (most recent call last):\n  File \"train_net.py\", line 3\n"
-        "FileNotFoundError: DATASETS.CUSTOM.IMAGE_ROOT='x': folder not found.\n")
+        "FileNotFoundError: 2 image(s) named in v.json do not exist, e.g.:\n  a.jpg\n  b.jpg\n"
+        "[12/07 14:56:27] d2.engine.hooks INFO: Total training time: 0:00:02\n")
     quitter = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
     with pytest.raises(SystemExit, match=r"^oracle training failed \(exit 1\): FileNotFoundError: "
-                                         r"DATASETS.CUSTOM.IMAGE_ROOT='x': folder not found\.; "
-                                         r"see .*log.txt$"):
+                                         r"2 image\(s\) named in v.json do not exist, e.g.:\n"
+                                         r"  a.jpg\n  b.jpg; see .*log.txt$"):
         tool.wait_all({"oracle": (quitter, str(tmp_path))})
     assert tool.last_error(str(tmp_path / "nowhere")) == ""

@@ -203,15 +203,20 @@ def _check_schedule_flags(burn_in, ssod_iters):
             raise SystemExit(f"{flag} {value}: must be >= 1.")
 
 
-def _build_cfg(config_file, opts, flags):
-    """build_cfg, its errors (unknown keys, bad data, leakage) as one line naming the flag."""
-    from d2ssod.engine import build_cfg
-
+def _user_errors(fn, flags):
+    """``fn()``; its errors (unknown keys, bad data, leakage) as an ``error:`` message naming the
+    flags, without a traceback."""
     try:
-        return build_cfg(config_file, opts)
+        return fn()
     except (KeyError, ValueError, OSError) as e:
         raise SystemExit(f"error: {flag_names(str(e.args[0]) if e.args else str(e), flags)}") \
             from None
+
+
+def _build_cfg(config_file, opts, flags):
+    from d2ssod.engine import build_cfg
+
+    return _user_errors(lambda: build_cfg(config_file, opts), flags)
 
 
 DEFAULT_SEED = 1  # as make demo (DEMO_SEED 1): the same command gives the same runs
@@ -269,6 +274,9 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     cfg = _build_cfg(method_cfg, opts + [str(o) for o in yours], flags)
     custom = bool(cfg.DATASETS.CUSTOM.LABELED_JSON)
     if custom:
+        # the validation json is read at the first evaluation, minutes in: check it now
+        for test_set in cfg.DATASETS.TEST:
+            _user_errors(lambda: DatasetCatalog.get(test_set), flags)
         print(format_report(custom_dataset_report(cfg, min_boxes)), flush=True)
         # explicit image root: the oracle's json lives elsewhere than the labeled one
         opts += ["DATASETS.CUSTOM.IMAGE_ROOT", cfg.DATASETS.CUSTOM.IMAGE_ROOT

@@ -39,15 +39,20 @@ def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt
 
 
 def last_error(out_dir, log_name="log.txt"):
-    """The last line of a run's log that reads ``SomethingError: message`` (what a failed
-    training died of), or ``""``."""
+    """What a failed training died of: the last ``SomethingError: message`` of a run's log with
+    the message's further lines (up to the next logger line, which starts with ``[``), or
+    ``""``."""
     try:
         with open(os.path.join(out_dir, log_name), errors="replace") as f:
-            lines = [ln.strip() for ln in f]
+            lines = [ln.rstrip() for ln in f]
     except OSError:
         return ""
-    return next((ln for ln in reversed(lines)
-                 if ln.split(":", 1)[0].endswith(("Error", "Exception", "SystemExit"))), "")
+    at = next((i for i in reversed(range(len(lines))) if lines[i].split(":", 1)[0].endswith(
+        ("Error", "Exception", "SystemExit"))), None)
+    if at is None:
+        return ""
+    end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    return "\n".join(lines[at:end])
 
 
 def _failed(name, out_dir, why):
