@@ -4,7 +4,7 @@
     python tools/convert_to_coco.py voc --xml-dir Annotations/ [--classes names.txt] \
         [--skip-difficult] --out labeled.json
     python tools/convert_to_coco.py yolo --labels labels/ --images images/ [--classes names.txt] \
-        [--keep-images-without-labels] --out labeled.json
+        [--keep-images-without-labels] [--image-root DIR] --out labeled.json
 
 YOLO class names: --classes, one name per line (line k = class k) or a YOLOv5 data.yaml (its
 ``names``); without --classes, LabelImg's classes.txt in the labels folder. Images without a
@@ -13,7 +13,9 @@ label file are left out and listed (usually unlabeled images in the same folder)
 are clipped, boxes of zero size left out; both are listed with their file and line.
 
 The json's file names are the XMLs' <filename> (VOC) or the image paths relative to --images
-(YOLO): point DATASETS.CUSTOM.IMAGE_ROOT (compare.py --image-root) at the image folder. Box
+(YOLO; to --image-root when given): point DATASETS.CUSTOM.IMAGE_ROOT (compare.py --image-root)
+at that folder. Labeled and validation images in two folders: convert both with the same
+--image-root, their common parent. Box
 conventions and errors: d2ssod/data/converters.py.
 """
 import argparse
@@ -42,6 +44,9 @@ def main(argv=None):
     yolo.add_argument("--images", required=True, help="folder of the images (for their sizes)")
     yolo.add_argument("--classes", help="class names, one per line (line k = class k), or a "
                       "YOLOv5 data.yaml (default: classes.txt in the --labels folder)")
+    yolo.add_argument("--image-root", help="write file names relative to this folder (compare.py's "
+                      "--image-root, when labeled and validation images are in different folders "
+                      "under it; default: --images)")
     yolo.add_argument("--keep-images-without-labels", action="store_true",
                       help="include images with no .txt as images without objects (default: "
                       "left out and listed)")
@@ -60,7 +65,8 @@ def main(argv=None):
             coco = voc_to_coco(args.xml_dir, names, args.skip_difficult, notes=notes)
         else:
             coco = yolo_to_coco(args.labels, args.images, args.classes,
-                                args.keep_images_without_labels, notes=notes)
+                                args.keep_images_without_labels, notes=notes,
+                                image_root=args.image_root)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
     for note in notes:

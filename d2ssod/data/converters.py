@@ -277,9 +277,10 @@ def _yolo_boxes(path, width, height, num_classes, names_file, clipped, empty, to
 
 
 def yolo_to_coco(label_dir, image_dir, names_file=None, keep_images_without_labels=False,
-                 notes=None):
+                 notes=None, image_root=None):
     """COCO dict from YOLO ``.txt`` labels under ``label_dir`` for the images under ``image_dir``
-    (matched by relative path without extension); ``file_name`` is relative to ``image_dir``.
+    (matched by relative path without extension); ``file_name`` is relative to ``image_root``
+    (default ``image_dir``): one root for labeled and validation images in their own folders.
     ``names_file``: :func:`read_class_names`; ``None`` takes ``classes.txt`` in ``label_dir``.
     Images without a ``.txt`` are left out unless ``keep_images_without_labels``; they, clipped
     boxes and boxes of zero size (left out) are listed in ``notes``."""
@@ -315,7 +316,8 @@ def yolo_to_coco(label_dir, image_dir, names_file=None, keep_images_without_labe
         width, height = _image_size(images[stem])
         boxes = (_yolo_boxes(labels[stem], width, height, len(names), names_file, clipped, empty)
                  if stem in labels else [])
-        records.append((labels.get(stem, images[stem]), os.path.relpath(images[stem], image_dir),
+        records.append((labels.get(stem, images[stem]),
+                        os.path.relpath(images[stem], image_root or image_dir),
                         width, height, [(names[c], n, box) for c, n, box in boxes]))
     _note(notes, "box(es) past the image edge, clipped to the image", clipped)
     _note(notes, "box(es) of zero width or height, left out", empty)

@@ -251,3 +251,17 @@ def test_yolo_boxes_past_the_edge_and_of_zero_size_are_reported(yolo, capsys):
                "--classes", str(names), "--out", str(root / "out.json")])
     printed = capsys.readouterr().out
     assert f"note: 1 box(es) of zero width or height, left out: {path}:2" in printed
+
+
+def test_file_names_relative_to_a_common_image_root(yolo):
+    # walk-through: labeled images in images/, validation images in val/images/; compare.py takes
+    # one --image-root, so both jsons name their files relative to the common parent
+    root, names = yolo
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names),
+                        image_root=str(root))
+    assert [i["file_name"] for i in coco["images"]] == ["images/one.jpg", "images/two.png"]
+    out = root / "labeled.json"
+    load_tool("convert_to_coco").main(["yolo", "--labels", str(root / "labels"), "--images",
+                                       str(root / "images"), "--classes", str(names),
+                                       "--image-root", str(root), "--out", str(out)])
+    assert json.loads(out.read_text())["images"][0]["file_name"] == "images/one.jpg"
