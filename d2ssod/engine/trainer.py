@@ -40,7 +40,7 @@ from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .amp import amp_precision, autocast, build_grad_scaler
-from .checkpoint import SSODCheckpointer
+from .checkpoint import SSODCheckpointer, dataset_meta
 from .ema import EMATeacher
 from .hooks import EMAHook, MethodHook, PreemptionHook, TrainerCheckpointHook
 from .schedule import StepSchedule
@@ -240,6 +240,7 @@ class SSODTrainer(DefaultTrainer):
         self.checkpointer = SSODCheckpointer(
             self.teacher.model if self.teacher is not None else self.student,
             cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.checkpointer.dataset_meta = dataset_meta(cfg)  # the classes, for inference
 
     @classmethod
     def uses_teacher(cls, cfg):
@@ -276,13 +277,14 @@ class SSODTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        """Detectron2's hooks with four changes: evaluation reports teacher and student, the
+        """Detectron2's hooks with five changes: evaluation reports teacher and student, the
         periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
         starts (the SSOD one, built after DefaultTrainer's constructor) and keeps
         ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files, an :class:`EMAHook` followed by a
         :class:`MethodHook` runs right after the LR scheduler, before checkpointing and
-        evaluation, when the method keeps a teacher, and a :class:`PreemptionHook` (SIGTERM →
-        checkpoint and clean stop) runs last."""
+        evaluation, when the method keeps a teacher, the metric writers run every
+        ``SOLVER.LOG_PERIOD`` iterations, and a :class:`PreemptionHook` (SIGTERM → checkpoint and
+        clean stop) runs last."""
         ret = super().build_hooks()
         cfg = self.cfg
         for i, h in enumerate(ret):
@@ -291,6 +293,8 @@ class SSODTrainer(DefaultTrainer):
             elif isinstance(h, hooks.PeriodicCheckpointer):
                 ret[i] = TrainerCheckpointHook(h.checkpointer, h.period,
                                                max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
+            elif isinstance(h, hooks.PeriodicWriter):
+                ret[i] = hooks.PeriodicWriter(h._writers, period=cfg.SOLVER.LOG_PERIOD)
         if self.uses_teacher(cfg):
             ssod = cfg.SSOD
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
