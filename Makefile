@@ -20,7 +20,7 @@ TEST_WORKERS ?= 2
 # slow a training step by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -47,7 +47,12 @@ demo: setup
 NUMERICS_ISAS ?= ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=avx2 \
 	ONEDNN_MAX_CPU_ISA=SSE41,ATEN_CPU_CAPABILITY=default
 
-test: setup
+# ruff (version pinned in requirements.txt, rules in ruff.toml): `make test` runs it first and
+# stops on a finding. `$(VENV)/bin/ruff check --fix .` sorts imports and drops unused ones.
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	for isa in $(NUMERICS_ISAS); do \
 	  echo "numerics tests under $$isa"; \
 	  env $$(echo $$isa | tr , ' ') OMP_NUM_THREADS=1 \
