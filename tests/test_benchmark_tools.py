@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import yaml
+
 from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,7 +312,6 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     """SSOD.AUTO_SCHEDULE would derive a burn-in from the data; the step benchmark must still
     time semi-supervised steps (teacher forward included), not supervised burn-in ones."""
     from d2ssod.data.demo import ensure_demo_data
-
     from test_compare_tool import TINY
 
     demo = ensure_demo_data()

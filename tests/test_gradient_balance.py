@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from training_helpers import PSEUDO_BOX_OPTS, load_tool
 
 bal = load_tool("gradient_balance")

@@ -336,8 +336,8 @@ def main():
     args = parser.parse_args()
 
     sys.path.insert(0, REPO)
-    from d2ssod.data.demo import ensure_demo_data
     from d2ssod.config import get_ssod_cfg
+    from d2ssod.data.demo import ensure_demo_data
     from d2ssod.engine import build_cfg
 
     ensure_demo_data()

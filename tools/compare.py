@@ -53,9 +53,9 @@ supervised checkpoint at ``N`` exists. ``make demo`` is this tool on the embedde
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
-import re
 import threading
 import time
 

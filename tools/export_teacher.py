@@ -51,8 +51,13 @@ def export_traced(cfg, weights, sample_image, out_dir, want_onnx, onnx_required)
     import torch
 
     from d2ssod.data.mappers import read_image
-    from d2ssod.engine.export import (ONNX_OPSET, compare_with_predictor, export_onnx, run_onnx,
-                                      trace_detector)
+    from d2ssod.engine.export import (
+        ONNX_OPSET,
+        compare_with_predictor,
+        export_onnx,
+        run_onnx,
+        trace_detector,
+    )
     from d2ssod.engine.inference import BatchPredictor
 
     pcfg = cfg.clone()

@@ -57,8 +57,8 @@ def main():
     sys.path.insert(0, REPO)
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.modeling import build_model
     from detectron2.data.detection_utils import annotations_to_instances
+    from detectron2.modeling import build_model
 
     from d2ssod.engine import build_cfg
 

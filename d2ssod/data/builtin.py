@@ -30,7 +30,13 @@ from detectron2.data.datasets.coco import load_coco_json
 
 from . import demo as _demo
 from .demo_render import CLASSES
-from .splits import COCO_STANDARD_FOLDS, COCO_STANDARD_PERCENTS, read_split_file, split_file_path, split_name
+from .splits import (
+    COCO_STANDARD_FOLDS,
+    COCO_STANDARD_PERCENTS,
+    read_split_file,
+    split_file_path,
+    split_name,
+)
 
 __all__ = [
     "DEMO_DATASETS",

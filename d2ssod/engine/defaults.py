@@ -6,8 +6,12 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2ssod.config import get_ssod_cfg, unknown_key_message, validate_ssod_config
-from d2ssod.data.custom import (AUTO_NUM_CLASSES, apply_custom_datasets, num_classes_key,
-                                resolve_num_classes)
+from d2ssod.data.custom import (
+    AUTO_NUM_CLASSES,
+    apply_custom_datasets,
+    num_classes_key,
+    resolve_num_classes,
+)
 from d2ssod.engine.auto_schedule import apply_auto_schedule
 from d2ssod.engine.checkpoint import read_dataset_meta
 from d2ssod.methods import METHOD_REGISTRY

@@ -52,9 +52,8 @@ from d2ssod.data.mappers import SelfTrainingDatasetMapper
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.selection.stability import detection_agreement, select_most_stable, stability
 
-from .tta_labels import detector_nms_thresh, merge_detections, tta_augmentations, unflip_boxes
-
 from .trainer import SSODTrainer
+from .tta_labels import detector_nms_thresh, merge_detections, tta_augmentations, unflip_boxes
 
 logger = logging.getLogger(__name__)
 

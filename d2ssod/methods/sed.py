@@ -60,7 +60,7 @@ from d2ssod.modeling.scale_consistency import (
     roi_samples_per_image,
 )
 from d2ssod.modeling.scale_levels import padded_image_list
-from d2ssod.modeling.sed_rpn import RPNOutputs, SEDRPN
+from d2ssod.modeling.sed_rpn import SEDRPN, RPNOutputs
 
 from .base import (
     Outcome,

@@ -19,17 +19,17 @@ decoding), :mod:`.box_head` (several box sets through the ROI box branch in one 
 (Efficient Teacher's gradient reversal layer and domain discriminator), :mod:`.scale_levels`
 (SED's x / x↓ level geometry) and :mod:`.scale_consistency` (SED's scale-consistency losses).
 """
+from .anchor_generator import ExplicitAnchorGenerator  # noqa: F401  (registers)
 from .backbone import (
     MobileNetV2Backbone,
     build_mobilenetv2_backbone,
     build_mobilenetv2_fpn_backbone,
 )
-from .anchor_generator import ExplicitAnchorGenerator  # noqa: F401  (registers)
 from .dense_detector import YOLODenseDetector  # noqa: F401  (registers)
 from .losses import multiclass_focal_loss
 from .roi_heads import SSODFastRCNNOutputLayers, SSODROIHeads
-from .soft_roi_heads import SoftTeacherROIHeads  # noqa: F401  (registers; Soft Teacher student)
 from .sed_rpn import SEDRPN  # noqa: F401  (registers; SED's student and teacher)
+from .soft_roi_heads import SoftTeacherROIHeads  # noqa: F401  (registers; Soft Teacher student)
 
 __all__ = [
     "MobileNetV2Backbone",

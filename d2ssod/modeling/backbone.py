@@ -47,12 +47,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
-
 from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
 
 from .frozen_bn_fold import fold_frozen_batchnorms
 

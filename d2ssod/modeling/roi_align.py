@@ -17,9 +17,8 @@ Like torchvision's op, no gradient flows to the boxes.
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.layers import ROIAlign
+from torch import nn
 
 __all__ = ["GatherROIAlign", "gather_roi_align", "use_gather_roi_align"]
 

@@ -26,7 +26,6 @@ Without those fields and with γ = 0 the losses are exactly Detectron2's.
 ``MODEL.ROI_HEADS.NAME: SSODROIHeads``.
 """
 import torch
-
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads

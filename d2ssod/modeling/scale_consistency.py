@@ -52,7 +52,7 @@ from .box_head import box_predictions
 from .box_ops import clip_boxes, gather_class
 from .losses import binary_kl_with_logits, categorical_kl, symmetric_smooth_l1
 from .scale_levels import align_levels, downscale_images, level_pairs
-from .sed_rpn import RPNOutputs, SEDRPN
+from .sed_rpn import SEDRPN, RPNOutputs
 
 __all__ = [
     "add_scale_consistency_config",

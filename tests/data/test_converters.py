@@ -6,9 +6,9 @@ import os
 import cv2
 import numpy as np
 import pytest
-from training_helpers import load_tool
 
 from d2ssod.data.converters import ConversionError, read_class_names, voc_to_coco, yolo_to_coco
+from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -3,9 +3,9 @@ import json
 import os
 
 import pytest
-from training_helpers import load_tool
 
 from d2ssod.data.dataset_check import dataset_report, format_report
+from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

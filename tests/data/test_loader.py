@@ -13,12 +13,12 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 
 from d2ssod.config import get_ssod_cfg
-from d2ssod.data.skipped_files import SkippedFilesMeter
 from d2ssod.data.loader import (
     TwoStreamLoader,
     build_ssod_train_loader,
     stream_batch_sizes,
 )
+from d2ssod.data.skipped_files import SkippedFilesMeter
 
 SIZES = [(48, 64), (64, 48), (48, 64), (48, 64), (64, 48), (64, 48)]  # (h, w)
 

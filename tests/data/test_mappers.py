@@ -5,21 +5,21 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.structures import BoxMode, Instances
 from fvcore.transforms.transform import HFlipTransform, TransformList
 
 from d2ssod.config import get_ssod_cfg
 from d2ssod.data.geometric import AffineTransform
-from d2ssod.data.photometric import CutoutTransform
-from detectron2.data import DatasetMapper
-from detectron2.data import transforms as T
-
-from d2ssod.data.mappers import PseudoLabeledDatasetMapper, SelfTrainingDatasetMapper
 from d2ssod.data.mappers import (
+    PseudoLabeledDatasetMapper,
+    SelfTrainingDatasetMapper,
     UnlabeledDatasetMapper,
     build_strong_augmentation,
     build_weak_augmentation,
 )
+from d2ssod.data.photometric import CutoutTransform
 from d2ssod.data.skipped_files import SkippedFilesMeter
 from d2ssod.data.view_geometry import map_boxes, transform_matrix, view_to_view
 

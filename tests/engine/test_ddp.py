@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+
 from ddp_helpers import (
     REPO,
     assert_ranks_in_sync,

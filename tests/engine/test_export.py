@@ -8,8 +8,15 @@ from detectron2.engine import DefaultPredictor
 
 import d2ssod  # noqa: F401
 from d2ssod.data.mappers import read_image
-from d2ssod.engine.export import (REQUIRED_FIELDS, compare_with_predictor, export_onnx,
-                                  onnx_available, run_traced, strip_to_teacher, trace_detector)
+from d2ssod.engine.export import (
+    REQUIRED_FIELDS,
+    compare_with_predictor,
+    export_onnx,
+    onnx_available,
+    run_traced,
+    strip_to_teacher,
+    trace_detector,
+)
 from d2ssod.engine.inference import BatchPredictor
 
 

@@ -11,8 +11,14 @@ from detectron2.modeling import build_model
 import d2ssod  # noqa: F401
 from d2ssod.data.mappers import read_image
 from d2ssod.engine import build_cfg
-from d2ssod.engine.inference import (BatchPredictor, ImageFileDataset, collect_image_files,
-                                     load_detector, model_num_classes)
+from d2ssod.engine.inference import (
+    BatchPredictor,
+    ImageFileDataset,
+    collect_image_files,
+    load_detector,
+    model_num_classes,
+)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -19,8 +19,8 @@ from d2ssod.methods.efficient_teacher import (
     add_to_score_histogram,
     assign_pseudo_labels,
     class_thresholds,
-    gmm_high_thresholds,
     epoch_iters,
+    gmm_high_thresholds,
     neck_outputs,
 )
 from d2ssod.modeling.domain_discriminator import DomainDiscriminator

@@ -3,10 +3,9 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
+from torch import nn
 
 import d2ssod.modeling.backbone as mb
 from d2ssod.config import get_ssod_cfg

@@ -7,8 +7,11 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from d2ssod.modeling.backbone import MobileNetV2Backbone
-from d2ssod.modeling.frozen_bn_fold import (FoldedFrozenBatchNorm2d, FrozenBNConv2d,
-                                            fold_frozen_batchnorms)
+from d2ssod.modeling.frozen_bn_fold import (
+    FoldedFrozenBatchNorm2d,
+    FrozenBNConv2d,
+    fold_frozen_batchnorms,
+)
 
 
 def _norm(gamma, beta, mean, var, eps):

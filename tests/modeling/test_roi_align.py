@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
-from torchvision.ops import roi_align
-
 from detectron2.layers import ROIAlign
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
+from torchvision.ops import roi_align
 
 from d2ssod.config import get_ssod_cfg
 from d2ssod.modeling.roi_align import GatherROIAlign, gather_roi_align

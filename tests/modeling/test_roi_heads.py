@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
