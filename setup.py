@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 setup(
     name="d2ssod",
     version="0.1.0",
-    description="Semi-supervised object detection (Unbiased Teacher, Soft Teacher, SED) on Detectron2",
+    description=("Semi-supervised object detection (Unbiased Teacher, Soft Teacher, SED) on "
+                 "Detectron2"),
     packages=find_packages(include=["d2ssod", "d2ssod.*"]),
     python_requires=">=3.10",
     # torch / torchvision / detectron2 are deliberately not pinned here so that a user's own

@@ -8,8 +8,9 @@ keep their meaning; in particular ``SOLVER.IMS_PER_BATCH`` is the *labeled* batc
 over all GPUs and ``SSOD.UNLABELED_RATIO`` sets the unlabeled batch relative to it.
 
 ``validate_ssod_config(cfg)`` checks the shared choices, then asks the selected method to check
-its own keys (``validate_config``); errors name the key and list the valid values. Unknown keys are rejected by Detectron2's ``merge_from_file/list`` already; the
-trainer wraps that error so it names the offending key and the closest known one.
+its own keys (``validate_config``); errors name the key and list the valid values. Unknown keys
+are rejected by Detectron2's ``merge_from_file/list`` already; the trainer wraps that error so it
+names the offending key and the closest known one.
 """
 import difflib
 

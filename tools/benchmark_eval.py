@@ -47,7 +47,8 @@ def synthetic_coco(num_images, num_classes=80, gt_per_image=7.3, dets_per_image=
     gt_boxes = np.concatenate([xy, side], 1).round(2)
     gt_cls = rng.integers(0, num_classes, total)
     crowd = rng.random(total) < 0.01
-    annotations = [{"id": k + 1, "image_id": int(img_of_gt[k]), "category_id": int(cat_ids[gt_cls[k]]),
+    annotations = [{"id": k + 1, "image_id": int(img_of_gt[k]),
+                    "category_id": int(cat_ids[gt_cls[k]]),
                     "bbox": gt_boxes[k].tolist(), "area": float(gt_boxes[k, 2] * gt_boxes[k, 3]),
                     "iscrowd": int(crowd[k])} for k in range(total)]
     gt = {"images": images, "annotations": annotations,
@@ -58,13 +59,15 @@ def synthetic_coco(num_images, num_classes=80, gt_per_image=7.3, dets_per_image=
     src = np.repeat(np.arange(total), copies)
     jitter = rng.normal(0, 0.12, (len(src), 4)) * np.repeat(gt_boxes[src, 2:], 2, axis=1)
     tp_boxes = gt_boxes[src] + jitter
-    tp_cls = np.where(rng.random(len(src)) < 0.15, rng.integers(0, num_classes, len(src)), gt_cls[src])
+    tp_cls = np.where(rng.random(len(src)) < 0.15, rng.integers(0, num_classes, len(src)),
+                      gt_cls[src])
     tp_img = img_of_gt[src]
     n_tp = np.bincount(tp_img, minlength=num_images + 1)[1:]
     n_fp = np.maximum(dets_per_image - n_tp, 0)
     fp_img = np.repeat(np.arange(num_images) + 1, n_fp)
     fp_side = np.exp(rng.uniform(np.log(4), np.log(300), (len(fp_img), 2)))
-    fp_boxes = np.concatenate([rng.uniform(0, 1, (len(fp_img), 2)) * ([w, h] - fp_side), fp_side], 1)
+    fp_boxes = np.concatenate(
+        [rng.uniform(0, 1, (len(fp_img), 2)) * ([w, h] - fp_side), fp_side], 1)
     boxes = np.concatenate([tp_boxes, fp_boxes])
     boxes[:, 2:] = np.maximum(boxes[:, 2:], 1.0)
     boxes = boxes.round(2)
@@ -76,7 +79,8 @@ def synthetic_coco(num_images, num_classes=80, gt_per_image=7.3, dets_per_image=
     for k in order:
         per_image[int(img[k])].append({"image_id": int(img[k]), "category_id": int(cls[k]),
                                        "bbox": boxes[k].tolist(), "score": float(score[k])})
-    predictions = [{"image_id": i, "instances": inst[:dets_per_image]} for i, inst in per_image.items()]
+    predictions = [{"image_id": i, "instances": inst[:dets_per_image]}
+                   for i, inst in per_image.items()]
     return gt, predictions
 
 
@@ -117,7 +121,8 @@ def main(argv=None):
     parser.add_argument("--dets-per-image", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of the faster-coco-eval evaluator (best kept; pycocotools runs once)")
+                        help="runs of the faster-coco-eval evaluator (best kept; pycocotools "
+                             "runs once)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "eval"))
     args = parser.parse_args(argv)
 
@@ -128,17 +133,22 @@ def main(argv=None):
 
     from d2ssod.evaluation.coco_evaluation import FastCOCOEvaluator
 
-    gt, predictions = synthetic_coco(args.images, dets_per_image=args.dets_per_image, seed=args.seed)
+    gt, predictions = synthetic_coco(args.images, dets_per_image=args.dets_per_image,
+                                     seed=args.seed)
     num_dets = sum(len(p["instances"]) for p in predictions)
-    print(f"{args.images} images, {len(gt['annotations'])} boxes, {num_dets} detections", flush=True)
+    print(f"{args.images} images, {len(gt['annotations'])} boxes, {num_dets} detections",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         register_synthetic("benchmark_eval_synthetic", gt, tmp)
         rows = {}
         for label, make, repeats in (
             ("faster-coco-eval (FastCOCOEvaluator)",
-             lambda: FastCOCOEvaluator("benchmark_eval_synthetic", distributed=False), args.repeats),
+             lambda: FastCOCOEvaluator("benchmark_eval_synthetic", distributed=False),
+             args.repeats),
             ("pycocotools (COCOEvaluator)",
-             lambda: COCOEvaluator("benchmark_eval_synthetic", distributed=False, use_fast_impl=False), 1),
+             lambda: COCOEvaluator("benchmark_eval_synthetic", distributed=False,
+                                   use_fast_impl=False),
+             1),
         ):
             start = time.perf_counter()
             evaluator = make()
@@ -148,9 +158,10 @@ def main(argv=None):
             rows[label] = {"init_s": round(init_s, 3), "evaluate_s": round(wall, 3),
                            "evaluate_cpu_s": round(cpu, 3),
                            "evaluate_s_all_runs": [round(r[0], 3) for r in runs],
-                           "bbox": {k: v for k, v in results["bbox"].items() if not k.startswith("AP-")}}
-            print(f"{label}: evaluate {wall:.2f} s wall, {cpu:.2f} s CPU (constructor {init_s:.2f} s)",
-                  flush=True)
+                           "bbox": {k: v for k, v in results["bbox"].items()
+                                    if not k.startswith("AP-")}}
+            print(f"{label}: evaluate {wall:.2f} s wall, {cpu:.2f} s CPU "
+                  f"(constructor {init_s:.2f} s)", flush=True)
     fast, slow = rows.values()
     max_diff = max(abs(fast["bbox"][k] - slow["bbox"][k]) for k in fast["bbox"])
     speedup = slow["evaluate_s"] / fast["evaluate_s"]

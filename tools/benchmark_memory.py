@@ -7,8 +7,8 @@ student's backward.
 
 Defaults: Soft Teacher at 1 labeled + 4 unlabeled images per step, short side 800 (long side
 ≤ 1333), the config's thresholds (pass ``SSOD.SOFT_TEACHER.CLS_THRESH 0 REG_THRESH 0`` for the
-worst case, every teacher detection a pseudo box and a box-jitter candidate). The real trainer runs ``--iters`` iterations (semi-supervised phase) and the tool
-records:
+worst case, every teacher detection a pseudo box and a box-jitter candidate). The real trainer
+runs ``--iters`` iterations (semi-supervised phase) and the tool records:
 
 * ``rss_mb``: resident memory after building the trainer, and the process's peak (``ru_maxrss``)
   after the first and after the last step (the first step also allocates the allocator's pools

@@ -190,7 +190,8 @@ def main():
         "images": images, "subdirs": args.subdirs, "folder_creation_seconds": create_s,
         "cold_listing": cold, "cached_listing": cached,
         "memory": memory,
-        "main_rss_increase_mb": memory["main_rss_mb_with_loader"] - memory["main_rss_mb_before_listing"],
+        "main_rss_increase_mb": (memory["main_rss_mb_with_loader"]
+                                 - memory["main_rss_mb_before_listing"]),
         "targets": {"listing_seconds": TARGET_SECONDS, "memory_mb": TARGET_MB},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                    f"Python {platform.python_version()}",
@@ -212,7 +213,8 @@ def main():
         f"{memory['main_rss_mb_with_loader']:.0f} MB, of which "
         f"{result['main_rss_increase_mb']:.0f} MB over the process after its imports | "
         f"< {TARGET_MB:.0f} MB (increase) |",
-        f"| dataset dicts as serialized by DatasetFromList | {memory['serialized_dataset_mb']:.1f} MB | |",
+        f"| dataset dicts as serialized by DatasetFromList | "
+        f"{memory['serialized_dataset_mb']:.1f} MB | |",
         f"| largest worker: RSS / PSS / private (USS) | {worst['rss_mb']:.0f} / "
         f"{worst['pss_mb']:.0f} / {worst['uss_mb']:.0f} MB | < {TARGET_MB:.0f} MB (private) |",
         "",

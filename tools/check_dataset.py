@@ -21,8 +21,10 @@ sys.path.insert(0, REPO)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="COCO json of the labeled images")
-    parser.add_argument("--config-file", default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"))
-    parser.add_argument("--min-boxes", type=int, default=10, help="warn for classes with fewer boxes")
+    parser.add_argument("--config-file",
+                        default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"))
+    parser.add_argument("--min-boxes", type=int, default=10,
+                        help="warn for classes with fewer boxes")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
@@ -33,8 +35,8 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     try:
-        report = dataset_report(args.json, cfg.MODEL.ANCHOR_GENERATOR.SIZES, cfg.INPUT.MIN_SIZE_TEST,
-                                cfg.INPUT.MAX_SIZE_TEST, args.min_boxes)
+        report = dataset_report(args.json, cfg.MODEL.ANCHOR_GENERATOR.SIZES,
+                                cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, args.min_boxes)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(format_report(report))

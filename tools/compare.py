@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Did the unlabeled images help? Supervised vs a semi-supervised method (vs an oracle) on your data.
+"""Did the unlabeled images help? Supervised vs semi-supervised (vs an oracle) on your data.
 
     python tools/compare.py --config-file configs/custom/soft_teacher_cpu.yaml \
         --labeled-json labeled.json --image-root images/ --unlabeled-dir unlabeled/ \
@@ -20,13 +20,13 @@ json (``DATASETS.TEST``):
   file names relative to it, the labeled json's categories). Configs that name registered
   datasets (the demo) run the second of ``SSOD.DEMO_BASELINES`` instead.
 
-``N`` and ``M`` are the config's (with ``SSOD.AUTO_SCHEDULE`` derived once from the data and
-given to every run, so all share one schedule) unless ``--burn-in`` / ``--ssod-iters`` say
-otherwise; then the rule derives the rest of the schedule (LR steps, warm-up, evaluation
-period, EMA momentum) around them. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
-Progress (iterations done, iterations/s and ETA of each run, from its metrics.json, written
-every ``SOLVER.LOG_PERIOD`` iterations: 1 for runs under 200 iterations, up to Detectron2's 20
-from 2000) is printed every ``--progress-every`` seconds.
+``N`` and ``M`` are the config's (with ``SSOD.AUTO_SCHEDULE`` derived once from the data and given
+to every run, so all share one schedule) unless ``--burn-in`` / ``--ssod-iters`` say otherwise; then
+the rule derives the rest of the schedule (LR steps, warm-up, evaluation period, EMA momentum)
+around them. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
+Progress (iterations done, iterations/s and ETA of each run, from its metrics.json, written every
+``SOLVER.LOG_PERIOD`` iterations: 1 for runs under 200 iterations, up to Detectron2's 20 from 2000)
+is printed every ``--progress-every`` seconds.
 
 Only the checkpoints the report and a later comparison need are kept: each run's
 ``model_final.pth`` (the method's holds its final teacher) and the supervised hand-over at ``N``
@@ -44,10 +44,10 @@ be read as a gain, when the oracle is not above supervised (no gap then) or ever
 ``ap_curve.png`` (AP against iteration), each also kept as ``*_<name>.*`` where ``name`` is the
 method config's file name, plus ``plots_<name>/`` (``tools/plot_metrics.py`` on the method's
 run) and, for a method with a teacher, ``pseudo_labels_<image>.png`` (its final teacher's
-pseudo-labels on one unlabeled image). Finished baselines in the same output folder (same overrides) are
-reused, so comparing a second method costs only its own run. The supervised and oracle runs (one
-thread each) start together; the method's run (one thread per core) starts as soon as the
-supervised checkpoint at ``N`` exists. ``make demo`` is this tool on the embedded demo data
+pseudo-labels on one unlabeled image). Finished baselines in the same output folder (same overrides)
+are reused, so comparing a second method costs only its own run. The supervised and oracle runs (one
+thread each) start together; the method's run (one thread per core) starts as soon as the supervised
+checkpoint at ``N`` exists. ``make demo`` is this tool on the embedded demo data
 (``tools/demo.py``).
 """
 import argparse
@@ -94,7 +94,8 @@ def merge_oracle_json(labeled_json, oracle_json, unlabeled_dir, out_path):
         for ann in data["annotations"]:
             annotations.append(dict(ann, id=len(annotations) + 1, image_id=new_id[ann["image_id"]]))
     with open(out_path, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": lab["categories"]}, f)
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": lab["categories"]}, f)
     return out_path
 
 
@@ -307,25 +308,31 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
 
-    baseline_cfgs = dict(zip(("supervised", "oracle"), (os.path.join(REPO, p) for p in cfg.SSOD.DEMO_BASELINES)))
-    dirs = {"supervised": os.path.join(out, os.path.splitext(os.path.basename(baseline_cfgs["supervised"]))[0])}
+    baseline_cfgs = dict(zip(("supervised", "oracle"),
+                             (os.path.join(REPO, p) for p in cfg.SSOD.DEMO_BASELINES)))
+    dirs = {"supervised": os.path.join(
+        out, os.path.splitext(os.path.basename(baseline_cfgs["supervised"]))[0])}
     run_opts = {"supervised": common}
     if custom and oracle_json:
         if not cfg.DATASETS.CUSTOM.UNLABELED_DIR:
-            raise SystemExit("--oracle-json labels the images of --unlabeled-dir, which is not set.")
+            raise SystemExit(
+                "--oracle-json labels the images of --unlabeled-dir, which is not set.")
         merged = merge_oracle_json(cfg.DATASETS.CUSTOM.LABELED_JSON, oracle_json,
-                                   cfg.DATASETS.CUSTOM.UNLABELED_DIR, os.path.join(out, "oracle_labeled.json"))
+                                   cfg.DATASETS.CUSTOM.UNLABELED_DIR,
+                                   os.path.join(out, "oracle_labeled.json"))
         run_opts["oracle"] = common + ["DATASETS.CUSTOM.LABELED_JSON", merged]
         dirs["oracle"] = os.path.join(out, "oracle")
     elif not custom:
         run_opts["oracle"] = common
-        dirs["oracle"] = os.path.join(out, os.path.splitext(os.path.basename(baseline_cfgs["oracle"]))[0])
+        dirs["oracle"] = os.path.join(
+            out, os.path.splitext(os.path.basename(baseline_cfgs["oracle"]))[0])
 
     # The baselines do not depend on the method: finished ones (same iterations and overrides)
     # are reused when several methods are compared into the same output folder.
     baselines = {}
     for run in run_opts:
-        if tr.finished(dirs[run], run_opts[run], hand_over if run == "supervised" else "model_final.pth"):
+        if tr.finished(dirs[run], run_opts[run],
+                       hand_over if run == "supervised" else "model_final.pth"):
             print(f"reusing the finished {run} run in {dirs[run]}")
             continue
         shutil.rmtree(dirs[run], ignore_errors=True)
@@ -333,16 +340,18 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
                                           (final_only if run == "oracle" else []), threads=1),
                           dirs[run])
     dirs["ssod"] = os.path.join(out, name)
-    with Progress({k: dirs[k] for k in ("supervised", "oracle") if k in dirs}, total, t0, progress_every):
-        tr.wait_for_file(os.path.join(dirs["supervised"], hand_over), baselines.get("supervised", (None,))[0],
-                      "supervised", dirs["supervised"])
+    with Progress({k: dirs[k] for k in ("supervised", "oracle") if k in dirs}, total, t0,
+                  progress_every):
+        tr.wait_for_file(os.path.join(dirs["supervised"], hand_over),
+                         baselines.get("supervised", (None,))[0], "supervised", dirs["supervised"])
     shutil.rmtree(dirs["ssod"], ignore_errors=True)
     tr.warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
     runs = dict(baselines)
     runs["ssod"] = (tr.run_training(method_cfg, dirs["ssod"],
                                     common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt + final_only,
                                     threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
-    shown = {("oracle" if k == "oracle" else name if k == "ssod" else k): d for k, d in dirs.items()}
+    shown = {("oracle" if k == "oracle" else name if k == "ssod" else k): d
+             for k, d in dirs.items()}
     with Progress(shown, total, t0, progress_every):
         tr.wait_all(runs)
     for run in baselines:
@@ -356,7 +365,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     sup_curve = tr.ap_curve(dirs["supervised"], "student", total)
     curves = {"supervised": sup_curve,
               # the method's first N iterations are the supervised run's
-              name: [p for p in sup_curve if p[0] <= burn_in] + tr.ap_curve(dirs["ssod"], "teacher", total)}
+              name: ([p for p in sup_curve if p[0] <= burn_in]
+                     + tr.ap_curve(dirs["ssod"], "teacher", total))}
     if "oracle" in dirs:
         curves["oracle"] = tr.ap_curve(dirs["oracle"], "student", total)
     final = {k: {"AP": v[-1][1], "AP50": v[-1][2], "iteration": v[-1][0]}
@@ -385,7 +395,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
                              ("summary", "md", lambda f: f.write(table + "\n"))):
         with open(os.path.join(out, f"{base}_{name}.{ext}"), "w") as f:
             write(f)
-        shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"), os.path.join(out, f"{base}.{ext}"))
+        shutil.copyfile(os.path.join(out, f"{base}_{name}.{ext}"),
+                        os.path.join(out, f"{base}.{ext}"))
     tr.plot(curves, os.path.join(out, f"ap_curve_{name}.png"), ylabel=f"COCO AP on {test_name}")
     shutil.copyfile(os.path.join(out, f"ap_curve_{name}.png"), os.path.join(out, "ap_curve.png"))
     # tools/plot_metrics.py's plots of the method's run (AP, unsup/ losses, pseudo boxes, ...)
@@ -434,7 +445,8 @@ _DATA_FLAGS = [("--labeled-json", "LABELED_JSON", True), ("--image-root", "IMAGE
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"),
+    parser.add_argument("--config-file",
+                        default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"),
                         help="the method's config (its SSOD.DEMO_BASELINES name the baselines)")
     for flag, key, _ in _DATA_FLAGS:
         parser.add_argument(flag, help=f"DATASETS.CUSTOM.{key}")
@@ -469,8 +481,9 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} {value}: no such {'file' if is_file else 'folder'}.")
     data = [x for flag, key, value in given
             for x in (f"DATASETS.CUSTOM.{key}", os.path.abspath(value))]
-    return run_comparison(args.config_file, args.output, data + list(args.opts), burn_in=args.burn_in,
-                          ssod_iters=args.ssod_iters, oracle_json=args.oracle_json,
+    return run_comparison(args.config_file, args.output, data + list(args.opts),
+                          burn_in=args.burn_in, ssod_iters=args.ssod_iters,
+                          oracle_json=args.oracle_json,
                           min_boxes=args.min_boxes, progress_every=args.progress_every,
                           seed=args.seed, keep_checkpoints=args.keep_checkpoints,
                           flags={f"DATASETS.CUSTOM.{key}": flag for flag, key, _ in given})

@@ -37,7 +37,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="format", required=True)
     voc = sub.add_parser("voc", help="a folder of Pascal-VOC XML files")
     voc.add_argument("--xml-dir", required=True)
-    voc.add_argument("--classes", help="class names, one per line (default: the names found, sorted)")
+    voc.add_argument("--classes",
+                     help="class names, one per line (default: the names found, sorted)")
     voc.add_argument("--skip-difficult", action="store_true", help="drop objects marked difficult")
     yolo = sub.add_parser("yolo", help="YOLO txt labels + class names + images")
     yolo.add_argument("--labels", required=True, help="folder of .txt label files")

@@ -12,10 +12,11 @@ Writes into ``--output``:
   ``MODEL.WEIGHTS`` like any Detectron2 checkpoint. Needs no config.
 * ``model.ts`` (``torchscript``): the teacher traced with Detectron2's ``TracingAdapter`` and
   ``torch.jit.trace`` on ``--sample-image`` (default: the first image of the config's first
-  ``DATASETS.TEST``; a recipe without datasets needs it). Input: one C×H×W float or uint8 tensor in ``INPUT.FORMAT``, resized with
-  ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; outputs: the detections' fields sorted
-  by name (boxes in the resized image's pixels, classes, scores; the dense detector adds
-  ``pred_objectness``), then the input's (height, width). ``export.json`` records these.
+  ``DATASETS.TEST``; a recipe without datasets needs it). Input: one C×H×W float or uint8 tensor in
+  ``INPUT.FORMAT``, resized with ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; outputs: the
+  detections' fields sorted by name (boxes in the resized image's pixels, classes, scores; the dense
+  detector adds ``pred_objectness``), then the input's (height, width). ``export.json`` records
+  these.
   The tool runs the traced model on the sample image, and on it stretched to another input
   shape, and prints how far its boxes are from the predictor's (a trace can be valid for the
   traced input shape only: the dense detector's is, the Faster R-CNN's is not).

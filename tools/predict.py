@@ -9,10 +9,10 @@
 The weights are the checkpoint's ``"model"`` entry: the teacher of a d2ssod training checkpoint,
 or any Detectron2 checkpoint of the config's detector (a checkpoint that does not fit the config
 is refused). The config is the training recipe (or the run's ``config.yaml``): no dataset keys
-are needed, a d2ssod checkpoint carries its classes (``build_inference_cfg``). ``--input`` takes image files, folders (searched recursively) and glob patterns
-(quote them; ``**`` is recursive). Images go through the model ``--batch-size`` at a time with
-Detectron2's test-time resize (as ``DefaultPredictor``); files that cannot be decoded are
-skipped, counted and listed.
+are needed, a d2ssod checkpoint carries its classes (``build_inference_cfg``). ``--input`` takes
+image files, folders (searched recursively) and glob patterns (quote them; ``**`` is recursive).
+Images go through the model ``--batch-size`` at a time with Detectron2's test-time resize (as
+``DefaultPredictor``); files that cannot be decoded are skipped, counted and listed.
 
 Writes into ``--output-dir``:
 

@@ -33,7 +33,8 @@ def threshold_sweep(detections, truths, thresholds):
 
     rows = []
     for t in thresholds:
-        pseudo = [(boxes[scores >= t], classes[scores >= t]) for boxes, scores, classes in detections]
+        pseudo = [(boxes[scores >= t], classes[scores >= t])
+                  for boxes, scores, classes in detections]
         mp, n_p, mt, n_t = pseudo_label_quality(pseudo, truths)
         rows.append({"threshold": float(t), "boxes_per_image": n_p / max(len(detections), 1),
                      "precision": mp / n_p if n_p else float("nan"),
@@ -84,7 +85,8 @@ def main():
                 gt = annotations_to_instances(d.get("annotations", []), (d["height"], d["width"]))
                 truths.append((gt.gt_boxes, gt.gt_classes))
     n_gt = sum(len(t[0]) for t in truths)
-    print(f"{name}: {len(dicts)} images, {n_gt / max(len(dicts), 1):.2f} ground-truth boxes per image")
+    print(f"{name}: {len(dicts)} images, {n_gt / max(len(dicts), 1):.2f} ground-truth boxes "
+          "per image")
     print("| threshold | boxes / image | precision | recall |\n|---|---|---|---|")
     for r in threshold_sweep(detections, truths, args.thresholds):
         print(f"| {r['threshold']:.2f} | {r['boxes_per_image']:.2f} | {r['precision']:.2f} | "

@@ -2,7 +2,7 @@
 """Put the benchmark tables into docs/results.md and the README.
 
     python tools/results_table.py            # README.md, docs/results.md <- benchmarks/<name>.json
-    python tools/results_table.py --check    # exit 1 if a block is out of date or a table is missing
+    python tools/results_table.py --check    # exit 1 if a block is stale or a table is missing
 
 The numbers of the multi-seed benchmarks are never typed: each table lives between the markers
 ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is rendered from

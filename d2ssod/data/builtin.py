@@ -54,7 +54,8 @@ __all__ = [
 DEMO_DATASETS = ("demo_labeled", "demo_unlabeled", "demo_val")
 #: PASCAL VOC SSOD protocol (VOC07 trainval labeled, VOC12 trainval unlabeled, VOC07 test),
 #: all three registered by Detectron2's builtin datasets.
-VOC_SSOD = {"labeled": "voc_2007_trainval", "unlabeled": "voc_2012_trainval", "test": "voc_2007_test"}
+VOC_SSOD = {"labeled": "voc_2007_trainval", "unlabeled": "voc_2012_trainval",
+            "test": "voc_2007_test"}
 
 _COCO_TRAIN_JSON = "coco/annotations/instances_train2017.json"
 _COCO_TRAIN_IMAGES = "coco/train2017"
@@ -129,17 +130,19 @@ def load_coco_split(datasets_root, percent, fold, part):
                                 f"{os.path.join(datasets_root, 'coco')} (see datasets/README.md).")
     split = read_split_file(path)
     # the metadata of Detectron2's coco_2017_train holds COCO's category id mapping
-    dicts = load_coco_json(json_file, os.path.join(datasets_root, _COCO_TRAIN_IMAGES), "coco_2017_train")
+    dicts = load_coco_json(json_file, os.path.join(datasets_root, _COCO_TRAIN_IMAGES),
+                           "coco_2017_train")
     wanted = set(split[f"{part}_image_ids"])
     out = [d for d in dicts if d["image_id"] in wanted]
     if len(out) != len(wanted) or len(dicts) != split["num_images"]:
         raise ValueError(f"Split file {path} ({split['num_images']} images) does not match "
-                         f"{json_file} ({len(dicts)} images); recreate it with tools/make_splits.py.")
+                         f"{json_file} ({len(dicts)} images); recreate it with "
+                         "tools/make_splits.py.")
     return out
 
 
-def register_coco_standard(datasets_root, percents=COCO_STANDARD_PERCENTS, folds=COCO_STANDARD_FOLDS,
-                           overwrite=False):
+def register_coco_standard(datasets_root, percents=COCO_STANDARD_PERCENTS,
+                           folds=COCO_STANDARD_FOLDS, overwrite=False):
     """Register ``coco_2017_train_{p}p_fold{f}_labeled`` / ``_unlabeled``; returns the names."""
     meta = dict(_get_builtin_metadata("coco"), evaluator_type="coco",
                 json_file=os.path.join(datasets_root, _COCO_TRAIN_JSON),
@@ -149,7 +152,8 @@ def register_coco_standard(datasets_root, percents=COCO_STANDARD_PERCENTS, folds
         for f in folds:
             for part in ("labeled", "unlabeled"):
                 ds = f"{split_name(p, f)}_{part}"
-                register_dataset(ds, functools.partial(load_coco_split, datasets_root, p, f, part), meta, overwrite)
+                register_dataset(ds, functools.partial(load_coco_split, datasets_root, p, f, part),
+                                 meta, overwrite)
                 names.append(ds)
     return names
 
@@ -169,8 +173,9 @@ def register_coco_additional(datasets_root, overwrite=False):
     """Register ``coco_2017_unlabeled`` (used with Detectron2's ``coco_2017_train``)."""
     json_file = os.path.join(datasets_root, "coco/annotations/image_info_unlabeled2017.json")
     image_root = os.path.join(datasets_root, "coco/unlabeled2017")
-    register_dataset("coco_2017_unlabeled", functools.partial(load_image_info_json, json_file, image_root),
-              dict(_get_builtin_metadata("coco"), image_root=image_root), overwrite)
+    register_dataset("coco_2017_unlabeled",
+                     functools.partial(load_image_info_json, json_file, image_root),
+                     dict(_get_builtin_metadata("coco"), image_root=image_root), overwrite)
     return ["coco_2017_unlabeled"]
 
 

@@ -216,7 +216,8 @@ def voc_to_coco(xml_dir, class_names=None, skip_difficult=False, notes=None):
                 continue
             box = obj.find("bndbox")
             if box is None:
-                raise ConversionError(f"{_where(path, obj.line)}: <object> {name!r} has no <bndbox>.")
+                raise ConversionError(
+                    f"{_where(path, obj.line)}: <object> {name!r} has no <bndbox>.")
             (x0, _), (y0, _), (x1, _), (y1, _) = (
                 _number(path, box, t, "box corner") for t in ("xmin", "ymin", "xmax", "ymax"))
             if x1 < x0 or y1 < y0:
@@ -259,14 +260,16 @@ def _yolo_boxes(path, width, height, num_classes, names_file, clipped, empty, to
                 cls = int(fields[0])
                 cx, cy, w, h = (float(v) for v in fields[1:])
             except ValueError:
-                raise ConversionError(f"{_where(path, n)}: {raw.strip()!r} is not 'class cx cy w h' "
-                                      "(an integer class and four numbers).") from None
+                raise ConversionError(f"{_where(path, n)}: {raw.strip()!r} is not "
+                                      "'class cx cy w h' (an integer class and four numbers)."
+                                      ) from None
             if not 0 <= cls < num_classes:
-                raise ConversionError(f"{_where(path, n)}: class {cls} is not in 0..{num_classes - 1} "
-                                      f"({names_file} names {num_classes} classes).")
+                raise ConversionError(f"{_where(path, n)}: class {cls} is not in "
+                                      f"0..{num_classes - 1} ({names_file} names {num_classes} "
+                                      "classes).")
             if not all(-tol <= v <= 1 + tol for v in (cx, cy, w, h)):
-                raise ConversionError(f"{_where(path, n)}: cx cy w h must be fractions of the image "
-                                      f"size in [0, 1], got {cx:g} {cy:g} {w:g} {h:g}.")
+                raise ConversionError(f"{_where(path, n)}: cx cy w h must be fractions of the "
+                                      f"image size in [0, 1], got {cx:g} {cy:g} {w:g} {h:g}.")
             box = _clip(path, n, [(cx - w / 2) * width, (cy - h / 2) * height, w * width,
                                   h * height], width, height, clipped)
             if box[2] <= 0 or box[3] <= 0:
@@ -286,10 +289,12 @@ def yolo_to_coco(label_dir, image_dir, names_file=None, keep_images_without_labe
     boxes and boxes of zero size (left out) are listed in ``notes``."""
     names_file = names_file or find_class_names(label_dir)
     names = read_class_names(names_file)
-    images = {os.path.splitext(os.path.relpath(p, image_dir))[0]: p for p in list_image_files(image_dir)}
+    images = {os.path.splitext(os.path.relpath(p, image_dir))[0]: p
+              for p in list_image_files(image_dir)}
     if not images:
         raise ConversionError(f"{image_dir}: no images.")
-    labels = {os.path.splitext(os.path.relpath(os.path.join(d, f), label_dir))[0]: os.path.join(d, f)
+    labels = {os.path.splitext(os.path.relpath(os.path.join(d, f), label_dir))[0]:
+              os.path.join(d, f)
               for d, _, fs in os.walk(label_dir) for f in fs if f.endswith(".txt")}
     names_stem = os.path.splitext(LABELIMG_CLASSES)[0]
     if names_stem in labels and names_stem not in images:  # LabelImg's class list, not labels

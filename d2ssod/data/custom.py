@@ -104,7 +104,8 @@ def _read_cache(path, folder):
             data = pickle.load(f)
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError):
         return None
-    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or data.get("folder") != folder:
+    if (not isinstance(data, dict) or data.get("version") != _CACHE_VERSION
+            or data.get("folder") != folder):
         return None
     return data["dirs"], data["files"]
 
@@ -256,7 +257,8 @@ def _drop_degenerate_boxes(dataset_dicts, json_file):
     dropped, example = 0, None
     for d in dataset_dicts:
         anns = d.get("annotations", [])
-        keep = [a for a in anns if len(a.get("bbox", ())) != 4 or (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
+        keep = [a for a in anns
+                if len(a.get("bbox", ())) != 4 or (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
         if len(keep) != len(anns):
             dropped += len(anns) - len(keep)
             example = example or (d["file_name"], next(a["bbox"] for a in anns if a not in keep))
@@ -355,7 +357,8 @@ def register_custom_datasets(cfg, overwrite=True):
     if c.UNLABELED_DIR:
         folder = os.path.abspath(c.UNLABELED_DIR)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r}: folder not found.")
+            raise FileNotFoundError(
+                f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r}: folder not found.")
         if not _has_image(folder):
             raise FileNotFoundError(
                 f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r} contains no images "
@@ -373,8 +376,12 @@ def register_custom_datasets(cfg, overwrite=True):
                 f"cannot measure the model; remove it from one of the two.")
 
     name = f"{c.NAME}_labeled"
-    register_dataset(name, functools.partial(_load_checked_coco_json, labeled_json, image_root, name, labeled=True),
-              dict(meta, evaluator_type="coco", json_file=labeled_json, image_root=image_root), overwrite)
+    register_dataset(name,
+                     functools.partial(_load_checked_coco_json, labeled_json, image_root, name,
+                                       labeled=True),
+                     dict(meta, evaluator_type="coco", json_file=labeled_json,
+                          image_root=image_root),
+                     overwrite)
     names["labeled"] = name
     if c.UNLABELED_DIR:
         name = f"{c.NAME}_unlabeled"
@@ -384,8 +391,11 @@ def register_custom_datasets(cfg, overwrite=True):
         names["unlabeled"] = name
     if val_json:
         name = f"{c.NAME}_val"
-        register_dataset(name, functools.partial(_load_checked_coco_json, val_json, image_root, name),
-                  dict(meta, evaluator_type="coco", json_file=val_json, image_root=image_root), overwrite)
+        register_dataset(name,
+                         functools.partial(_load_checked_coco_json, val_json, image_root, name),
+                         dict(meta, evaluator_type="coco", json_file=val_json,
+                              image_root=image_root),
+                         overwrite)
         names["val"] = name
     return names
 
@@ -447,6 +457,7 @@ def resolve_num_classes(cfg):
     elif value != len(names):
         raise ValueError(
             f"{key}={value} contradicts DATASETS.CUSTOM.LABELED_JSON={json_file!r}, which has "
-            f"{len(names)} categories ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}). "
+            f"{len(names)} categories "
+            f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}). "
             f"Set {key} to {len(names)}, or to {AUTO_NUM_CLASSES} to take it from the json.")
     return names

@@ -54,7 +54,8 @@ class DatasetReport:
     images_with_boxes: int
     boxes_per_image: dict  # mean, median, max
     class_counts: dict  # name -> boxes
-    size: dict  # "sqrt_area" / "short_side" / "sqrt_area_resized" / "short_side_resized" -> {p: value}
+    # "sqrt_area" / "short_side" / "sqrt_area_resized" / "short_side_resized" -> {p: value}
+    size: dict
     resize: tuple  # (short side, max long side) of the resized scale
     anchor_sizes: list
     suggested_anchor_sizes: list
@@ -117,7 +118,8 @@ def dataset_report(json_file, anchor_sizes, min_size_test, max_size_test, min_bo
             past.append((files[a["image_id"]], list(a["bbox"]), (iw, ih)))
     unknown = sorted(set(image_ids) - set(sizes))
     if unknown:
-        raise ValueError(f"{json_file}: annotations refer to image ids not in 'images', e.g. {unknown[:5]}.")
+        raise ValueError(f"{json_file}: annotations refer to image ids not in 'images', "
+                         f"e.g. {unknown[:5]}.")
     unknown = sorted(set(cats) - set(names))
     if unknown:
         raise ValueError(f"{json_file}: annotations have category_id {unknown[:5]}, not among the "
@@ -178,9 +180,9 @@ def _warnings(r, resized, min_boxes):
         for count, side, edge in ((below, "smaller than", lo), (above, "larger than", hi)):
             if count > WARN_FRACTION * n:
                 out.append(
-                    f"{100 * count / n:.0f} % of the boxes ({count} of {n}) are {side} {edge:.0f} px "
-                    f"(sqrt(w·h) after resizing to short side {short}), outside what the anchors "
-                    f"{[int(a) for a in r.anchor_sizes]} cover well: {fix}.")
+                    f"{100 * count / n:.0f} % of the boxes ({count} of {n}) are {side} "
+                    f"{edge:.0f} px (sqrt(w·h) after resizing to short side {short}), outside "
+                    f"what the anchors {[int(a) for a in r.anchor_sizes]} cover well: {fix}.")
         if below > WARN_FRACTION * n or above > WARN_FRACTION * n:
             r.anchor_verdict = (f"the anchors do not cover the boxes (see the warning): {fix}")
         else:
@@ -193,10 +195,12 @@ def _warnings(r, resized, min_boxes):
         better = int(math.ceil(short * 32.0 / median / 32.0) * 32)
         out.append(f"Most objects are tiny at this input size: the median box is {median:.1f} px "
                    f"(sqrt(w·h)) after resizing to short side {short}. A short side of about "
-                   f"{better} (INPUT.MIN_SIZE_TRAIN/TEST, and MAX_SIZE_* to match) puts it at 32 px.")
+                   f"{better} (INPUT.MIN_SIZE_TRAIN/TEST, and MAX_SIZE_* to match) puts it at "
+                   "32 px.")
     rare = [f"{name} ({count})" for name, count in r.class_counts.items() if count < min_boxes]
     if rare:
-        out.append(f"Classes with fewer than {min_boxes} boxes in {r.json_file}: {', '.join(rare)}. "
+        out.append(f"Classes with fewer than {min_boxes} boxes in {r.json_file}: "
+                   f"{', '.join(rare)}. "
                    f"The detector will hardly learn them; label more examples or merge classes.")
     return out
 

@@ -63,7 +63,8 @@ _JSON_FILES = ("labeled.json", "unlabeled.json", "val.json")
 
 def demo_root():
     """``$DETECTRON2_DATASETS/demo`` (``datasets/demo`` when the variable is unset)."""
-    return os.path.join(os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")), "demo")
+    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    return os.path.join(root, "demo")
 
 
 def generator_info(num_train=NUM_TRAIN, num_val=NUM_VAL, seed=DEFAULT_SEED):
@@ -89,7 +90,8 @@ def _coco(info, images, annotations):
     return {
         "info": info,
         "licenses": [],
-        "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)],
+        "categories": [{"id": i + 1, "name": c, "supercategory": "shape"}
+                       for i, c in enumerate(CLASSES)],
         "images": images,
         "annotations": annotations,
     }
@@ -136,7 +138,8 @@ def generate_demo_data(out_dir, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=DEFAU
     for fname, keep in (("labeled.json", True), ("unlabeled.json", False)):
         sel_images = [im for im in images if (im["id"] in labeled_ids) == keep]
         sel_anns = [a for a in anns if (a["image_id"] in labeled_ids) == keep]
-        _write_json(os.path.join(out_dir, fname), _coco(dict(info, split=fname[:-5]), sel_images, sel_anns))
+        _write_json(os.path.join(out_dir, fname),
+                    _coco(dict(info, split=fname[:-5]), sel_images, sel_anns))
     _write_json(os.path.join(out_dir, "val.json"), _coco(dict(info, split="val"), *records["val"]))
     _write_json(os.path.join(out_dir, _MARKER), info)  # last: marks a complete folder
     return info

@@ -162,8 +162,10 @@ def _clutter_mask(rng, h, w, kind):
     if kind == "line":
         a, length = rng.uniform(0, math.pi), rng.uniform(15, 160)
         d = np.array([math.cos(a), math.sin(a)]) * length / 2
-        p0, p1 = ((np.array(center) - d) * _ONE).astype(int), ((np.array(center) + d) * _ONE).astype(int)
-        cv2.line(m, tuple(p0.tolist()), tuple(p1.tolist()), 1, int(rng.randint(1, 4)), cv2.LINE_8, _SHIFT)
+        p0, p1 = (((np.array(center) - d) * _ONE).astype(int),
+                  ((np.array(center) + d) * _ONE).astype(int))
+        cv2.line(m, tuple(p0.tolist()), tuple(p1.tolist()), 1, int(rng.randint(1, 4)),
+                 cv2.LINE_8, _SHIFT)
     elif kind == "arc":
         axes = (int(size / 2 * _ONE), int(size / 2 * rng.uniform(0.5, 1.0) * _ONE))
         start = rng.uniform(0, 360)
@@ -174,7 +176,8 @@ def _clutter_mask(rng, h, w, kind):
         r = rng.uniform(0.4, 1.2, n)
         r = (r + np.roll(r, 1) + np.roll(r, -1)) / 3 + rng.uniform(-0.25, 0.25, n)
         unit = _regular(n, rng.uniform(0, 2 * math.pi)) * np.clip(r, 0.2, 1.3)[:, None]
-        cv2.fillPoly(m, [_place(unit, size, center, 0.0, rng.uniform(0.5, 2.0))], 1, cv2.LINE_8, _SHIFT)
+        cv2.fillPoly(m, [_place(unit, size, center, 0.0, rng.uniform(0.5, 2.0))], 1, cv2.LINE_8,
+                     _SHIFT)
     elif kind == "ring":
         outer = max(size, 14.0) / 2
         thick = max(1, int(outer * rng.uniform(0.2, 0.45)))
@@ -256,7 +259,8 @@ def render_image(rng, height=IMAGE_SIZE[0], width=IMAGE_SIZE[1]):
             nominal = abs(cv2.contourArea(pts.astype(np.float32) / _ONE))
             if full < MIN_VISIBLE_PIXELS or full < 0.6 * nominal:
                 continue  # too small a part inside the frame
-            if all((o["visible"] & ~mask).sum() >= MIN_VISIBLE_FRACTION * o["full"] for o in objects):
+            if all((o["visible"] & ~mask).sum() >= MIN_VISIBLE_FRACTION * o["full"]
+                   for o in objects):
                 break
         else:
             continue

@@ -55,7 +55,8 @@ def _seeded(seed):
     """Seed Python's, NumPy's and torch's CPU generator with ``seed`` inside the block and
     restore their previous states afterwards (so the training process's own random streams
     are untouched when data is loaded in the main process). CUDA generators are not touched."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    py_state, np_state, torch_state = (random.getstate(), np.random.get_state(),
+                                       torch.get_rng_state())
     random.seed(seed)
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)

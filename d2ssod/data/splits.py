@@ -77,7 +77,8 @@ def split_image_ids(image_ids, percent, fold, seed=1):
     return np.sort(perm[:k]).tolist(), np.sort(perm[k:]).tolist()
 
 
-def coco_standard_splits(image_ids, percents=COCO_STANDARD_PERCENTS, folds=COCO_STANDARD_FOLDS, seed=1):
+def coco_standard_splits(image_ids, percents=COCO_STANDARD_PERCENTS, folds=COCO_STANDARD_FOLDS,
+                         seed=1):
     """``{(percent, fold): (labeled, unlabeled)}`` for every percentage and fold."""
     out = {}
     for fold in folds:

@@ -80,12 +80,14 @@ def _check_rule(rule):
     need(rule.MIN_ITER >= 1, "MIN_ITER", ">= 1")
     need(rule.MAX_ITER >= 1, "MAX_ITER", ">= 1")
     need(0 < rule.MAX_BURN_IN_FRACTION < 1, "MAX_BURN_IN_FRACTION", "in (0, 1)")
-    need(1 <= rule.NUM_EVALS <= rule.MAX_EVALS, "NUM_EVALS", f"between 1 and MAX_EVALS ({rule.MAX_EVALS})")
+    need(1 <= rule.NUM_EVALS <= rule.MAX_EVALS, "NUM_EVALS",
+         f"between 1 and MAX_EVALS ({rule.MAX_EVALS})")
     need(all(0 < f < 1 for f in rule.STEPS) and list(rule.STEPS) == sorted(set(rule.STEPS)),
          "STEPS", "increasing fractions in (0, 1)")
     need(rule.EMA_TIME_FRACTION > 0, "EMA_TIME_FRACTION", "> 0")
     lo_hi = tuple(rule.EMA_MOMENTUM_RANGE)
-    need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] < 1, "EMA_MOMENTUM_RANGE", "(low, high) with 0 <= low <= high < 1")
+    need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] < 1, "EMA_MOMENTUM_RANGE",
+         "(low, high) with 0 <= low <= high < 1")
 
 
 def derive_schedule(num_labeled, num_unlabeled, ims_per_batch, unlabeled_ratio, rule,

@@ -42,7 +42,8 @@ def _atomic_save(obj, path):
 
 
 def strip_to_teacher(src, dst):
-    """Write ``{"model": <src's "model">}`` (and its ``"dataset_meta"``, the classes) to ``dst`` (atomically: temporary file + rename).
+    """Write ``{"model": <src's "model">}`` (and its ``"dataset_meta"``, the classes) to ``dst``
+    (atomically: temporary file + rename).
 
     Returns ``dict(dropped=[entries left out], src_bytes, dst_bytes)``. Raises
     ``FileNotFoundError`` for a missing ``src`` and ``KeyError`` when it has no ``"model"``."""

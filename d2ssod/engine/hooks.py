@@ -86,7 +86,8 @@ class TrainerCheckpointHook(hooks.PeriodicCheckpointer):
         if not os.path.isdir(save_dir):
             return []
         pattern = re.compile(rf"^{re.escape(self.file_prefix)}_(\d{{7}})\.pth$")
-        found = sorted((int(m.group(1)), m.group(0)) for m in map(pattern.match, os.listdir(save_dir))
+        found = sorted((int(m.group(1)), m.group(0))
+                       for m in map(pattern.match, os.listdir(save_dir))
                        if m and int(m.group(1)) < self.trainer.start_iter)
         return [os.path.join(save_dir, name) for _, name in found]
 

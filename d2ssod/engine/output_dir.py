@@ -167,7 +167,8 @@ def check_resume_config(cfg, allow_change=False):
     :class:`ConfigChangedError` listing the differing keys unless ``allow_change``; return the
     differences (empty when identical or when there is nothing to compare with)."""
     saved = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if not (os.path.isfile(saved) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+    if not (os.path.isfile(saved)
+            and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
         return []
     diff = config_differences(cfg, saved)
     if diff and not allow_change:

@@ -291,8 +291,9 @@ class SSODTrainer(DefaultTrainer):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
             elif isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = TrainerCheckpointHook(h.checkpointer, h.period,
-                                               max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
+                ret[i] = TrainerCheckpointHook(
+                    h.checkpointer, h.period,
+                    max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(h._writers, period=cfg.SOLVER.LOG_PERIOD)
         if self.uses_teacher(cfg):

@@ -25,8 +25,8 @@ from matplotlib import colors as mcolors
 
 from d2ssod.methods.base import ExplainedDetections
 
-__all__ = ["class_names", "explain_views", "view_scale", "draw_detections", "render_sample", "render_record",
-           "stack_images", "outcome_rgb", "PseudoLabelVisHook"]
+__all__ = ["class_names", "explain_views", "view_scale", "draw_detections", "render_sample",
+           "render_record", "stack_images", "outcome_rgb", "PseudoLabelVisHook"]
 
 _GAP = 6  # pixels between the two panels and between stacked images
 _LEGEND_LINE = 18  # pixels per legend line

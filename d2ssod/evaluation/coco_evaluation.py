@@ -126,13 +126,15 @@ if COCOeval_faster is not None:
             dt_key = _group_key(img_ids, cat_ids, dt_img, dt_cat)
             d_order = np.argsort(dt_key, kind="stable")
             d_order = d_order[dt_key[d_order] >= 0]
-            d_keys, d_starts, d_counts = _load_groups(self.dt_dataset, self.cocoDt.dataset["annotations"],
-                                                      d_order, dt_key[d_order], img_ids, cat_ids)
+            d_keys, d_starts, d_counts = _load_groups(
+                self.dt_dataset, self.cocoDt.dataset["annotations"], d_order, dt_key[d_order],
+                img_ids, cat_ids)
             # rows of the IoU matrices: each group's detections by decreasing score, ties in
             # dataset order (the C++ code's stable sort), at most maxDets[-1]. Detectron2's
             # results are already in that order within an image: then nothing is re-sorted.
             sorted_keys, sorted_scores = dt_key[d_order], dt_score[d_order]
-            if not np.all((sorted_keys[1:] != sorted_keys[:-1]) | (sorted_scores[1:] <= sorted_scores[:-1])):
+            if not np.all((sorted_keys[1:] != sorted_keys[:-1])
+                          | (sorted_scores[1:] <= sorted_scores[:-1])):
                 d_order = d_order[np.lexsort((-sorted_scores, sorted_keys))]
             rank = np.arange(len(d_order)) - np.repeat(d_starts, d_counts)
             if d_counts.size and d_counts.max() > p.maxDets[-1]:
@@ -270,7 +272,8 @@ class FastCOCOEvaluator(COCOEvaluator):
                 # as in the COCO API: without "bbox", the mask area defines small/medium/large
                 coco_results = [{k: v for k, v in r.items() if k != "bbox"} for r in coco_results]
             dt = gt.loadRes(coco_results)
-            sigmas = list(self._kpt_oks_sigmas) if task == "keypoints" and self._kpt_oks_sigmas else None
+            sigmas = (list(self._kpt_oks_sigmas)
+                      if task == "keypoints" and self._kpt_oks_sigmas else None)
             coco_eval = COCOeval_faster(gt, dt, task, kpt_oks_sigmas=sigmas,
                                         print_function=self._logger.info)
         if task != "keypoints":
@@ -293,7 +296,8 @@ class FastCOCOEvaluator(COCOEvaluator):
                 return None
             return (np.fromiter(map(itemgetter("image_id"), coco_results), np.int64, n),
                     np.fromiter(map(itemgetter("category_id"), coco_results), np.int64, n),
-                    np.fromiter(itertools.chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4),
+                    np.fromiter(itertools.chain.from_iterable(boxes), np.float64, 4 * n)
+                    .reshape(n, 4),
                     np.fromiter(map(itemgetter("score"), coco_results), np.float64, n))
         except (KeyError, TypeError, ValueError):
             return None
@@ -327,7 +331,8 @@ class FastCOCOEvaluator(COCOEvaluator):
         with _gc_paused():
             self._eval_predictions_impl(predictions, img_ids)
 
-    # Not COCOEvaluator's: it hard-wires pycocotools' COCOeval, replaceable only by patching its module.
+    # Not COCOEvaluator's: it hard-wires pycocotools' COCOeval, replaceable only by patching its
+    # module.
     def _eval_predictions_impl(self, predictions, img_ids=None):
         coco_results = self._to_dataset_category_ids(
             itertools.chain.from_iterable(p["instances"] for p in predictions))

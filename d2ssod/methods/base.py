@@ -102,8 +102,8 @@ def clip_to_view(boxes, counts, batch, view):
     """Clip boxes (P, 4), ``counts[i]`` of them on image ``i`` of ``batch`` (image-major), to
     the size of that image's ``view`` ("weak" / "strong")."""
     device = boxes.device
-    row_sizes = view_sizes(batch, view).to(device).repeat_interleave(torch.as_tensor(counts, device=device), dim=0,
-                                                   output_size=boxes.shape[0])
+    row_sizes = view_sizes(batch, view).to(device).repeat_interleave(
+        torch.as_tensor(counts, device=device), dim=0, output_size=boxes.shape[0])
     return clip_boxes(boxes, row_sizes)
 
 

@@ -21,11 +21,11 @@ What this method contributes to the shared trainer:
   at construction) and both are padded alike;
 * **ROI distillation** (``loss_roi_distill_cls`` / ``_loc``): the student's proposals of x and
   of x↓ (×2), up to ``ROI_SAMPLES_PER_IMAGE`` per image drawn uniformly, are mapped into the weak
-  view (:func:`~d2ssod.methods.base.map_view_boxes`) and scored by the teacher. Its class probabilities are soft
-  targets of the student's class logits on x (soft cross entropy); where its top class is not
-  background, the student's deltas of that class regress (smooth-L1) toward the teacher's
-  refined box (its class-specific deltas on the mapped proposal, mapped back into the student
-  view), encoded relative to the student's proposal;
+  view (:func:`~d2ssod.methods.base.map_view_boxes`) and scored by the teacher. Its class
+  probabilities are soft targets of the student's class logits on x (soft cross entropy); where its
+  top class is not background, the student's deltas of that class regress (smooth-L1) toward the
+  teacher's refined box (its class-specific deltas on the mapped proposal, mapped back into the
+  student view), encoded relative to the student's proposal;
 * **re-weighting**: each proposal's two distillation terms weigh ``wᵢ = (1 − p_bg,i)^γ`` from
   the teacher (γ = ``REWEIGHT_GAMMA``, 1; 0 = off), normalised to mean 1 over the batch, and
   each term is ``Σ wᵢ·ℓᵢ / max(Σ wᵢ, 1)``;

@@ -20,8 +20,8 @@ deviations: docs/methods.md, "Soft Teacher"):
   proposals of the classification loss weigh the teacher's background probability
   (:meth:`SoftTeacher.background_probabilities`: student proposals mapped back into the weak
   view with the inverse of the weak→strong matrix, scored by the teacher's box head in one call);
-* all four student losses count on unlabeled data with weight ``λ_u`` (4 on partially labeled
-  COCO, 2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp (docs/methods.md, "Shared trainer").
+* all four student losses count on unlabeled data with weight ``λ_u`` (4 on partially labeled COCO,
+  2 with unlabeled2017); no burn-in and EMA 0.999 with the ramp (docs/methods.md, "Shared trainer").
 
 The student's ROI heads must be ``SoftTeacherROIHeads`` (``MODEL.ROI_HEADS.NAME``).
 

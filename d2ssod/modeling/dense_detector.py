@@ -106,8 +106,8 @@ class YOLODenseDetector(DenseDetector):
 
     @configurable
     def __init__(self, *, backbone, head, head_in_features, anchor_generator, assigner,
-                 num_classes, pseudo_assigner=None, loss_scale=64.0, box_loss_weight=0.05, obj_loss_weight=0.7,
-                 cls_loss_weight=0.3, obj_level_weights=(4.0, 1.0, 0.4),
+                 num_classes, pseudo_assigner=None, loss_scale=64.0, box_loss_weight=0.05,
+                 obj_loss_weight=0.7, cls_loss_weight=0.3, obj_level_weights=(4.0, 1.0, 0.4),
                  test_score_thresh=0.001, test_topk_candidates=1000, test_nms_thresh=0.65,
                  max_detections_per_image=100, pixel_mean, pixel_std, input_format="BGR"):
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean,
