@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write the COCO-standard labeled/unlabeled split files (1, 2, 5, 10 % × folds 1–5).
 
-    python tools/make_splits.py \
-        [--json $DETECTRON2_DATASETS/coco/annotations/instances_train2017.json] \
+    python tools/make_splits.py
+        [--json $DETECTRON2_DATASETS/coco/annotations/instances_train2017.json]
         [--out $DETECTRON2_DATASETS/coco/splits] [--seed 1]
 
 The splits are deterministic (see d2ssod/data/splits.py for the method and the file format);
