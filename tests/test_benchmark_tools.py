@@ -211,7 +211,8 @@ def test_self_training_rows_time_each_pipeline_and_take_the_oracle_of_the_same_s
     table = bench.markdown_table({"seeds": [1], "rows": rows, "methods_json": "m.json",
                                   "long_baselines": "b.json", "command": "c",
                                   "pseudo_quality": [bench.pseudo_quality(summaries)]})
-    assert "| stpp | 35.00 ± 0.00 | 55.00 ± 0.00 | +0.10 ± 0.00 (vs supervised_800 / oracle_800)" in table
+    assert ("| stpp | 35.00 ± 0.00 | 55.00 ± 0.00 | +0.10 ± 0.00 (vs supervised_800 / oracle_800)"
+            in table)
 
 
 def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():

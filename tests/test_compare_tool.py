@@ -24,8 +24,10 @@ def _write_slice(src_root, json_name, n, image_dir, json_path, strip_folder=Fals
     out = []
     for img in images:
         png = os.path.splitext(img["file_name"])[0] + ".png"
-        cv2.imwrite(os.path.join(image_dir, png), cv2.imread(os.path.join(src_root, "images", img["file_name"])))
-        out.append(dict(img, file_name=png if strip_folder else f"{os.path.basename(image_dir)}/{png}"))
+        cv2.imwrite(os.path.join(image_dir, png),
+                    cv2.imread(os.path.join(src_root, "images", img["file_name"])))
+        out.append(dict(img, file_name=png if strip_folder
+                        else f"{os.path.basename(image_dir)}/{png}"))
     anns = [a for a in data["annotations"] if a["image_id"] in keep]
     with open(json_path, "w") as f:
         json.dump({"images": out, "annotations": anns, "categories": data["categories"]}, f)
@@ -41,7 +43,8 @@ TINY = ("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_
         "SSOD.SOFT_TEACHER.JITTER_TIMES", 2,
         # the rule on 4 labeled + 4 unlabeled images at batch 1 + 1: b = 4, s = 4, total 8,
         # period min(max(4, ceil(8 / 20)), round(8 / 2)) = 4, burn-in 4
-        "SSOD.AUTO_SCHEDULE_RULE.BURN_IN_EPOCHS", 1.0, "SSOD.AUTO_SCHEDULE_RULE.UNLABELED_EPOCHS", 1.0,
+        "SSOD.AUTO_SCHEDULE_RULE.BURN_IN_EPOCHS", 1.0,
+        "SSOD.AUTO_SCHEDULE_RULE.UNLABELED_EPOCHS", 1.0,
         "SSOD.AUTO_SCHEDULE_RULE.MIN_ITER", 1, "SSOD.AUTO_SCHEDULE_RULE.NUM_EVALS", 2)
 
 
@@ -89,7 +92,8 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert all(os.path.isabs(i["file_name"]) for i in merged["images"][4:])
     # each training logs the class count it took from the json and the dataset check
     log = (out / "supervised_cpu" / "log.txt").read_text()
-    assert "MODEL.ROI_HEADS.NUM_CLASSES = 5, from the categories of" in log and "Dataset check of" in log
+    assert "MODEL.ROI_HEADS.NUM_CLASSES = 5, from the categories of" in log
+    assert "Dataset check of" in log
     # the schedule was derived once and given to every run explicitly
     for run in ("supervised_cpu", "oracle", "soft_teacher_cpu"):
         cfg_text = (out / run / "config.yaml").read_text()
@@ -98,7 +102,8 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
 
     table = (out / "summary.md").read_text()
     assert table.startswith("| run (8 iterations, custom_val) | AP | AP50 |")
-    assert "| supervised (4 labeled, 50 %) |" in table and "| soft_teacher_cpu (+4 unlabeled) |" in table
+    assert "| supervised (4 labeled, 50 %) |" in table
+    assert "| soft_teacher_cpu (+4 unlabeled) |" in table
     assert "| oracle (100% labeled) |" in table
     assert summary["seed"] == 3 and "SEED: 3" in cfg_text
     assert summary["checks"] == load_tool("compare").report_checks(

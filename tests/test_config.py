@@ -18,7 +18,8 @@ def test_each_method_declares_its_own_keys():
         METHOD_REGISTRY.get(name).add_config(cfg)
         assert set(cfg.SSOD[node]) == keys
     full = get_ssod_cfg()
-    assert full.SSOD.SOFT_TEACHER.CLS_THRESH == 0.9 and full.SSOD.UNBIASED_TEACHER.SCORE_THRESH == 0.7
+    assert full.SSOD.SOFT_TEACHER.CLS_THRESH == 0.9
+    assert full.SSOD.UNBIASED_TEACHER.SCORE_THRESH == 0.7
     assert full.SSOD.SED.REWEIGHT_GAMMA == 1.0 and full.SSOD.SED.SCALE_CONSISTENCY is False
 
 

@@ -67,15 +67,18 @@ def test_missing_custom_json_names_the_key_and_the_path(key, tmp_path):
 def test_custom_json_that_is_not_coco_and_missing_folders(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match=r"DATASETS.CUSTOM.LABELED_JSON=.*bad.json.*not valid JSON"):
+    with pytest.raises(ValueError,
+                       match=r"DATASETS.CUSTOM.LABELED_JSON=.*bad.json.*not valid JSON"):
         build_cfg(UT, ["DATASETS.CUSTOM.LABELED_JSON", str(bad), "SSOD.METHOD", "supervised"])
     no_cats = tmp_path / "no_cats.json"
     no_cats.write_text('{"images": [], "annotations": []}')
-    with pytest.raises(ValueError, match=r"no_cats.json.*needs 'images' and a non-empty 'categories'"):
+    with pytest.raises(ValueError,
+                       match=r"no_cats.json.*needs 'images' and a non-empty 'categories'"):
         build_cfg(UT, ["DATASETS.CUSTOM.LABELED_JSON", str(no_cats), "SSOD.METHOD", "supervised"])
     good = tmp_path / "good.json"
     good.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')
-    with pytest.raises(FileNotFoundError, match=r"DATASETS.CUSTOM.UNLABELED_DIR=.*missing_dir.*folder not found"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"DATASETS.CUSTOM.UNLABELED_DIR=.*missing_dir.*folder not found"):
         build_cfg(UT, ["DATASETS.CUSTOM.LABELED_JSON", str(good),
                        "DATASETS.CUSTOM.UNLABELED_DIR", str(tmp_path / "missing_dir")])
     with pytest.raises(FileNotFoundError, match=r"DATASETS.CUSTOM.IMAGE_ROOT=.*folder not found"):

@@ -21,9 +21,10 @@ def data(tmp_path_factory):
         cv2.imwrite(str(root / name), np.full((480, 640, 3), value * 255, np.uint8))
     with open(root / "labeled.json", "w") as f:
         json.dump({"images": [{"id": 1, "file_name": "a.jpg", "height": 480, "width": 640}],
-                   "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 20, 100, 50],
-                                    "area": 5000, "iscrowd": 0}],
-                   "categories": [{"id": 4, "name": "boat"}, {"id": 9, "name": "buoy"}, {"id": 11, "name": "gull"}]}, f)
+                   "annotations": [{"id": 1, "image_id": 1, "category_id": 4,
+                                    "bbox": [10, 20, 100, 50], "area": 5000, "iscrowd": 0}],
+                   "categories": [{"id": 4, "name": "boat"}, {"id": 9, "name": "buoy"},
+                                  {"id": 11, "name": "gull"}]}, f)
     return ["DATASETS.CUSTOM.LABELED_JSON", str(root / "labeled.json"),
             "DATASETS.CUSTOM.UNLABELED_DIR", str(root / "unlabeled"), "MODEL.WEIGHTS", ""]
 
@@ -38,12 +39,14 @@ def test_twin_differs_from_the_method_only_in_method_keys(data, size):
     assert method.SSOD.DEMO_BASELINES == (f"configs/custom/supervised_{size}.yaml",) * 2
     for key in ("INPUT", "SOLVER", "DATALOADER", "TEST"):
         assert method[key] == twin[key], key
-    assert method.MODEL.ROI_HEADS.NAME == "SoftTeacherROIHeads" and twin.MODEL.ROI_HEADS.NAME == "SSODROIHeads"
+    assert method.MODEL.ROI_HEADS.NAME == "SoftTeacherROIHeads"
+    assert twin.MODEL.ROI_HEADS.NAME == "SSODROIHeads"
     m_model, t_model = method.MODEL.clone(), twin.MODEL.clone()
     m_model.defrost()
     m_model.ROI_HEADS.NAME = t_model.ROI_HEADS.NAME
     assert m_model == t_model  # same detector, so the twin's weights load into the method
-    assert (method.SSOD.BURN_IN_ITERS, method.SOLVER.MAX_ITER) == (twin.SSOD.BURN_IN_ITERS, twin.SOLVER.MAX_ITER)
+    assert ((method.SSOD.BURN_IN_ITERS, method.SOLVER.MAX_ITER)
+            == (twin.SSOD.BURN_IN_ITERS, twin.SOLVER.MAX_ITER))
 
 
 def test_gpu_recipe_builds_on_cpu(data):

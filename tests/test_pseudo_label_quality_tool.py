@@ -15,7 +15,8 @@ _spec.loader.exec_module(plq)
 def test_threshold_sweep_counts_by_hand():
     # image 1: two objects; detections: a hit (0.9), the same object again with the wrong class
     # (0.6), a miss far away (0.4). image 2: one object, detected at 0.55.
-    truths = [(Boxes(torch.tensor([[0., 0., 10., 10.], [20., 20., 40., 40.]])), torch.tensor([1, 2])),
+    truths = [(Boxes(torch.tensor([[0., 0., 10., 10.], [20., 20., 40., 40.]])),
+               torch.tensor([1, 2])),
               (Boxes(torch.tensor([[5., 5., 15., 15.]])), torch.tensor([0]))]
     detections = [
         (Boxes(torch.tensor([[0., 0., 10., 11.], [0., 0., 10., 10.], [60., 60., 70., 70.]])),

@@ -36,7 +36,8 @@ def test_import_registers_lazily_under_detectron2_datasets(tmp_path):
     code = ("import d2ssod.data; from detectron2.data import MetadataCatalog as M; "
             "print('JSON', M.get('demo_val').json_file)")
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"JSON {tmp_path / 'demo' / 'val.json'}" in out.stdout
     assert os.listdir(tmp_path) == []  # nothing generated at import
@@ -54,7 +55,8 @@ def test_demo_datasets_load_and_generate(tmp_path):
         n_hidden = len(json.load(f)["annotations"])
     assert sum(len(d["annotations"]) for d in unl) == n_hidden > 0  # kept for measurement
     for d in lab + unl + val:
-        assert os.path.isfile(d["file_name"]) and (d["height"], d["width"]) == demo_render.IMAGE_SIZE
+        assert os.path.isfile(d["file_name"])
+        assert (d["height"], d["width"]) == demo_render.IMAGE_SIZE
         for a in d["annotations"]:
             assert 0 <= a["category_id"] < 5 and a["bbox_mode"] == BoxMode.XYWH_ABS
     assert MetadataCatalog.get("tdemo_val").json_file == os.path.join(root, "val.json")
@@ -64,9 +66,10 @@ def _write_coco_train(root, n=50):
     ann_dir = os.path.join(root, "coco", "annotations")
     os.makedirs(ann_dir)
     cats = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
-    images = [{"id": 10 + i, "file_name": f"{i:012d}.jpg", "height": 100, "width": 120} for i in range(n)]
-    anns = [{"id": i + 1, "image_id": 10 + i, "category_id": 90 if i % 2 else 1, "bbox": [1, 2, 30, 40],
-             "area": 1200, "iscrowd": 0} for i in range(n)]
+    images = [{"id": 10 + i, "file_name": f"{i:012d}.jpg", "height": 100, "width": 120}
+              for i in range(n)]
+    anns = [{"id": i + 1, "image_id": 10 + i, "category_id": 90 if i % 2 else 1,
+             "bbox": [1, 2, 30, 40], "area": 1200, "iscrowd": 0} for i in range(n)]
     path = os.path.join(ann_dir, "instances_train2017.json")
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
@@ -82,7 +85,8 @@ def test_coco_standard_split_loading(tmp_path):
     assert os.path.join(root, "coco", "splits", "coco_2017_train_10p_fold1.json") in msg
     assert "tools/make_splits.py" in msg
 
-    spec = importlib.util.spec_from_file_location("_make_splits", os.path.join(REPO, "tools", "make_splits.py"))
+    spec = importlib.util.spec_from_file_location("_make_splits",
+                                                  os.path.join(REPO, "tools", "make_splits.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     tool.main(["--json", json_file, "--out", os.path.join(root, "coco", "splits")])

@@ -49,7 +49,8 @@ def test_voc_boxes_and_classes(tmp_path):
     _write(tmp_path / "xml" / "a.xml", VOC_A)
     _write(tmp_path / "xml" / "b.xml", VOC_B)
     coco = voc_to_coco(str(tmp_path / "xml"))
-    assert coco["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "person"}]
+    assert coco["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"},
+                                  {"id": 3, "name": "person"}]
     assert coco["images"] == [{"id": 1, "file_name": "a.jpg", "width": 500, "height": 375},
                               {"id": 2, "file_name": "sub/b.jpg", "width": 300, "height": 200}]
     # 1-based inclusive corners: x = xmin − 1, w = xmax − xmin + 1
@@ -65,7 +66,8 @@ def test_voc_boxes_and_classes(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("person\ndog\ncat\n")
     coco = voc_to_coco(str(tmp_path / "xml"), read_class_names(str(names)), skip_difficult=True)
-    assert [(a["category_id"], a["bbox"]) for a in coco["annotations"]] == [(2, [47, 239, 148, 132]), (3, [0, 0, 300, 200])]
+    assert [(a["category_id"], a["bbox"]) for a in coco["annotations"]] == [
+        (2, [47, 239, 148, 132]), (3, [0, 0, 300, 200])]
 
 
 @pytest.mark.parametrize("text, line, message", [
@@ -84,7 +86,8 @@ def test_voc_class_missing_from_the_list(tmp_path):
     path = _write(tmp_path / "xml" / "a.xml", VOC_A)
     names = tmp_path / "names.txt"
     names.write_text("dog\n")
-    with pytest.raises(ConversionError, match=rf"^{path}:10: class 'person' is not in the class list"):
+    with pytest.raises(ConversionError,
+                       match=rf"^{path}:10: class 'person' is not in the class list"):
         voc_to_coco(str(tmp_path / "xml"), read_class_names(str(names)))
 
 

@@ -23,8 +23,8 @@ def _img(path, h=24, w=32):
 
 def _coco_json(path, files, cats=((3, "cat"), (7, "dog"))):
     images = [{"id": i + 1, "file_name": f, "height": 24, "width": 32} for i, f in enumerate(files)]
-    anns = [{"id": i + 1, "image_id": i + 1, "category_id": cats[i % len(cats)][0], "bbox": [2, 3, 10, 8],
-             "area": 80, "iscrowd": 0} for i in range(len(files))]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": cats[i % len(cats)][0],
+             "bbox": [2, 3, 10, 8], "area": 80, "iscrowd": 0} for i in range(len(files))]
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns,
                    "categories": [{"id": i, "name": n} for i, n in cats]}, f)
@@ -56,13 +56,15 @@ def custom(tmp_path):
 def test_custom_datasets_registered_and_cfg_set(custom):
     cfg, tmp = custom
     names = C.apply_custom_datasets(cfg)
-    assert names == {"labeled": "tcustom_labeled", "unlabeled": "tcustom_unlabeled", "val": "tcustom_val"}
+    assert names == {"labeled": "tcustom_labeled", "unlabeled": "tcustom_unlabeled",
+                     "val": "tcustom_val"}
     assert cfg.DATASETS.TRAIN == ("tcustom_labeled",)
     assert cfg.DATASETS.TRAIN_UNLABELED == ("tcustom_unlabeled",)
     assert cfg.DATASETS.TEST == ("tcustom_val",)
 
     lab = DatasetCatalog.get("tcustom_labeled")
-    assert [os.path.relpath(d["file_name"], tmp / "images") for d in lab] == ["a.png", os.path.join("sub", "c.png")]
+    assert [os.path.relpath(d["file_name"], tmp / "images") for d in lab] == [
+        "a.png", os.path.join("sub", "c.png")]
     assert [d["annotations"][0]["category_id"] for d in lab] == [0, 1]  # ids 3, 7 → 0, 1
     meta = MetadataCatalog.get("tcustom_val")
     assert meta.thing_classes == ["cat", "dog"] and meta.evaluator_type == "coco"
@@ -77,7 +79,8 @@ def test_custom_datasets_registered_and_cfg_set(custom):
     assert unl[1]["image_id"] == expected_id
     # registering again (another process, another run) gives the same ids
     C.register_custom_datasets(cfg)
-    assert [d["image_id"] for d in DatasetCatalog.get("tcustom_unlabeled")] == [d["image_id"] for d in unl]
+    assert ([d["image_id"] for d in DatasetCatalog.get("tcustom_unlabeled")]
+            == [d["image_id"] for d in unl])
 
 
 def test_custom_without_labeled_json_is_a_no_op():
@@ -99,12 +102,14 @@ def test_custom_missing_json(custom):
 
 def test_custom_missing_image_names_image_and_json(custom):
     cfg, tmp = custom
-    cfg.DATASETS.CUSTOM.LABELED_JSON = _coco_json(tmp / "bad.json", ["a.png", "ghost.png", "sub/gone.jpg"])
+    cfg.DATASETS.CUSTOM.LABELED_JSON = _coco_json(tmp / "bad.json",
+                                                  ["a.png", "ghost.png", "sub/gone.jpg"])
     C.apply_custom_datasets(cfg)
     with pytest.raises(FileNotFoundError) as e:
         DatasetCatalog.get("tcustom_labeled")
     msg = str(e.value)
-    assert str(tmp / "images" / "ghost.png") in msg and str(tmp / "images" / "sub" / "gone.jpg") in msg
+    assert str(tmp / "images" / "ghost.png") in msg
+    assert str(tmp / "images" / "sub" / "gone.jpg") in msg
     assert str(tmp / "bad.json") in msg and "2 image(s)" in msg
 
 
@@ -114,7 +119,8 @@ def test_custom_empty_unlabeled_dir(custom):
     (empty / "deep").mkdir(parents=True)
     (empty / "deep" / "readme.txt").write_text("no images here")
     cfg.DATASETS.CUSTOM.UNLABELED_DIR = str(empty)
-    with pytest.raises(FileNotFoundError, match=r"DATASETS\.CUSTOM\.UNLABELED_DIR.*contains no images"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"DATASETS\.CUSTOM\.UNLABELED_DIR.*contains no images"):
         C.apply_custom_datasets(cfg)
     cfg.DATASETS.CUSTOM.UNLABELED_DIR = str(tmp / "absent")
     with pytest.raises(FileNotFoundError, match=r"DATASETS\.CUSTOM\.UNLABELED_DIR.*absent"):
@@ -123,11 +129,13 @@ def test_custom_empty_unlabeled_dir(custom):
 
 def test_custom_category_mismatch(custom):
     cfg, tmp = custom
-    cfg.DATASETS.CUSTOM.VAL_JSON = _coco_json(tmp / "val2.json", ["b.png"], cats=((3, "cat"), (8, "dog")))
+    cfg.DATASETS.CUSTOM.VAL_JSON = _coco_json(tmp / "val2.json", ["b.png"],
+                                              cats=((3, "cat"), (8, "dog")))
     with pytest.raises(ValueError) as e:
         C.apply_custom_datasets(cfg)
     msg = str(e.value)
-    assert "DATASETS.CUSTOM.VAL_JSON" in msg and str(tmp / "val2.json") in msg and "(8, 'dog')" in msg
+    assert "DATASETS.CUSTOM.VAL_JSON" in msg and str(tmp / "val2.json") in msg
+    assert "(8, 'dog')" in msg
 
 
 def test_image_check_lists_each_folder_once(tmp_path, monkeypatch):
@@ -167,7 +175,8 @@ def test_class_count_and_names_from_the_labeled_json(custom):
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2  # 0 = auto; categories 3 "cat", 7 "dog"
     assert MetadataCatalog.get("tcustom_labeled").thing_classes == ["cat", "dog"]
     # an explicit value equal to the json's count is accepted
-    cfg = build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), opts + ["MODEL.ROI_HEADS.NUM_CLASSES", 2])
+    cfg = build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"),
+                    opts + ["MODEL.ROI_HEADS.NUM_CLASSES", 2])
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2
 
 
@@ -180,19 +189,23 @@ def test_class_count_that_contradicts_the_json_names_both(custom):
     with pytest.raises(ValueError) as e:
         build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), opts)
     msg = str(e.value)
-    assert msg.startswith(f"MODEL.ROI_HEADS.NUM_CLASSES=5 contradicts DATASETS.CUSTOM.LABELED_JSON={json_file!r}, "
+    assert msg.startswith("MODEL.ROI_HEADS.NUM_CLASSES=5 contradicts "
+                          f"DATASETS.CUSTOM.LABELED_JSON={json_file!r}, "
                           "which has 2 categories (cat, dog)")
     assert "Set MODEL.ROI_HEADS.NUM_CLASSES to 2, or to 0" in msg
     # the dense detector reads its own key, and that is the one checked
-    with pytest.raises(ValueError, match=r"^MODEL.DENSE_DETECTOR.NUM_CLASSES=5 contradicts .* 2 categories"):
+    with pytest.raises(ValueError,
+                       match=r"^MODEL.DENSE_DETECTOR.NUM_CLASSES=5 contradicts .* 2 categories"):
         build_cfg(os.path.join(REPO, "configs", "demo", "dense_supervised.yaml"), opts)
     cfg = build_cfg(os.path.join(REPO, "configs", "demo", "dense_supervised.yaml"),
                     opts + ["MODEL.DENSE_DETECTOR.NUM_CLASSES", 0])
     assert cfg.MODEL.DENSE_DETECTOR.NUM_CLASSES == 2
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 5  # not read by the dense detector: left alone
     # auto without a json to read it from
-    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means .*DATASETS.CUSTOM.LABELED_JSON', which is not set"):
-        build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"), ["MODEL.ROI_HEADS.NUM_CLASSES", 0])
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=0 means "
+                                         r".*DATASETS.CUSTOM.LABELED_JSON', which is not set"):
+        build_cfg(os.path.join(REPO, "configs", "demo", "supervised.yaml"),
+                  ["MODEL.ROI_HEADS.NUM_CLASSES", 0])
 
 
 def test_listing_keeps_unreadable_files_for_the_mapper_to_skip_and_count(tmp_path):
@@ -215,7 +228,8 @@ def test_listing_keeps_unreadable_files_for_the_mapper_to_skip_and_count(tmp_pat
     for m in mapped + [mapper(dicts[0])]:
         if m is not None:
             meter.update([m])
-    assert meter.count == 2 and sorted(map(os.path.basename, meter.paths)) == ["corrupt.png", "zero.jpg"]
+    assert meter.count == 2
+    assert sorted(map(os.path.basename, meter.paths)) == ["corrupt.png", "zero.jpg"]
 
 
 def test_listing_is_cached_by_the_directories_times_and_relisted_on_a_change(tmp_path, monkeypatch):

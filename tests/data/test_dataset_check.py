@@ -21,7 +21,8 @@ def labeled(tmp_path):
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 16, 4]},   # sqrt 8, short 4
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 36, 64]},  # sqrt 48, short 36
             {"id": 3, "image_id": 2, "category_id": 2, "bbox": [1, 1, 10, 40]},  # sqrt 20, short 10
-            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [1, 1, 0, 5]},    # degenerate: left out
+            # degenerate: left out
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [1, 1, 0, 5]},
         ],
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
     }
@@ -39,8 +40,10 @@ def test_statistics_warnings_and_suggested_anchors(labeled):
     assert r.size["sqrt_area"] == pytest.approx({5: 9.2, 25: 14.0, 50: 20.0, 75: 34.0, 95: 45.2})
     assert r.size["short_side"][50] == 10.0  # of [4, 10, 36]
     # resized: image 1's boxes halve → [4, 24, 20]; sorted [4, 20, 24]
-    assert r.size["sqrt_area_resized"] == pytest.approx({5: 5.6, 25: 12.0, 50: 20.0, 75: 22.0, 95: 23.6})
-    assert r.size["short_side_resized"] == pytest.approx({5: 2.8, 25: 6.0, 50: 10.0, 75: 14.0, 95: 17.2})  # [2, 10, 18]
+    assert r.size["sqrt_area_resized"] == pytest.approx(
+        {5: 5.6, 25: 12.0, 50: 20.0, 75: 22.0, 95: 23.6})
+    assert r.size["short_side_resized"] == pytest.approx(
+        {5: 2.8, 25: 6.0, 50: 10.0, 75: 14.0, 95: 17.2})  # [2, 10, 18]
     # p5 5.6 → 2^round(log2 5.6) = 4, raised to 8; one size per level
     assert r.suggested_anchor_sizes == [8, 16]
     # anchors 32, 64 cover 32/√2 = 22.6 .. 64·√2 = 90.5: 4 and 20 are below (2 of 3); median 20 ≥ 16
@@ -69,9 +72,11 @@ def test_tiny_objects_at_a_small_input(labeled):
 
 def test_tool_prints_the_report_and_names_a_bad_json(labeled, tmp_path, capsys):
     tool = load_tool("check_dataset")
-    report = tool.main(["--json", labeled, "INPUT.MIN_SIZE_TEST", "100"])  # the CPU recipe's anchors
+    # the CPU recipe's anchors
+    report = tool.main(["--json", labeled, "INPUT.MIN_SIZE_TEST", "100"])
     printed = capsys.readouterr().out
-    assert "resized to short side 100" in printed and "anchor sizes: [16, 32, 64, 128, 256]" in printed
+    assert "resized to short side 100" in printed
+    assert "anchor sizes: [16, 32, 64, 128, 256]" in printed
     assert report.class_counts == {"a": 2, "b": 1, "c": 0}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [],

@@ -36,10 +36,12 @@ def test_generation_is_deterministic(tmp_path):
     files = sorted(os.listdir(os.path.join(a, "images")))
     assert len(files) == 16 and files == sorted(os.listdir(os.path.join(b, "images")))
     for f in files:
-        assert open(os.path.join(a, "images", f), "rb").read() == open(os.path.join(b, "images", f), "rb").read()
+        assert (open(os.path.join(a, "images", f), "rb").read()
+                == open(os.path.join(b, "images", f), "rb").read())
     # each image has its own RNG: a smaller generation reproduces the first images exactly
     for f in sorted(os.listdir(os.path.join(c, "images"))):
-        assert open(os.path.join(a, "images", f), "rb").read() == open(os.path.join(c, "images", f), "rb").read()
+        assert (open(os.path.join(a, "images", f), "rb").read()
+                == open(os.path.join(c, "images", f), "rb").read())
     info = _read(a, "val.json")["info"]
     assert info["version"] == demo.GENERATOR_VERSION and info["seed"] == demo.DEFAULT_SEED
 
@@ -56,7 +58,8 @@ def test_full_generation_meets_the_spec(tmp_path):
     assert [c["id"] for c in val["categories"]] == [1, 2, 3, 4, 5]
     for d in (lab, unl, val):
         assert d["info"] == dict(demo.generator_info(), split=d["info"]["split"])
-        assert all(os.path.isfile(os.path.join(root, "images", im["file_name"])) for im in d["images"])
+        assert all(os.path.isfile(os.path.join(root, "images", im["file_name"]))
+                   for im in d["images"])
 
     anns = lab["annotations"] + unl["annotations"] + val["annotations"]
     assert len({a["id"] for a in anns}) == len(anns)
@@ -64,7 +67,8 @@ def test_full_generation_meets_the_spec(tmp_path):
     box = np.array([a["bbox"] for a in anns], dtype=float)
     area = np.array([a["area"] for a in anns], dtype=float)
     h, w = demo_render.IMAGE_SIZE
-    assert (box[:, :2] >= 0).all() and (box[:, 0] + box[:, 2] <= w).all() and (box[:, 1] + box[:, 3] <= h).all()
+    assert (box[:, :2] >= 0).all()
+    assert (box[:, 0] + box[:, 2] <= w).all() and (box[:, 1] + box[:, 3] <= h).all()
     assert (area <= box[:, 2] * box[:, 3]).all() and (area >= demo_render.MIN_VISIBLE_PIXELS).all()
 
     # several classes, roughly balanced, all present in the small labeled part
@@ -83,7 +87,8 @@ def test_full_generation_meets_the_spec(tmp_path):
     n_objects = [len(per_image.get(i, [])) for s in ids for i in s]
     assert max(n_objects) <= demo_render.MAX_OBJECTS and 3 <= n_objects.count(0) <= 80
     # overlapping objects are common
-    overlapping = sum((np.triu(_iou_matrix(b), 1) > 0).any() for b in per_image.values() if len(b) > 1)
+    overlapping = sum((np.triu(_iou_matrix(b), 1) > 0).any()
+                      for b in per_image.values() if len(b) > 1)
     assert overlapping > 0.2 * len(per_image)
 
     # a second call reuses the folder
@@ -93,7 +98,8 @@ def test_full_generation_meets_the_spec(tmp_path):
     demo.ensure_demo_data(root)
     assert os.path.getmtime(marker) == mtime and time.perf_counter() - start < 1.0
     stats = demo.dataset_statistics(os.path.join(root, "labeled.json"))
-    assert stats["images"] == 50 and sum(stats["per_class"].values()) == stats["instances"] == len(lab["annotations"])
+    assert stats["images"] == 50
+    assert sum(stats["per_class"].values()) == stats["instances"] == len(lab["annotations"])
 
 
 def test_outdated_folder_is_regenerated_and_foreign_folder_refused(tmp_path):
@@ -105,7 +111,8 @@ def test_outdated_folder_is_regenerated_and_foreign_folder_refused(tmp_path):
     demo.ensure_demo_data(root, num_train=5, num_val=2)
     assert demo.is_demo_data_valid(root, 5, 2)
     demo.ensure_demo_data(root, num_train=6, num_val=2)  # other sizes: regenerated too
-    assert len(_read(root, "unlabeled.json")["images"]) + len(_read(root, "labeled.json")["images"]) == 6
+    assert (len(_read(root, "unlabeled.json")["images"])
+            + len(_read(root, "labeled.json")["images"])) == 6
     assert sorted(os.listdir(tmp_path)) == [".demo.lock", "demo"]  # no temporary leftovers
 
     foreign = tmp_path / "mine"
@@ -133,7 +140,8 @@ def test_concurrent_ensure_generates_once(tmp_path):
     # demo.py and demo_render.py need only numpy and cv2: the children load them as a bare
     # package by path, without d2ssod.data's dataset registration, so that they start fast
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, demo.__file__, root],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert all(f"ROOT {root}" in o for o in outs)

@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
+                                                  os.path.join(REPO, "tools", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -41,7 +42,8 @@ def test_num_labeled_rounds_half_up():
 def test_split_values_are_pinned():
     # Fixed output of RandomState([1, fold]) (NumPy keeps these streams stable); a change here
     # would silently change every published split.
-    assert fold_permutation(range(1, 11), fold=1, seed=1).tolist() == [1, 7, 3, 8, 10, 9, 4, 2, 5, 6]
+    assert fold_permutation(range(1, 11), fold=1, seed=1).tolist() == [
+        1, 7, 3, 8, 10, 9, 4, 2, 5, 6]
     lab, unl = split_image_ids(range(1, 21), 10, fold=1, seed=1)
     assert lab == [18, 20]
     assert unl == [i for i in range(1, 21) if i not in (18, 20)]
@@ -62,7 +64,8 @@ def test_splits_deterministic_disjoint_complete_nested():
         assert set(lab) | set(unl) == universe
         assert lab == sorted(lab) and unl == sorted(unl)
     for f in range(1, 6):  # heads of one permutation: 1 % ⊂ 2 % ⊂ 5 % ⊂ 10 %
-        assert set(splits[(1, f)][0]) < set(splits[(2, f)][0]) < set(splits[(5, f)][0]) < set(splits[(10, f)][0])
+        assert (set(splits[(1, f)][0]) < set(splits[(2, f)][0]) < set(splits[(5, f)][0])
+                < set(splits[(10, f)][0]))
     folds = {tuple(splits[(10, f)][0]) for f in range(1, 6)}
     assert len(folds) == 5
     assert coco_standard_splits(ids, seed=2)[(10, 1)] != splits[(10, 1)]
@@ -78,7 +81,8 @@ def test_split_file_roundtrip_and_corruption(tmp_path):
     assert os.path.basename(path) == "coco_2017_train_5p_fold3.json"
     assert split_name(0.5, 1) == "coco_2017_train_0.5p_fold1"
     lab, unl = split_image_ids(range(100), 5, 3)
-    write_split_file(path, lab, unl, percent=5, fold=3, seed=1, source_json="/x/instances_train2017.json")
+    write_split_file(path, lab, unl, percent=5, fold=3, seed=1,
+                     source_json="/x/instances_train2017.json")
     rec = read_split_file(path)
     assert rec["labeled_image_ids"] == lab and rec["unlabeled_image_ids"] == unl
     assert rec["num_images"] == 100 and rec["source_json"] == "instances_train2017.json"
@@ -90,9 +94,11 @@ def test_split_file_roundtrip_and_corruption(tmp_path):
 
 
 def test_make_splits_cli(tmp_path):
-    images = [{"id": 1000 + 7 * i, "file_name": f"{i}.jpg", "height": 10, "width": 10} for i in range(250)]
+    images = [{"id": 1000 + 7 * i, "file_name": f"{i}.jpg", "height": 10, "width": 10}
+              for i in range(250)]
     src = tmp_path / "instances.json"
-    src.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    src.write_text(json.dumps({"images": images, "annotations": [],
+                               "categories": [{"id": 1, "name": "a"}]}))
     out = tmp_path / "splits"
     paths = _load_tool("make_splits").main(["--json", str(src), "--out", str(out), "--seed", "3"])
     assert len(paths) == 20

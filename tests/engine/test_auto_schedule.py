@@ -50,9 +50,11 @@ def test_large_unlabeled_set_gpu_and_cpu_bounds():
 
 
 def test_bad_rule_names_the_key():
-    with pytest.raises(ValueError, match=r"SSOD.AUTO_SCHEDULE_RULE.MAX_BURN_IN_FRACTION=1.5 must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"SSOD.AUTO_SCHEDULE_RULE.MAX_BURN_IN_FRACTION=1.5 "
+                                         r"must be in \(0, 1\)"):
         derive_schedule(10, 10, 2, 1.0, _rule(MAX_BURN_IN_FRACTION=1.5), 100)
-    with pytest.raises(ValueError, match=r"SSOD.AUTO_SCHEDULE_RULE.STEPS=\(0.9, 0.5\) must be increasing"):
+    with pytest.raises(ValueError,
+                       match=r"SSOD.AUTO_SCHEDULE_RULE.STEPS=\(0.9, 0.5\) must be increasing"):
         derive_schedule(10, 10, 2, 1.0, _rule(STEPS=(0.9, 0.5)), 100)
 
 
@@ -69,10 +71,12 @@ def _user_files(tmp_path):
     with open(tmp_path / "labeled.json", "w") as f:
         json.dump({"images": [{"id": i + 1, "file_name": n, "height": 24, "width": 32}
                               for i, n in enumerate(("a.png", "b.png", "empty.png"))],
-                   "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 8, 8],
-                                    "area": 64, "iscrowd": 0} for i in range(2)],
+                   "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1,
+                                    "bbox": [2, 2, 8, 8], "area": 64, "iscrowd": 0}
+                                   for i in range(2)],
                    "categories": [{"id": 1, "name": "thing"}]}, f)
-    opts = ["DATASETS.CUSTOM.LABELED_JSON", str(tmp_path / "labeled.json"), "DATASETS.CUSTOM.IMAGE_ROOT", str(images),
+    opts = ["DATASETS.CUSTOM.LABELED_JSON", str(tmp_path / "labeled.json"),
+            "DATASETS.CUSTOM.IMAGE_ROOT", str(images),
             "DATASETS.CUSTOM.UNLABELED_DIR", str(unlabeled)]
     return opts
 
@@ -85,8 +89,9 @@ def test_build_cfg_counts_the_files_and_gives_the_twin_the_same_schedule(tmp_pat
     # τ = 0.1·96 = 9.6 → 0.8958 → clamped up to 0.9
     for recipe in ("soft_teacher_cpu", "supervised_cpu"):
         cfg = build_cfg(os.path.join(CUSTOM, f"{recipe}.yaml"), opts)
-        got = (cfg.SOLVER.MAX_ITER, cfg.SSOD.BURN_IN_ITERS, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS,
-               cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SSOD.EMA_MOMENTUM)
+        got = (cfg.SOLVER.MAX_ITER, cfg.SSOD.BURN_IN_ITERS, cfg.SOLVER.STEPS,
+               cfg.SOLVER.WARMUP_ITERS, cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD,
+               cfg.SSOD.EMA_MOMENTUM)
         assert got == (112, 16, (90, 106), 4, 16, 16, 0.9), recipe
     # switched off, the config's own schedule stays
     cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),

@@ -49,7 +49,8 @@ def test_a_live_holder_is_named_and_a_dead_one_does_not_block(tmp_path):
                               str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
         assert run.returncode != 0
-        assert f"OUTPUT_DIR {tmp_path} is in use by another run (held by pid {child.pid}" in run.stderr
+        assert (f"OUTPUT_DIR {tmp_path} is in use by another run (held by pid {child.pid}"
+                in run.stderr)
         assert sorted(os.listdir(tmp_path)) == ["run.lock"]
     finally:
         child.stdin.close()

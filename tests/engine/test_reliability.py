@@ -168,7 +168,8 @@ def test_truncated_or_untracked_checkpoints_are_errors_on_resume_never_a_fresh_s
     trainer.checkpointer.save("model_0000001", iteration=1)
     trainer.iter = 3
     trainer.checkpointer.save("model_0000003", iteration=3)
-    assert sorted(f for f in os.listdir(tmp_path) if "model" in f) == ["model_0000001.pth", "model_0000003.pth"]
+    assert sorted(f for f in os.listdir(tmp_path) if "model" in f) == ["model_0000001.pth",
+                                                                        "model_0000003.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
 
     # a readable checkpoint resumes at the next iteration
@@ -233,7 +234,8 @@ def test_bad_files_in_custom_data_are_skipped_counted_and_reported_while_trainin
     unlabeled = tmp_path / "unlabeled"
     (unlabeled / "sub").mkdir(parents=True)
     for i in range(3):
-        shutil.copy(os.path.join(DEMO, "images", f"train_{50 + i:06d}.jpg"), unlabeled / f"good{i}.jpg")
+        shutil.copy(os.path.join(DEMO, "images", f"train_{50 + i:06d}.jpg"),
+                    unlabeled / f"good{i}.jpg")
     jpg = (unlabeled / "good0.jpg").read_bytes()
     bad = {"corrupt.jpg": os.urandom(2000), "truncated.jpg": jpg[:300], "empty.png": b"",
            "sub/notes.jpg": b"this is a text file, not an image\n"}
@@ -267,13 +269,15 @@ def test_bad_labeled_or_unlabeled_data_give_errors_naming_the_file(tmp_path):
     data = custom_labeled_data(tmp_path, images=2)
     # zero annotations in the labeled json
     empty = write_json(tmp_path / "empty.json", dict(data, annotations=[]))
-    build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", empty, "SSOD.METHOD", "supervised"))
+    build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", empty,
+                       "SSOD.METHOD", "supervised"))
     with pytest.raises(ValueError, match=r"empty\.json.*no usable box annotations.*UNLABELED_DIR"):
         DatasetCatalog.get("custom_labeled")
     # only degenerate boxes: nothing usable either
     flat = [dict(x, bbox=[x["bbox"][0], x["bbox"][1], 0, 5]) for x in data["annotations"]]
     degenerate = write_json(tmp_path / "degenerate.json", dict(data, annotations=flat))
-    build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", degenerate, "SSOD.METHOD", "supervised"))
+    build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", degenerate,
+                       "SSOD.METHOD", "supervised"))
     with pytest.raises(ValueError, match=r"degenerate\.json.*no usable box"):
         DatasetCatalog.get("custom_labeled")
     # a category id that is not among the json's categories
@@ -286,7 +290,8 @@ def test_bad_labeled_or_unlabeled_data_give_errors_naming_the_file(tmp_path):
     good = write_json(tmp_path / "good.json", data)
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "list.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=r"DATASETS.CUSTOM.UNLABELED_DIR=.*no_images.*contains no images"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"DATASETS.CUSTOM.UNLABELED_DIR=.*no_images.*contains no images"):
         build_cfg(UT, opts(tmp_path, "DATASETS.CUSTOM.LABELED_JSON", good,
                            "DATASETS.CUSTOM.UNLABELED_DIR", str(tmp_path / "no_images")))
 
@@ -350,7 +355,8 @@ def test_no_pseudo_boxes_in_the_whole_batch_gives_finite_losses_and_zero_box_ter
         assert raw["loss_cls"].item() > 0 and raw["loss_rpn_cls"].item() > 0
         losses = method.unsupervised_losses(student, batch)
         assert storage.history("pseudo/num_boxes").latest() == 0
-    assert set(losses) == {"unsup/loss_rpn_cls", "unsup/loss_cls", "unsup/loss_rpn_loc", "unsup/loss_box_reg"}
+    assert set(losses) == {"unsup/loss_rpn_cls", "unsup/loss_cls", "unsup/loss_rpn_loc",
+                           "unsup/loss_box_reg"}
     # the student's statistics of the unlabeled pass are logged apart from the labeled pass's
     with EventStorage(0) as storage:
         method.unsupervised_losses(student, batch)
@@ -406,7 +412,8 @@ class _PoisonAt(HookBase):
                 self.trainer.student.roi_heads.box_predictor.cls_score.bias.fill_(float("nan"))
 
 
-def test_a_non_finite_loss_stops_training_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path):
+def test_a_non_finite_loss_stops_training_naming_iteration_and_terms_and_keeps_the_checkpoint(
+        tmp_path):
     cfg = build_cfg(UT, opts(tmp_path, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2,
                              "SSOD.BURN_IN_ITERS", 1))
     trainer = SSODTrainer(cfg)

@@ -61,7 +61,8 @@ def test_sample_picture_has_both_views_and_a_legend_line_per_outcome():
                             "BGR")
     assert picture.dtype == np.uint8 and picture.shape[2] == 3
     # small views are enlarged by an integer factor (ceil(384 / short side)): 4 for both
-    assert (vis.view_scale(120, 400), vis.view_scale(100, 300), vis.view_scale(400, 420)) == (4, 4, 1)
+    assert (vis.view_scale(120, 400), vis.view_scale(100, 300),
+            vis.view_scale(400, 420)) == (4, 4, 1)
     assert picture.shape[1] == 4 * 400 + 6 + 4 * 300
     legend = picture[4 * 120:]
     assert legend.shape[0] == 18 * len(SoftTeacher.outcomes) + 4

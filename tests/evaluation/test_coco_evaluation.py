@@ -23,7 +23,8 @@ from d2ssod.evaluation.build import build_evaluator
 from d2ssod.evaluation.coco_evaluation import FastCOCOEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("_benchmark_eval", os.path.join(REPO, "tools", "benchmark_eval.py"))
+_spec = importlib.util.spec_from_file_location("_benchmark_eval",
+                                               os.path.join(REPO, "tools", "benchmark_eval.py"))
 benchmark_eval = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark_eval)
 
@@ -53,13 +54,15 @@ def test_faster_coco_eval_gives_the_12_stats_of_pycocotools(synthetic):
     assert len(results) == 3600 and len(gt["annotations"]) > 1500
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(MetadataCatalog.get(name).json_file)
-        reference = _summarized(COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox"))
+        reference = _summarized(COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]),
+                                         "bbox"))
     fast = FastCOCOEvaluator(name, distributed=False).evaluate_coco_results(results, "bbox")
     assert len(reference.stats) == 12
     # the same 12 numbers; C++ and NumPy may round the last bit of a mean differently
     np.testing.assert_allclose(np.asarray(fast.stats[:12]), reference.stats, rtol=1e-13, atol=0)
     # the whole precision array (IoU x recall x class x area x maxDets), not only its summary
-    np.testing.assert_allclose(fast.eval["precision"], reference.eval["precision"], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(fast.eval["precision"], reference.eval["precision"], rtol=0,
+                               atol=1e-15)
     np.testing.assert_array_equal(fast.eval["precision"] == -1, reference.eval["precision"] == -1)
     assert 0.05 < reference.stats[0] < 0.95  # a set where AP is neither 0 nor 1
 
@@ -67,14 +70,16 @@ def test_faster_coco_eval_gives_the_12_stats_of_pycocotools(synthetic):
 def test_fast_evaluator_reports_what_detectron2s_evaluator_reports(synthetic, tmp_path):
     name, _, predictions = synthetic
     out = {}
-    for key, evaluator in (("fast", FastCOCOEvaluator(name, distributed=False, output_dir=str(tmp_path))),
+    for key, evaluator in (("fast", FastCOCOEvaluator(name, distributed=False,
+                                                      output_dir=str(tmp_path))),
                            ("d2", COCOEvaluator(name, distributed=False, use_fast_impl=False))):
         _, out[key] = benchmark_eval.run_evaluator(evaluator, predictions)
     fast, d2 = out["fast"]["bbox"], out["d2"]["bbox"]
     assert fast.keys() == d2.keys() and len(fast) == 6 + 80  # AP.. APl + per-category AP
     # the six summary numbers and the per-category APs: equal up to rounding of the last bit
     for k in fast:
-        assert (math.isnan(fast[k]) and math.isnan(d2[k])) or fast[k] == pytest.approx(d2[k], rel=1e-12), k
+        assert ((math.isnan(fast[k]) and math.isnan(d2[k]))
+                or fast[k] == pytest.approx(d2[k], rel=1e-12)), k
     # the results file holds dataset category ids (1, 3, 5, ...), not contiguous indices
     with open(tmp_path / "coco_instances_results.json") as f:
         saved = json.load(f)
@@ -87,7 +92,8 @@ def hard_synthetic(tmp_path_factory):
     scores rounded to 2 decimals (many ties), some images without ground truth."""
     gt, predictions = benchmark_eval.synthetic_coco(300, dets_per_image=40, seed=11)
     dropped = {a["image_id"] for a in gt["annotations"]} - set(range(1, 301, 7))
-    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in dropped]  # no boxes on images 1, 8, ...
+    # no boxes on images 1, 8, ...
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in dropped]
     rng = np.random.default_rng(0)
     for p in predictions:
         for r in p["instances"]:
@@ -119,9 +125,9 @@ def _pycocotools_eval(json_file, results, max_dets, img_ids=None):
 @pytest.mark.parametrize("max_dets,subset", [(None, False), (5, True)])
 def test_box_fast_path_matches_pycocotools_and_the_dict_path(hard_synthetic, max_dets, subset):
     """The array path for box results gives pycocotools' precision/recall arrays (up to the
-    last bit) and exactly the numbers of faster-coco-eval's own dict path (``loadRes`` + ``COCOeval_faster``),
-    also with crowd boxes, score ties, unsorted input, more detections per (image, category)
-    than maxDets and a subset of the images."""
+    last bit) and exactly the numbers of faster-coco-eval's own dict path (``loadRes`` +
+    ``COCOeval_faster``), also with crowd boxes, score ties, unsorted input, more detections per
+    (image, category) than maxDets and a subset of the images."""
     from faster_coco_eval import COCOeval_faster
 
     name, gt, predictions = hard_synthetic
@@ -134,13 +140,15 @@ def test_box_fast_path_matches_pycocotools_and_the_dict_path(hard_synthetic, max
     reference = _pycocotools_eval(MetadataCatalog.get(name).json_file, results,
                                   evaluator._max_dets_per_image, img_ids)
     for key in ("precision", "recall"):  # pycocotools divides by tp + fp + eps: last bit only
-        np.testing.assert_allclose(fast.eval[key], reference.eval[key], rtol=0, atol=1e-15, err_msg=key)
+        np.testing.assert_allclose(fast.eval[key], reference.eval[key], rtol=0, atol=1e-15,
+                                   err_msg=key)
         np.testing.assert_array_equal(fast.eval[key] == -1, reference.eval[key] == -1, err_msg=key)
     if max_dets is None:  # pycocotools' own summarize() looks for maxDets == 100
         np.testing.assert_allclose(np.asarray(fast.stats[:12]), reference.stats, rtol=1e-13, atol=0)
     assert 0.05 < fast.stats[0] < 0.95
     # groups with more detections than maxDets[-1] exist, so truncation is exercised
-    per_group = np.unique([(r["image_id"], r["category_id"]) for r in results], axis=0, return_counts=True)[1]
+    per_group = np.unique([(r["image_id"], r["category_id"]) for r in results], axis=0,
+                          return_counts=True)[1]
     assert per_group.max() > evaluator._max_dets_per_image[-1] or max_dets is None
 
     gt_api = evaluator._faster_coco_gt()
@@ -157,7 +165,8 @@ def test_box_fast_path_matches_pycocotools_and_the_dict_path(hard_synthetic, max
         assert fast.cocoDt.anns[k] == expected
 
 
-def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(hard_synthetic, tmp_path):
+def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(hard_synthetic,
+                                                                             tmp_path):
     """Through ``evaluate()``: Detectron2's pycocotools evaluator and the fast one report the
     same numbers (the per-category APs too), write the same results file, and leave the
     predictions unchanged."""
@@ -166,7 +175,8 @@ def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(har
     out = {}
     for key, evaluator in (
         ("fast", FastCOCOEvaluator(name, distributed=False, output_dir=str(tmp_path / "fast"))),
-        ("d2", COCOEvaluator(name, distributed=False, use_fast_impl=False, output_dir=str(tmp_path / "d2"))),
+        ("d2", COCOEvaluator(name, distributed=False, use_fast_impl=False,
+                             output_dir=str(tmp_path / "d2"))),
     ):
         evaluator.reset()
         evaluator._predictions = predictions if key == "fast" else json.loads(before)
@@ -176,7 +186,8 @@ def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(har
     fast, d2 = out["fast"], out["d2"]
     assert fast.keys() == d2.keys() and len(fast) == 6 + 80
     for k in fast:  # equal up to rounding of the last bit (see the test above)
-        assert (math.isnan(fast[k]) and math.isnan(d2[k])) or fast[k] == pytest.approx(d2[k], rel=1e-12), k
+        assert ((math.isnan(fast[k]) and math.isnan(d2[k]))
+                or fast[k] == pytest.approx(d2[k], rel=1e-12)), k
     files = [(tmp_path / k / "coco_instances_results.json").read_text() for k in ("fast", "d2")]
     assert files[0] == files[1]  # byte for byte what Detectron2 writes
     saved = json.loads(files[0])
@@ -186,7 +197,8 @@ def test_fast_evaluator_is_pycocotools_per_category_and_writes_the_same_json(har
 def test_hand_computed_ap_and_no_predictions(tmp_path):
     # one class, two ground-truth boxes, one exact detection: precision 1 up to recall 0.5,
     # so the 101-point AP is 51/101 at every IoU threshold
-    gt = {"images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+    gt = {"images": [{"id": 1, "height": 100, "width": 100},
+                     {"id": 2, "height": 100, "width": 100}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40],
                            "area": 1600.0, "iscrowd": 0},
                           {"id": 2, "image_id": 2, "category_id": 7, "bbox": [20, 20, 50, 50],
@@ -194,8 +206,8 @@ def test_hand_computed_ap_and_no_predictions(tmp_path):
           "categories": [{"id": 7, "name": "thing"}]}
     name = _register("test_coco_eval_hand", gt, tmp_path)
     evaluator = FastCOCOEvaluator(name, distributed=False)
-    pred = [{"image_id": 1, "instances": [{"image_id": 1, "category_id": 0, "bbox": [10, 10, 40, 40],
-                                           "score": 0.9}]},
+    pred = [{"image_id": 1, "instances": [{"image_id": 1, "category_id": 0,
+                                           "bbox": [10, 10, 40, 40], "score": 0.9}]},
             {"image_id": 2, "instances": []}]
     _, res = benchmark_eval.run_evaluator(evaluator, pred)
     assert res["bbox"]["AP"] == pytest.approx(100 * 51 / 101)
@@ -216,7 +228,8 @@ def test_hand_computed_ap_and_no_predictions(tmp_path):
     assert all(math.isnan(v) for v in evaluator.evaluate()["bbox"].values())
 
 
-def test_build_evaluator_uses_faster_coco_eval_and_falls_back_to_pycocotools(synthetic, monkeypatch):
+def test_build_evaluator_uses_faster_coco_eval_and_falls_back_to_pycocotools(synthetic,
+                                                                             monkeypatch):
     name = synthetic[0]
     cfg = get_ssod_cfg()
     assert type(build_evaluator(cfg, name)) is FastCOCOEvaluator
@@ -247,7 +260,8 @@ def test_voc07_evaluator_on_a_tiny_voc_layout(tmp_path):
     for image_id, objs in objects.items():
         body = "".join(_OBJ.format(name=n, difficult=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3])
                        for n, d, b in objs)
-        (tmp_path / "Annotations" / f"{image_id}.xml").write_text(_XML.format(id=image_id, objects=body))
+        (tmp_path / "Annotations" / f"{image_id}.xml").write_text(
+            _XML.format(id=image_id, objects=body))
     (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("\n".join(objects) + "\n")
     name = "test_voc_tiny_2007_test"
     if name in DatasetCatalog.list():
@@ -266,7 +280,8 @@ def test_voc07_evaluator_on_a_tiny_voc_layout(tmp_path):
     }
     evaluator.reset()
     for image_id, dets in detections.items():
-        inst = Instances((120, 120), pred_boxes=Boxes(torch.tensor([d[0] for d in dets], dtype=torch.float32)),
+        inst = Instances((120, 120),
+                         pred_boxes=Boxes(torch.tensor([d[0] for d in dets], dtype=torch.float32)),
                          scores=torch.tensor([d[1] for d in dets]),
                          pred_classes=torch.tensor([d[2] for d in dets]))
         evaluator.process([{"image_id": image_id}], [{"instances": inst}])

@@ -85,7 +85,8 @@ def test_points_return_exactly_under_any_rotation():
 
 
 def test_clip_to_view_uses_each_boxs_own_image_size():
-    views = [{"weak": {"image": torch.zeros(3, 20, 30)}}, {"weak": {"image": torch.zeros(3, 50, 10)}}]
+    views = [{"weak": {"image": torch.zeros(3, 20, 30)}},
+             {"weak": {"image": torch.zeros(3, 50, 10)}}]
     boxes = torch.tensor([[-5.0, 2.0, 40.0, 25.0], [1.0, -1.0, 12.0, 60.0], [3.0, 4.0, 5.0, 6.0]])
     got = clip_to_view(boxes, [1, 2], views, "weak")
     assert torch.equal(got, torch.tensor([[0.0, 2.0, 30.0, 20.0], [1.0, 0.0, 10.0, 50.0],

@@ -65,7 +65,8 @@ def test_soft_teacher_splits_classification_regression_uncertainty_and_score():
     # what pseudo_label returns: candidates (score >= 0.5) with their jitter uncertainty, and
     # gt_reg_valid = score >= 0.5 and uncertainty < 0.02
     cand = Instances((64, 64), gt_boxes=det.pred_boxes[:4], gt_classes=det.pred_classes[:4],
-                     gt_scores=det.scores[:4], gt_uncertainty=torch.tensor([0.01, 0.05, 0.01, 0.03]))
+                     gt_scores=det.scores[:4],
+                     gt_uncertainty=torch.tensor([0.01, 0.05, 0.01, 0.03]))
     cand.gt_reg_valid = torch.tensor([True, False, True, False])
     [out] = method.explain([cand], {"detections": [det]})
     assert _names(method, out) == [

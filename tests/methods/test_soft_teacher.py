@@ -1,4 +1,5 @@
-"""Soft Teacher: weighted classification through SoftTeacherROIHeads, an unlabeled batch without pseudo boxes, and a short real training of the demo config."""
+"""Soft Teacher: weighted classification through SoftTeacherROIHeads, an unlabeled batch without
+pseudo boxes, and a short real training of the demo config."""
 import math
 import os
 

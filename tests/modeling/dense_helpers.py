@@ -38,7 +38,8 @@ def one_level_losses(targets, obj_logit=1.0, cls_logits=None, assigner=None,
         backbone=nn.Module(), head=nn.Identity(), head_in_features=["p3"],
         anchor_generator=generator,
         assigner=assigner or YOLOAssigner(matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8])),
-        pseudo_assigner=pseudo_assigner, num_classes=2, obj_level_weights=[4.0], pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+        pseudo_assigner=pseudo_assigner, num_classes=2, obj_level_weights=[4.0],
+        pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
     anchors, strides, levels = det._flat_anchors([torch.zeros(1, 1, 2, 2)])
     cls = torch.zeros(4, 2) if cls_logits is None else torch.as_tensor(cls_logits).float()
     cls_logits = cls[None].clone().requires_grad_(True)

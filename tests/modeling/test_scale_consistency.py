@@ -63,7 +63,7 @@ def test_align_levels_refuses_grids_that_padding_cannot_explain(sed_model):
     rpn = sed_model.proposal_generator
     full, down = padded_toy_features()
     with torch.no_grad():
-        out_full, out_down = rpn.head_outputs(full), rpn.head_outputs(down)
+        out_full = rpn.head_outputs(full)
         # x↓ smaller than x one level up
         small = dict(down, p3=down["p3"][..., :9, :])
         with pytest.raises(ValueError, match=r"p3 of x↓ is \(9, 16\), smaller than p4 of x "
