@@ -279,12 +279,12 @@ class SSODTrainer(DefaultTrainer):
     def build_hooks(self):
         """Detectron2's hooks with five changes: evaluation reports teacher and student, and is
         followed by a :class:`TrainerBestCheckpointer` keeping ``model_best.pth`` (best
-        :meth:`best_metric_key`) when it runs, the periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
-        starts (the SSOD one, built after DefaultTrainer's constructor) and keeps
-        ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files, an :class:`EMAHook` followed by a
-        :class:`MethodHook` runs right after the LR scheduler, before checkpointing and
-        evaluation, when the method keeps a teacher, and a :class:`PreemptionHook` (SIGTERM →
-        checkpoint and clean stop) runs last."""
+        :meth:`best_metric_key`) when it runs; the periodic checkpointer saves through
+        ``trainer.checkpointer`` as it is when training starts (the SSOD one, built after
+        DefaultTrainer's constructor) and keeps ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files; an
+        :class:`EMAHook` followed by a :class:`MethodHook` runs right after the LR scheduler,
+        before checkpointing and evaluation, when the method keeps a teacher; and a
+        :class:`PreemptionHook` (SIGTERM → checkpoint and clean stop) runs last."""
         ret = super().build_hooks()
         cfg = self.cfg
         eval_at = None

@@ -89,7 +89,9 @@ def _two_image_case():
           "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40],
                            "area": 1600.0, "iscrowd": 0} for i in (1, 2)],
           "categories": [{"id": 1, "name": "thing"}]}
-    hit = lambda i, s: {"image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "score": s}  # noqa
+    def hit(i, s):
+        return {"image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "score": s}
+
     return gt, [hit(1, 0.9), hit(2, 0.8)], [hit(1, 0.9)]
 
 
