@@ -79,7 +79,8 @@ def add_ssod_config(cfg):
     # Every this many iterations, a TensorBoard image ("pseudo_labels") of two unlabeled images
     # of the step: the weak view with the teacher's detections coloured by what the method's
     # rules did with each, beside the strong view with the same boxes (0 disables; main
-    # process only; d2ssod/engine/visualization.py).
+    # process only; d2ssod/engine/visualization.py). Methods without a teacher log that they
+    # ignore it.
     _C.SSOD.VIS_PERIOD = 0
     # Evaluate the student as well as the teacher at each TEST.EVAL_PERIOD.
     _C.SSOD.EVAL_STUDENT = True
@@ -89,6 +90,7 @@ def add_ssod_config(cfg):
     # unlabeled training images by the rule below (d2ssod/engine/auto_schedule.py; the rule and
     # its reasons: docs/custom_data.md). The same data give the same schedule to a method and
     # its supervised twin, so the twin's checkpoint at the burn-in is the method's hand-over.
+    # Any of these keys given as a KEY VALUE override is kept and the rest derived around it.
     _C.SSOD.AUTO_SCHEDULE = False
     _R = _C.SSOD.AUTO_SCHEDULE_RULE = CN()
     # Supervised iterations ≈ this many passes over the labeled images (the demo's burn-in:
@@ -99,7 +101,8 @@ def add_ssod_config(cfg):
     # batch round(SOLVER.IMS_PER_BATCH × SSOD.UNLABELED_RATIO): the gain comes from the
     # unlabeled images, so their count sets the length (COCO 10 % in Soft Teacher: ~54 passes).
     _R.UNLABELED_EPOCHS = 20.0
-    # Bounds on the total iterations (burn-in + semi-supervised), before rounding to the period.
+    # Bounds on the total iterations (burn-in + semi-supervised), before rounding to the period;
+    # MAX_ITER wins where MIN_ITER is larger.
     _R.MIN_ITER = 100
     _R.MAX_ITER = 90000
     # The burn-in takes at most this fraction of the total, so the semi-supervised phase keeps
@@ -233,6 +236,10 @@ def add_ssod_config(cfg):
     # 0 keeps them all (Detectron2's behaviour). Same meaning as max_to_keep of Detectron2's
     # PeriodicCheckpointer (train.checkpointer.max_to_keep in its LazyConfig trainings).
     _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # Iterations between writes of the training metrics (console, metrics.json, TensorBoard):
+    # Detectron2's PeriodicWriter period (train.log_period in its LazyConfig trainings).
+    # tools/compare.py lowers it for short runs, so its progress lines move.
+    _C.SOLVER.LOG_PERIOD = 20
     # After SIGTERM, training saves a checkpoint and stops at the end of an iteration. Under DDP
     # the ranks agree on that iteration by exchanging one CPU flag every this many iterations
     # (so a stop can take up to this many more iterations); a single process checks every one.
@@ -288,6 +295,9 @@ def _validate_long_run_config(cfg):
     if cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP < 0:
         raise ValueError(f"SOLVER.CHECKPOINT_MAX_TO_KEEP={cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP} must "
                          f"be >= 0 (0 keeps every periodic checkpoint).")
+    if cfg.SOLVER.LOG_PERIOD < 1:
+        raise ValueError(f"SOLVER.LOG_PERIOD={cfg.SOLVER.LOG_PERIOD} must be >= 1 (iterations "
+                         f"between metric writes).")
     if cfg.SOLVER.PREEMPTION_CHECK_PERIOD < 1:
         raise ValueError(f"SOLVER.PREEMPTION_CHECK_PERIOD={cfg.SOLVER.PREEMPTION_CHECK_PERIOD} "
                          f"must be >= 1 (iterations between the ranks' checks for a SIGTERM).")

@@ -3,6 +3,7 @@ of PNGs, COCO jsons, a folder of unlabeled images, an oracle json), with the cus
 shrunk to a 64-px input and an 8-iteration schedule derived by SSOD.AUTO_SCHEDULE."""
 import json
 import os
+import time
 
 import cv2
 import pytest
@@ -57,7 +58,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
         "--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
         "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
         "--oracle-json", str(data / "unlabeled_boxes.json"), "--output", str(out),
-        "--progress-every", "5", *map(str, TINY)])
+        "--progress-every", "5", "--seed", "3", *map(str, TINY)])
     printed = capsys.readouterr().out
     assert "Dataset check of" in printed and "boxes per class: circle" in printed
     assert "schedule from the data (SSOD.AUTO_SCHEDULE): 8 iterations, burn-in 4" in printed
@@ -67,9 +68,20 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     for run in ("supervised", "ssod", "oracle"):
         assert 0.0 <= summary[run]["AP"] <= 100.0 and summary[run]["iteration"] == 8
     assert summary["ap_gain"] == pytest.approx(summary["ssod"]["AP"] - summary["supervised"]["AP"])
-    # the method continued the supervised run: its hand-over checkpoint is the supervised one at 4
-    assert (out / "soft_teacher_cpu" / "model_0000003.pth").exists()
-    assert (out / "supervised_cpu" / "model_0000003.pth").exists()
+    # the method continued the supervised run from its hand-over checkpoint at 4
+    ssod_log = (out / "soft_teacher_cpu" / "log.txt").read_text()
+    assert f"Loading from {out / 'soft_teacher_cpu' / 'model_0000003.pth'}" in ssod_log
+    # issue 35 (a 40-iteration comparison wrote 725 MB): only the checkpoints the report and a
+    # later comparison need are left, each run's final one and the supervised hand-over; before,
+    # every run also kept model_0000003.pth and model_0000007.pth (9 files here)
+    assert {(d.name, f.name) for d in out.iterdir() if d.is_dir() for f in d.glob("*.pth")} == {
+        ("supervised_cpu", "model_0000003.pth"), ("supervised_cpu", "model_final.pth"),
+        ("oracle", "model_final.pth"), ("soft_teacher_cpu", "model_final.pth")}
+    assert "deleted the periodic checkpoints the report does not need" in printed
+    # an 8-iteration run writes its metrics every iteration (SOLVER.LOG_PERIOD 1), so the
+    # progress lines move; "time" is Detectron2's from its third iteration on
+    records = [json.loads(line) for line in (out / "supervised_cpu" / "metrics.json").open()]
+    assert [r["iteration"] for r in records if "total_loss" in r] == list(range(8))
     # the oracle trained on the labeled and the unlabeled images with their boxes
     merged = json.loads((out / "oracle_labeled.json").read_text())
     assert len(merged["images"]) == 8 and len(merged["annotations"]) == len(oracle_anns) + sum(
@@ -88,7 +100,13 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert table.startswith("| run (8 iterations, custom_val) | AP | AP50 |")
     assert "| supervised (4 labeled, 50 %) |" in table and "| soft_teacher_cpu (+4 unlabeled) |" in table
     assert "| oracle (100% labeled) |" in table
-    assert ("the unlabeled images helped" in table) == (summary["ap_gain"] > 0)
+    assert summary["seed"] == 3 and "SEED: 3" in cfg_text
+    assert summary["checks"] == load_tool("compare").report_checks(
+        summary["supervised"]["AP"], summary["ssod"]["AP"], summary["oracle"]["AP"])
+    if summary["checks"]:
+        assert "cannot tell whether the unlabeled images helped" in table
+    else:
+        assert ("the unlabeled images helped" in table) == (summary["ap_gain"] > 0)
     assert json.loads((out / "summary_soft_teacher_cpu.json").read_text()) == summary
     assert (out / "ap_curve.png").stat().st_size > 0
 
@@ -104,3 +122,115 @@ def test_summary_table_without_oracle():
         "| soft_teacher_cpu (+40 unlabeled) | 28.50 | 49.00 |", "",
         "gap closed: n/a — wall time 1.5 min",
         "the unlabeled images did not help: -1.50 AP against supervised (one seed)"]
+
+
+def test_progress_shows_rate_and_eta_per_run(tmp_path):
+    # issue 35: "soft_teacher_cpu 0/40" for 2.5 minutes, no rate, no ETA
+    tool = load_tool("compare")
+    runs = {name: tmp_path / name for name in ("supervised", "oracle", "method")}
+    for d in runs.values():
+        d.mkdir()
+    # iteration 9 done (10 of 40) at 0.5 s per iteration: 2.00 it/s; Detectron2's ETA 15 s; an
+    # evaluation record at the same iteration (no "time") does not hide the rate
+    (runs["supervised"] / "metrics.json").write_text(
+        '{"iteration": 4, "time": 1.0, "eta_seconds": 35.0}\n'
+        '{"iteration": 9, "time": 0.5, "eta_seconds": 15.0, "total_loss": 1.0}\n'
+        '{"iteration": 9, "student/bbox/AP": 1.5}\n')
+    # finished: iteration 39 is the 40th
+    (runs["oracle"] / "metrics.json").write_text('{"iteration": 39, "time": 0.25}\n')
+    # the method's first record, before Detectron2 times an iteration: no rate yet; (no file
+    # at all would be "starting", below)
+    (runs["method"] / "metrics.json").write_text('{"iteration": 20, "total_loss": 1.0}\n')
+    assert tool.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
+    assert tool.run_progress(str(runs["method"]), 40) == (21, None, None)
+    line = tool.Progress({k: str(v) for k, v in runs.items()}, 40, time.time(), 0).line()
+    assert line.endswith("supervised 10/40 2.00 it/s ETA 0:00:15  oracle 40/40 done  method 21/40")
+    assert tool.Progress({"x": str(tmp_path / "none")}, 40, time.time(), 0).line().endswith(
+        "x starting")
+    # without Detectron2's eta_seconds: (40 − 10) iterations at 2 it/s = 15 s
+    (runs["supervised"] / "metrics.json").write_text('{"iteration": 9, "time": 0.5}\n')
+    assert tool.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
+    # about one write per 1 % of the run, between 1 and Detectron2's 20
+    assert [tool.log_period(n) for n in (8, 40, 199, 200, 1000, 3000)] == [1, 1, 1, 2, 10, 20]
+
+
+def test_data_errors_name_the_flag_without_a_traceback(tmp_path):
+    # issue 35: errors came after 15-line tracebacks and named DATASETS.CUSTOM.* keys
+    tool = load_tool("compare")
+    missing = tmp_path / "labeled.json"
+    with pytest.raises(SystemExit, match=rf"^error: --labeled-json {missing}: no such file\.$"):
+        tool.main(["--labeled-json", str(missing)])
+    with pytest.raises(SystemExit, match=rf"^error: --unlabeled-dir {tmp_path / 'u'}: no such "
+                                         r"folder\.$"):
+        tool.main(["--unlabeled-dir", str(tmp_path / "u")])
+    missing.write_text("{not json")  # found by build_cfg, which names the key
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--labeled-json", str(missing), "--output", str(tmp_path / "out")])
+    assert str(e.value).startswith(f"error: --labeled-json '{missing}' is not valid JSON")
+    assert "DATASETS.CUSTOM" not in str(e.value)
+    # the validation json is read at the first evaluation, minutes into training: checked
+    # before any training starts, naming the flag (walk-through: val images in their own folder)
+    src = ensure_demo_data()
+    data = tmp_path / "mydata"
+    _write_slice(src, "labeled.json", 2, str(data / "images"), str(data / "labeled.json"))
+    _write_slice(src, "val.json", 2, str(data / "val"), str(data / "val.json"), strip_folder=True)
+    _write_slice(src, "unlabeled.json", 2, str(data / "unlabeled"), str(data / "u.json"))
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
+                   "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
+                   "--output", str(tmp_path / "out2"), *map(str, TINY)])
+    assert str(e.value).startswith(f"error: 2 image(s) named in {data / 'val.json'} do not exist")
+    assert str(e.value).endswith("relative to --image-root.")
+    assert not (tmp_path / "out2").exists()  # nothing trained
+    # a key given as a KEY VALUE override is named as the user typed it
+    flags = {"DATASETS.CUSTOM.UNLABELED_DIR": "--unlabeled-dir"}
+    assert tool.flag_names("DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) u: every image in it "
+                           "is a labeled image; DATASETS.CUSTOM.VAL_JSON='v.json'", flags) == (
+        "--unlabeled-dir u: every image in it is a labeled image; "
+        "DATASETS.CUSTOM.VAL_JSON='v.json'")
+
+
+def test_prune_keeps_final_and_named_checkpoints(tmp_path):
+    tool = load_tool("compare")
+    for name, size in (("model_0000003.pth", 3), ("model_0000007.pth", 7),
+                       ("model_final.pth", 11), ("last_checkpoint", 1), ("model_best.pth", 5)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert tool.prune_checkpoints(str(tmp_path), keep=("model_0000003.pth",)) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint", "model_0000003.pth", "model_best.pth", "model_final.pth"]
+
+
+def test_bad_schedule_flags_are_named_without_a_traceback():
+    tool = load_tool("compare")
+    for flag in ("--burn-in", "--ssod-iters"):
+        with pytest.raises(SystemExit, match=f"{flag} 0: must be >= 1"):
+            tool.main([flag, "0", "--labeled-json", "nowhere.json"])
+
+
+def test_the_report_checks_itself():
+    tool = load_tool("compare")
+    # issue 35: oracle 1.09 AP below the method's 1.79 printed "gap closed: 3.65"
+    # (1.79 − 0.83) / (1.09 − 0.83) = 3.69: the method above the oracle
+    assert tool.report_checks(0.83, 1.79, 1.09) == [
+        "the method (1.79 AP) is above the oracle (1.09 AP), which trained on the true boxes of "
+        "the same images: the differences are noise of runs too short or a validation set too "
+        "small"]
+    checks = tool.report_checks(1.5, 1.79, 1.09)
+    assert checks == ["the oracle (1.09 AP) is not above supervised (1.50 AP), so there is no gap "
+                      "to close: the runs are too short or the validation set too small to "
+                      "separate them"]
+    assert len(tool.report_checks(0.33, 0.68, 0.9)) == 1  # all below 1 AP: noise
+    assert tool.report_checks(30.0, 32.0, 40.0) == []
+    table = tool.summary_table(
+        {"method": "m", "supervised": {"AP": 1.5, "AP50": 3.0}, "ssod": {"AP": 1.79, "AP50": 4.0},
+         "oracle": {"AP": 1.09, "AP50": 2.0}, "ap_gain": 0.29, "gap_closed": None,
+         "checks": checks, "seed": 1, "total_iters": 40, "test_dataset": "custom_val",
+         "wall_seconds": 60.0}, 6, 33)
+    assert "gap closed: n/a" in table and "helped:" not in table
+    assert "cannot tell whether the unlabeled images helped (+0.29 AP against supervised, " \
+           "seed 1):\n* the oracle (1.09 AP) is not above supervised" in table
+
+
+def test_seed_flag_must_be_valid():
+    with pytest.raises(SystemExit, match="--seed -1: give a seed >= 0"):
+        load_tool("compare").main(["--seed", "-1", "--labeled-json", "nowhere.json"])

@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("own")
     (root / "unlabeled").mkdir()
-    for name in ("a.jpg", "unlabeled/u.jpg"):
-        cv2.imwrite(str(root / name), np.zeros((480, 640, 3), np.uint8))
+    for value, name in enumerate(("a.jpg", "unlabeled/u.jpg")):  # distinct images (leak check)
+        cv2.imwrite(str(root / name), np.full((480, 640, 3), value * 255, np.uint8))
     with open(root / "labeled.json", "w") as f:
         json.dump({"images": [{"id": 1, "file_name": "a.jpg", "height": 480, "width": 640}],
                    "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 20, 100, 50],

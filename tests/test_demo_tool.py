@@ -66,3 +66,18 @@ def test_ap_curve_reads_no_predictions_as_zero_ap(tmp_path):
     assert tool.ap_curve(str(tmp_path), "teacher", 8) == [(8, 14.0, 31.0)]
     with pytest.raises(SystemExit, match="no bogus/bbox/AP"):
         tool.ap_curve(str(tmp_path), "bogus", 8)
+
+
+def test_a_failed_training_says_what_it_died_of(tmp_path):
+    # issue 35: the error was at the end of a 15-line traceback in the run's log
+    tool = _demo_tool()
+    (tmp_path / "log.txt").write_text(
+        "Traceback (most recent call last):\n  File \"train_net.py\", line 3\n"
+        "FileNotFoundError: 2 image(s) named in v.json do not exist, e.g.:\n  a.jpg\n  b.jpg\n"
+        "[12/07 14:56:27] d2.engine.hooks INFO: Total training time: 0:00:02\n")
+    quitter = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    with pytest.raises(SystemExit, match=r"^oracle training failed \(exit 1\): FileNotFoundError: "
+                                         r"2 image\(s\) named in v.json do not exist, e.g.:\n"
+                                         r"  a.jpg\n  b.jpg; see .*log.txt$"):
+        tool.wait_all({"oracle": (quitter, str(tmp_path))})
+    assert tool.last_error(str(tmp_path / "nowhere")) == ""

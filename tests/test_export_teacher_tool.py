@@ -29,7 +29,7 @@ def test_all_formats_written_and_torchscript_checked_against_the_predictor(
     record = json.loads((out / "export.json").read_text())
 
     teacher = torch.load(out / "model_teacher.pth", map_location="cpu", weights_only=False)
-    assert set(teacher) == {"model"} and record["checkpoint"] == "model_teacher.pth"
+    assert set(teacher) == {"model", "dataset_meta"} and record["checkpoint"] == "model_teacher.pth"
     assert "dropped ['iteration', 'student', 'trainer']" in printed
 
     assert record["outputs"] == ["pred_boxes", "pred_classes", "scores", "image_size"]

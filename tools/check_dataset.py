@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Report on a labeled COCO json before training: box statistics at the config's input size,
-warnings you can act on, and anchor sizes suggested from the boxes.
+warnings you can act on (boxes of zero/negative size or past their image, with their files),
+and a verdict on the anchors ("anchors cover the boxes", or the sizes to set).
 
     python tools/check_dataset.py --json labeled.json \
         [--config-file configs/custom/soft_teacher_cpu.yaml] [--min-boxes 10] [KEY VALUE ...]

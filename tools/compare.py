@@ -22,11 +22,25 @@ json (``DATASETS.TEST``):
 
 ``N`` and ``M`` are the config's (with ``SSOD.AUTO_SCHEDULE`` derived once from the data and
 given to every run, so all share one schedule) unless ``--burn-in`` / ``--ssod-iters`` say
-otherwise. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
-Progress (iterations of each run) is printed every ``--progress-every`` seconds.
+otherwise; then the rule derives the rest of the schedule (LR steps, warm-up, evaluation
+period, EMA momentum) around them. Before training, custom data get the dataset check (d2ssod/data/dataset_check.py).
+Progress (iterations done, iterations/s and ETA of each run, from its metrics.json, written
+every ``SOLVER.LOG_PERIOD`` iterations: 1 for runs under 200 iterations, up to Detectron2's 20
+from 2000) is printed every ``--progress-every`` seconds.
 
-Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised, ``gap_closed = (method −
-sup) / (oracle − sup)``, wall time), ``summary.md`` (the table, printed at the end) and
+Only the checkpoints the report and a later comparison need are kept: each run's
+``model_final.pth`` (the method's holds its final teacher) and the supervised hand-over at ``N``
+(reused when a second method is compared into the same folder). The oracle and the method write
+no periodic checkpoint (an unfinished run is trained again, not resumed); the supervised run's
+others and the method's copy of the hand-over are deleted when the runs have finished
+(``--keep-checkpoints`` keeps every periodic checkpoint). Errors in the data
+name the flag that gave it (``--labeled-json``, ...), not the ``DATASETS.CUSTOM.*`` key.
+
+Every run gets ``SEED`` ``--seed`` (default 1, as ``make demo``), so the same command gives the
+same comparison. Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised,
+``gap_closed = (method − sup) / (oracle − sup)``, the seed, ``checks``: why the numbers cannot
+be read as a gain, when the oracle is not above supervised (no gap then) or every run is below
+1 AP; wall time), ``summary.md`` (the table, printed at the end) and
 ``ap_curve.png`` (AP against iteration), each also kept as ``*_<name>.*`` where ``name`` is the
 method config's file name, plus ``plots_<name>/`` (``tools/plot_metrics.py`` on the method's
 run) and, for a method with a teacher, ``pseudo_labels_<image>.png`` (its final teacher's
@@ -41,6 +55,7 @@ import json
 import os
 import shutil
 import sys
+import re
 import threading
 import time
 
@@ -83,9 +98,43 @@ def merge_oracle_json(labeled_json, oracle_json, unlabeled_dir, out_path):
     return out_path
 
 
+def run_progress(out_dir, total):
+    """``(iterations done, iterations/s, ETA seconds)`` of a run from its metrics.json (``None``
+    for the rate and ETA before Detectron2 has timed an iteration; ``None`` altogether before the
+    first record). The rate is 1 / Detectron2's ``time`` (seconds per iteration, its smoothed
+    median), the ETA its ``eta_seconds`` (the same median times the iterations left)."""
+    last = None
+    try:
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line being written
+                    continue
+                if "iteration" in rec and (last is None or rec["iteration"] >= last[0]):
+                    timed = "time" in rec or last is None or last[0] != rec["iteration"]
+                    last = (rec["iteration"], rec if timed else last[1])
+    except OSError:
+        return None
+    if last is None:
+        return None
+    it, rec = last
+    done = min(it + 1, total)
+    rate = 1.0 / rec["time"] if rec.get("time") else None
+    eta = rec.get("eta_seconds")
+    if eta is None and rate:
+        eta = (total - done) / rate
+    return done, rate, (0.0 if done >= total else eta)
+
+
+def _clock(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class Progress:
-    """Prints ``[t min] run i/total ...`` for the runs' output folders every ``every`` seconds
-    (from a daemon thread) while running."""
+    """Prints ``[t min] run i/total r it/s ETA h:mm:ss ...`` for the runs' output folders every
+    ``every`` seconds (from a daemon thread) while running."""
 
     def __init__(self, dirs, total, t0, every):
         self.dirs, self.total, self.t0, self.every = dirs, total, t0, every
@@ -93,7 +142,16 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def line(self):
-        parts = [f"{name} {min(max(tr.last_iteration(d) + 1, 0), self.total)}/{self.total}" for name, d in self.dirs.items()]
+        parts = []
+        for name, d in self.dirs.items():
+            p = run_progress(d, self.total)
+            if p is None:
+                parts.append(f"{name} starting")
+            elif p[0] >= self.total:
+                parts.append(f"{name} {p[0]}/{self.total} done")
+            else:
+                parts.append(f"{name} {p[0]}/{self.total}" + (
+                    f" {p[1]:.2f} it/s ETA {_clock(p[2])}" if p[1] and p[2] is not None else ""))
         return f"[{(time.time() - self.t0) / 60:5.1f} min] " + "  ".join(parts)
 
     def _loop(self):
@@ -109,42 +167,143 @@ class Progress:
         self._stop.set()
 
 
+_PERIODIC = re.compile(r"^model_\d{7}\.pth$")
+
+
+def prune_checkpoints(out_dir, keep=()):
+    """Delete the periodic checkpoints (``model_<iter>.pth``) of a finished run except the file
+    names in ``keep``; ``model_final.pth`` is never touched. Returns the bytes freed."""
+    freed = 0
+    for f in sorted(os.listdir(out_dir)):
+        if _PERIODIC.match(f) and f not in keep:
+            freed += os.path.getsize(os.path.join(out_dir, f))
+            os.remove(os.path.join(out_dir, f))
+    return freed
+
+
+def log_period(total):
+    """``SOLVER.LOG_PERIOD`` for a run of ``total`` iterations: about one metrics write per 1 %
+    of the run, at least every iteration, at most Detectron2's 20."""
+    return max(1, min(20, total // 100))
+
+
+def flag_names(message, flags):
+    """``message`` with each ``DATASETS.CUSTOM.*`` key the user gave by a flag replaced by the
+    flag (``flags``: key → flag), e.g. ``DATASETS.CUSTOM.LABELED_JSON='x.json'`` →
+    ``--labeled-json 'x.json'``."""
+    for key, flag in flags.items():
+        message = message.replace(f"{key} ({flag})", flag).replace(f"{key}=", f"{flag} ")
+        message = message.replace(key, flag)
+    return message
+
+
+def _check_schedule_flags(burn_in, ssod_iters):
+    for flag, value in (("--burn-in", burn_in), ("--ssod-iters", ssod_iters)):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} {value}: must be >= 1.")
+
+
+def _user_errors(fn, flags):
+    """``fn()``; its errors (unknown keys, bad data, leakage) as an ``error:`` message naming the
+    flags, without a traceback."""
+    try:
+        return fn()
+    except (KeyError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {flag_names(str(e.args[0]) if e.args else str(e), flags)}") \
+            from None
+
+
+def _build_cfg(config_file, opts, flags):
+    from d2ssod.engine import build_cfg
+
+    return _user_errors(lambda: build_cfg(config_file, opts), flags)
+
+
+DEFAULT_SEED = 1  # as make demo (DEMO_SEED 1): the same command gives the same runs
+MIN_AP = 1.0  # below this AP on every run, the detectors have barely started to learn
+
+
+def report_checks(supervised_ap, ssod_ap, oracle_ap):
+    """The reasons the numbers of a comparison cannot be read as a gain (empty when none): the
+    oracle not above supervised (then there is no gap to close), the method above the oracle
+    (a gap closed above 1), every run below ``MIN_AP``. With any of them no gap is given."""
+    checks = []
+    if oracle_ap is not None and oracle_ap <= supervised_ap:
+        checks.append(f"the oracle ({oracle_ap:.2f} AP) is not above supervised "
+                      f"({supervised_ap:.2f} AP), so there is no gap to close: the runs are too "
+                      f"short or the validation set too small to separate them")
+    elif oracle_ap is not None and ssod_ap > oracle_ap:
+        checks.append(f"the method ({ssod_ap:.2f} AP) is above the oracle ({oracle_ap:.2f} AP), "
+                      f"which trained on the true boxes of the same images: the differences "
+                      f"are noise of runs too short or a validation set too small")
+    if max(a for a in (supervised_ap, ssod_ap, oracle_ap) if a is not None) < MIN_AP:
+        checks.append(f"every run is below {MIN_AP:g} AP: the detectors have barely started to "
+                      f"learn, so their differences are noise; train longer (more iterations, "
+                      f"or --ssod-iters) before reading a gain")
+    return checks
+
+
 def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters=None,
-                   oracle_json=None, min_boxes=10, progress_every=30.0):
-    """Train and compare as the module docstring says; returns the summary dict."""
+                   oracle_json=None, min_boxes=10, progress_every=30.0, seed=DEFAULT_SEED,
+                   keep_checkpoints=False, flags=None):
+    """Train and compare as the module docstring says; returns the summary dict. ``flags``: the
+    ``DATASETS.CUSTOM.*`` keys given by command-line flags (key → flag), named in errors."""
     sys.path.insert(0, REPO)
     from detectron2.data import DatasetCatalog
 
     from d2ssod.data.dataset_check import custom_dataset_report, format_report
-    from d2ssod.engine import build_cfg
     from d2ssod.engine.offline_teacher import write_pseudo_label_pictures
     from d2ssod.methods import METHOD_REGISTRY
 
     t0 = time.time()
+    flags = flags or {}
     name = name or os.path.splitext(os.path.basename(method_cfg))[0]
     opts = [str(o) for o in opts]
-    cfg = build_cfg(method_cfg, opts)
+    if "SEED" in opts[0::2]:  # a SEED override wins over --seed
+        seed = int(opts[opts[0::2].index("SEED") * 2 + 1])
+    elif seed is not None and seed >= 0:
+        opts += ["SEED", str(seed)]
+    else:
+        raise SystemExit(f"--seed {seed}: give a seed >= 0, so the comparison can be repeated.")
+    _check_schedule_flags(burn_in, ssod_iters)
+    if ssod_iters is not None and burn_in is None:  # the burn-in the rule gives, then fixed
+        burn_in = _build_cfg(method_cfg, opts, flags).SSOD.BURN_IN_ITERS
+    # the flags are explicit schedule keys: SSOD.AUTO_SCHEDULE derives the rest around them
+    yours = ([] if burn_in is None else ["SSOD.BURN_IN_ITERS", burn_in]) + \
+        ([] if ssod_iters is None else ["SOLVER.MAX_ITER", burn_in + ssod_iters])
+    cfg = _build_cfg(method_cfg, opts + [str(o) for o in yours], flags)
     custom = bool(cfg.DATASETS.CUSTOM.LABELED_JSON)
     if custom:
+        # the validation json is read at the first evaluation, minutes in: check it now
+        for test_set in cfg.DATASETS.TEST:
+            _user_errors(lambda: DatasetCatalog.get(test_set), flags)
         print(format_report(custom_dataset_report(cfg, min_boxes)), flush=True)
         # explicit image root: the oracle's json lives elsewhere than the labeled one
         opts += ["DATASETS.CUSTOM.IMAGE_ROOT", cfg.DATASETS.CUSTOM.IMAGE_ROOT
                  or os.path.dirname(os.path.abspath(cfg.DATASETS.CUSTOM.LABELED_JSON))]
-    burn_in = burn_in if burn_in is not None else cfg.SSOD.BURN_IN_ITERS
-    total = burn_in + ssod_iters if ssod_iters is not None else cfg.SOLVER.MAX_ITER
+    burn_in, total = cfg.SSOD.BURN_IN_ITERS, cfg.SOLVER.MAX_ITER
     if not 0 < burn_in < total:
-        raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total})")
+        raise SystemExit(f"need 0 < burn-in ({burn_in}) < total iterations ({total}): set "
+                         f"--burn-in and --ssod-iters")
     common = ["SOLVER.MAX_ITER", total, *opts]
+    if "SOLVER.LOG_PERIOD" not in opts[0::2]:  # progress lines that move in a short run
+        common = ["SOLVER.LOG_PERIOD", log_period(total), *common]
     if cfg.SSOD.AUTO_SCHEDULE:  # derived once from the data, the same for every run
         common += ["SSOD.AUTO_SCHEDULE", False,
                    *[x for k in _SCHEDULE_KEYS for x in (k, _cfg_value(cfg, k))]]
         print(f"schedule from the data (SSOD.AUTO_SCHEDULE): {total} iterations, burn-in "
-              f"{burn_in}, " + ", ".join(f"{k} {_cfg_value(cfg, k)}" for k in _SCHEDULE_KEYS))
+              f"{burn_in}, " + ", ".join(f"{k} {_cfg_value(cfg, k)}" for k in _SCHEDULE_KEYS)
+              + (f"; yours: {' '.join(map(str, yours))} (from --burn-in / --ssod-iters), the "
+                 f"rest derived around it" if yours else ""))
     # checkpoints at the hand-over: the derived period ends the derived burn-in on one
     period = cfg.SOLVER.CHECKPOINT_PERIOD
     ckpt = ["SOLVER.CHECKPOINT_PERIOD",
             period if cfg.SSOD.AUTO_SCHEDULE and burn_in % period == 0 else burn_in]
     hand_over = tr.hand_over_name(burn_in)  # the supervised checkpoint the method starts from
+    # An unfinished oracle or method run is trained again, never resumed: they need no periodic
+    # checkpoint, only model_final.pth (a period past the last iteration). The supervised run
+    # writes its hand-over; its later periodic checkpoints are deleted after the runs.
+    final_only = [] if keep_checkpoints else ["SOLVER.CHECKPOINT_PERIOD", total + 1]
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
 
@@ -170,7 +329,9 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
             print(f"reusing the finished {run} run in {dirs[run]}")
             continue
         shutil.rmtree(dirs[run], ignore_errors=True)
-        baselines[run] = (tr.run_training(baseline_cfgs[run], dirs[run], run_opts[run] + ckpt, threads=1), dirs[run])
+        baselines[run] = (tr.run_training(baseline_cfgs[run], dirs[run], run_opts[run] + ckpt +
+                                          (final_only if run == "oracle" else []), threads=1),
+                          dirs[run])
     dirs["ssod"] = os.path.join(out, name)
     with Progress({k: dirs[k] for k in ("supervised", "oracle") if k in dirs}, total, t0, progress_every):
         tr.wait_for_file(os.path.join(dirs["supervised"], hand_over), baselines.get("supervised", (None,))[0],
@@ -178,13 +339,19 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     shutil.rmtree(dirs["ssod"], ignore_errors=True)
     tr.warm_start_from_supervised(dirs["supervised"], dirs["ssod"], burn_in)
     runs = dict(baselines)
-    runs["ssod"] = (tr.run_training(method_cfg, dirs["ssod"], common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt,
-                                 threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
+    runs["ssod"] = (tr.run_training(method_cfg, dirs["ssod"],
+                                    common + ["SSOD.BURN_IN_ITERS", burn_in] + ckpt + final_only,
+                                    threads=max(1, os.cpu_count() or 1), resume=True), dirs["ssod"])
     shown = {("oracle" if k == "oracle" else name if k == "ssod" else k): d for k, d in dirs.items()}
     with Progress(shown, total, t0, progress_every):
         tr.wait_all(runs)
     for run in baselines:
         tr.mark_finished(dirs[run], run_opts[run])
+    if not keep_checkpoints:  # the report needs each model_final.pth; a later method the hand-over
+        freed = sum(prune_checkpoints(d, keep=(hand_over,) if k == "supervised" else ())
+                    for k, d in dirs.items())
+        print(f"deleted the periodic checkpoints the report does not need ({freed / 2**20:.0f} MiB;"
+              f" --keep-checkpoints keeps them)", flush=True)
 
     sup_curve = tr.ap_curve(dirs["supervised"], "student", total)
     curves = {"supervised": sup_curve,
@@ -202,7 +369,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         **final,
         "oracle": final.get("oracle"),
         "ap_gain": ssod - sup,
-        "gap_closed": (ssod - sup) / (oracle - sup) if oracle is not None and oracle != sup else None,
+        "checks": report_checks(sup, ssod, oracle),
+        "seed": seed,
         "burn_in_iters": burn_in,
         "total_iters": total,
         "test_dataset": test_name,
@@ -210,6 +378,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     }
     labeled, unlabeled = (sum(len(DatasetCatalog.get(d)) for d in names)
                           for names in (cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_UNLABELED))
+    summary["gap_closed"] = ((ssod - sup) / (oracle - sup)
+                             if oracle is not None and not summary["checks"] else None)
     table = summary_table(summary, labeled, unlabeled)
     for base, ext, write in (("summary", "json", lambda f: json.dump(summary, f, indent=2)),
                              ("summary", "md", lambda f: f.write(table + "\n"))):
@@ -237,24 +407,36 @@ def summary_table(s, labeled, unlabeled):
         rows.append(("oracle (100% labeled)", s["oracle"]))
     gap = "n/a" if s["gap_closed"] is None else f"{s['gap_closed']:.2f}"
     gain = s["ap_gain"]
-    verdict = (f"the unlabeled images helped: {gain:+.2f} AP over supervised (one seed)" if gain > 0 else
-               f"the unlabeled images did not help: {gain:+.2f} AP against supervised (one seed)")
+    seed = "one seed" if s.get("seed") is None else f"seed {s['seed']}"
+    checks = s.get("checks") or []
+    if checks:
+        verdict = [f"cannot tell whether the unlabeled images helped ({gain:+.2f} AP against "
+                   f"supervised, {seed}):", *(f"* {c}" for c in checks)]
+    elif gain > 0:
+        verdict = [f"the unlabeled images helped: {gain:+.2f} AP over supervised ({seed})"]
+    else:
+        verdict = [f"the unlabeled images did not help: {gain:+.2f} AP against supervised "
+                   f"({seed})"]
     return "\n".join([
         f"| run ({s['total_iters']} iterations, {s['test_dataset']}) | AP | AP50 |",
         "|---|---|---|",
         *(f"| {label} | {r['AP']:.2f} | {r['AP50']:.2f} |" for label, r in rows),
         "",
         f"gap closed: {gap} — wall time {s['wall_seconds'] / 60:.1f} min",
-        verdict,
+        *verdict,
     ])
+
+
+# flag, DATASETS.CUSTOM key, whether it names a file (else a folder)
+_DATA_FLAGS = [("--labeled-json", "LABELED_JSON", True), ("--image-root", "IMAGE_ROOT", False),
+               ("--unlabeled-dir", "UNLABELED_DIR", False), ("--val-json", "VAL_JSON", True)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", default=os.path.join(REPO, "configs", "custom", "soft_teacher_cpu.yaml"),
                         help="the method's config (its SSOD.DEMO_BASELINES name the baselines)")
-    for flag, key in (("--labeled-json", "LABELED_JSON"), ("--image-root", "IMAGE_ROOT"),
-                      ("--unlabeled-dir", "UNLABELED_DIR"), ("--val-json", "VAL_JSON")):
+    for flag, key, _ in _DATA_FLAGS:
         parser.add_argument(flag, help=f"DATASETS.CUSTOM.{key}")
     parser.add_argument("--oracle-json", help="COCO json with the boxes of the unlabeled images "
                         "(file names relative to --unlabeled-dir): adds the oracle run")
@@ -265,15 +447,33 @@ def main(argv=None):
                         help="M: semi-supervised iterations (default: the config's)")
     parser.add_argument("--min-boxes", type=int, default=10,
                         help="the dataset check warns for classes with fewer boxes")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"SEED of every run, recorded in summary.json (default "
+                             f"{DEFAULT_SEED}, as make demo); a SEED override wins")
     parser.add_argument("--progress-every", type=float, default=30.0, help="seconds; 0 = quiet")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every periodic checkpoint (default: only each run's "
+                             "model_final.pth and the supervised hand-over)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
-    data = [x for flag, key in (("labeled_json", "LABELED_JSON"), ("image_root", "IMAGE_ROOT"),
-                                ("unlabeled_dir", "UNLABELED_DIR"), ("val_json", "VAL_JSON"))
-            if getattr(args, flag) for x in (f"DATASETS.CUSTOM.{key}", os.path.abspath(getattr(args, flag)))]
+    _check_schedule_flags(args.burn_in, args.ssod_iters)  # the values first, then the files
+    if args.seed < 0 and "SEED" not in args.opts[0::2]:
+        raise SystemExit(f"--seed {args.seed}: give a seed >= 0, so the comparison can be "
+                         f"repeated.")
+    given = [(flag, key, getattr(args, flag[2:].replace("-", "_"))) for flag, key, _ in _DATA_FLAGS]
+    given = [(flag, key, value) for flag, key, value in given if value]
+    for flag, value, is_file in ((f, getattr(args, f[2:].replace("-", "_")), k)
+                                 for f, _, k in _DATA_FLAGS + [("--config-file", None, True),
+                                                                ("--oracle-json", None, True)]):
+        if value and not (os.path.isfile(value) if is_file else os.path.isdir(value)):
+            raise SystemExit(f"error: {flag} {value}: no such {'file' if is_file else 'folder'}.")
+    data = [x for flag, key, value in given
+            for x in (f"DATASETS.CUSTOM.{key}", os.path.abspath(value))]
     return run_comparison(args.config_file, args.output, data + list(args.opts), burn_in=args.burn_in,
                           ssod_iters=args.ssod_iters, oracle_json=args.oracle_json,
-                          min_boxes=args.min_boxes, progress_every=args.progress_every)
+                          min_boxes=args.min_boxes, progress_every=args.progress_every,
+                          seed=args.seed, keep_checkpoints=args.keep_checkpoints,
+                          flags={f"DATASETS.CUSTOM.{key}": flag for flag, key, _ in given})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Writes into ``--output``:
   ``MODEL.WEIGHTS`` like any Detectron2 checkpoint. Needs no config.
 * ``model.ts`` (``torchscript``): the teacher traced with Detectron2's ``TracingAdapter`` and
   ``torch.jit.trace`` on ``--sample-image`` (default: the first image of the config's first
-  ``DATASETS.TEST``). Input: one C×H×W float or uint8 tensor in ``INPUT.FORMAT``, resized with
+  ``DATASETS.TEST``; a recipe without datasets needs it). Input: one C×H×W float or uint8 tensor in ``INPUT.FORMAT``, resized with
   ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``; outputs: the detections' fields sorted
   by name (boxes in the resized image's pixels, classes, scores; the dense detector adds
   ``pred_objectness``), then the input's (height, width). ``export.json`` records these.
@@ -38,7 +38,7 @@ def _sample_image(cfg, path):
 
     if path:
         return path
-    if not cfg.DATASETS.TEST:
+    if not cfg.DATASETS.TEST or cfg.DATASETS.TEST[0] not in DatasetCatalog:
         raise SystemExit("No --sample-image given and the config has no DATASETS.TEST to take "
                          "one from: pass --sample-image PATH.")
     return DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
@@ -131,7 +131,7 @@ def main():
     args = parser.parse_args()
 
     sys.path.insert(0, REPO)
-    from d2ssod.engine import build_cfg
+    from d2ssod.engine import build_inference_cfg
     from d2ssod.engine.export import strip_to_teacher
 
     formats = args.formats.split(",") if args.formats else list(FORMATS)
@@ -156,7 +156,10 @@ def main():
               f"{100.0 * info['dst_bytes'] / info['src_bytes']:.0f} % of the training "
               f"checkpoint; dropped {info['dropped'] or 'nothing'})")
     if traced:
-        cfg = build_cfg(args.config_file, args.opts)
+        try:
+            cfg = build_inference_cfg(args.config_file, args.weights, args.opts)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise SystemExit(str(e.args[0] if e.args else e))
         record.update(export_traced(cfg, args.weights, _sample_image(cfg, args.sample_image),
                                     args.output, "onnx" in formats,
                                     onnx_required=args.formats is not None))

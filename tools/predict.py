@@ -8,7 +8,8 @@
 
 The weights are the checkpoint's ``"model"`` entry: the teacher of a d2ssod training checkpoint,
 or any Detectron2 checkpoint of the config's detector (a checkpoint that does not fit the config
-is refused). ``--input`` takes image files, folders (searched recursively) and glob patterns
+is refused). The config is the training recipe (or the run's ``config.yaml``): no dataset keys
+are needed, a d2ssod checkpoint carries its classes (``build_inference_cfg``). ``--input`` takes image files, folders (searched recursively) and glob patterns
 (quote them; ``**`` is recursive). Images go through the model ``--batch-size`` at a time with
 Detectron2's test-time resize (as ``DefaultPredictor``); files that cannot be decoded are
 skipped, counted and listed.
@@ -218,7 +219,7 @@ def main():
         raise SystemExit("--batch-size must be >= 1")
 
     sys.path.insert(0, REPO)
-    from d2ssod.engine import build_cfg
+    from d2ssod.engine import build_inference_cfg
     from d2ssod.engine.inference import BatchPredictor, collect_image_files, model_num_classes
 
     if not os.path.isfile(args.config_file):
@@ -238,7 +239,10 @@ def main():
         files = collect_image_files(args.input)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
-    cfg = build_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
+    try:
+        cfg = build_inference_cfg(args.config_file, args.weights, args.opts)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise SystemExit(str(e.args[0] if e.args else e))
     if args.score_thresh is not None:
         cfg = set_score_thresh(cfg, args.score_thresh)
     try:

@@ -38,11 +38,33 @@ def run_training(config, out_dir, opts, threads, resume=False, log_name="log.txt
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def last_error(out_dir, log_name="log.txt"):
+    """What a failed training died of: the last ``SomethingError: message`` of a run's log with
+    the message's further lines (up to the next logger line, which starts with ``[``), or
+    ``""``."""
+    try:
+        with open(os.path.join(out_dir, log_name), errors="replace") as f:
+            lines = [ln.rstrip() for ln in f]
+    except OSError:
+        return ""
+    at = next((i for i in reversed(range(len(lines))) if lines[i].split(":", 1)[0].endswith(
+        ("Error", "Exception", "SystemExit"))), None)
+    if at is None:
+        return ""
+    end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    return "\n".join(lines[at:end])
+
+
+def _failed(name, out_dir, why):
+    error = last_error(out_dir)
+    return SystemExit(f"{name} training {why}" + (f": {error}" if error else "") +
+                      f"; see {os.path.join(out_dir, 'log.txt')}")
+
+
 def wait_all(procs):
     for name, (p, out_dir) in procs.items():
         if p.wait() != 0:
-            raise SystemExit(f"{name} training failed (exit {p.returncode}); see "
-                             f"{os.path.join(out_dir, 'log.txt')}")
+            raise _failed(name, out_dir, f"failed (exit {p.returncode})")
 
 
 def wait_for_file(path, proc, name, out_dir, poll=2.0):
@@ -50,8 +72,7 @@ def wait_for_file(path, proc, name, out_dir, poll=2.0):
     process that should write it ends without it."""
     while not os.path.exists(path):
         if proc is not None and proc.poll() is not None and not os.path.exists(path):
-            raise SystemExit(f"{name} training ended (exit {proc.returncode}) without writing "
-                             f"{path}; see {os.path.join(out_dir, 'log.txt')}")
+            raise _failed(name, out_dir, f"ended (exit {proc.returncode}) without writing {path}")
         time.sleep(poll)
 
 

@@ -19,12 +19,15 @@ import pickle
 
 from detectron2.data.datasets.coco import load_coco_json
 
+from . import leakage
 from .builtin import category_metadata, register_dataset
+from .leakage import SharedImages, json_image_paths
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "list_image_files",
     "load_image_folder",
+    "load_unlabeled_without_leaks",
     "check_images_exist",
     "register_custom_datasets",
     "apply_custom_datasets",
@@ -216,6 +219,35 @@ def check_images_exist(dataset_dicts, json_file):
             "File names in the json are taken relative to DATASETS.CUSTOM.IMAGE_ROOT.")
 
 
+def load_unlabeled_without_leaks(folder, cache_dir, labeled_paths, val_paths):
+    """:func:`load_image_folder`, checked against the labeled and validation images
+    (:mod:`d2ssod.data.leakage`: same file or same bytes): a validation image in the folder is
+    an error naming it; labeled images in the folder are dropped from the unlabeled set, with
+    one warning giving their count."""
+    dicts = load_image_folder(folder, cache_dir)
+    paths = [d["file_name"] for d in dicts]
+    if val_paths:
+        shared = SharedImages(val_paths).in_(paths)
+        if shared:
+            raise ValueError(
+                f"DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) {folder} holds {len(shared)} "
+                f"of the validation images of DATASETS.CUSTOM.VAL_JSON (--val-json), same file "
+                f"or same bytes: {leakage.describe(shared)}. The method would train on them and "
+                f"its gain on them would not be real; move them out of the unlabeled folder.")
+    shared = SharedImages(labeled_paths).in_(paths)
+    if shared:
+        drop = {p for p, _ in shared}
+        dicts = [d for d in dicts if d["file_name"] not in drop]
+        logger.warning(
+            "DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) %s: dropped %d image(s) that are "
+            "also labeled images (same file or same bytes), e.g. %s; %d unlabeled images left.",
+            folder, len(shared), leakage.describe(shared), len(dicts))
+        if not dicts:
+            raise ValueError(f"DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) {folder}: every "
+                             f"image in it is a labeled image; no unlabeled images are left.")
+    return dicts
+
+
 def _drop_degenerate_boxes(dataset_dicts, json_file):
     """Remove annotations whose box has zero or negative width or height (COCO ``bbox`` is
     x, y, w, h), with one warning giving the count and an example. Detectron2's mapper would drop
@@ -283,7 +315,9 @@ def register_custom_datasets(cfg, overwrite=True):
 
     * ``<NAME>_labeled``: ``LABELED_JSON`` with images relative to ``IMAGE_ROOT`` (default: the
       json's folder); every image must exist (checked at load, fails naming image and json).
-    * ``<NAME>_unlabeled``: every image under ``UNLABELED_DIR`` (:func:`load_image_folder`), if set;
+    * ``<NAME>_unlabeled``: every image under ``UNLABELED_DIR`` (:func:`load_image_folder`), if set,
+      less the labeled images (:func:`load_unlabeled_without_leaks`; a validation image there
+      is an error, as is one shared by the labeled and validation jsons);
       its listing is cached in ``OUTPUT_DIR/unlabeled_list_<hash>.pkl`` until a file is added,
       removed or renamed anywhere under the folder.
     * ``<NAME>_val``: ``VAL_JSON``, if set; its categories must equal the labeled json's.
@@ -327,14 +361,26 @@ def register_custom_datasets(cfg, overwrite=True):
                 f"DATASETS.CUSTOM.UNLABELED_DIR={c.UNLABELED_DIR!r} contains no images "
                 f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)}).")
 
+    labeled_paths = json_image_paths(labeled_json, image_root)
+    val_paths = json_image_paths(val_json, image_root) if val_json else []
+    if val_paths:
+        shared = SharedImages(val_paths).in_(labeled_paths)
+        if shared:
+            raise ValueError(
+                f"DATASETS.CUSTOM.LABELED_JSON (--labeled-json) {labeled_json} and "
+                f"DATASETS.CUSTOM.VAL_JSON (--val-json) {val_json} share {len(shared)} image(s) "
+                f"(same file or same bytes): {leakage.describe(shared)}. An image trained on "
+                f"cannot measure the model; remove it from one of the two.")
+
     name = f"{c.NAME}_labeled"
     register_dataset(name, functools.partial(_load_checked_coco_json, labeled_json, image_root, name, labeled=True),
               dict(meta, evaluator_type="coco", json_file=labeled_json, image_root=image_root), overwrite)
     names["labeled"] = name
     if c.UNLABELED_DIR:
         name = f"{c.NAME}_unlabeled"
-        register_dataset(name, functools.partial(load_image_folder, folder, cache_dir=cfg.OUTPUT_DIR),
-                         dict(meta, image_root=folder), overwrite)
+        register_dataset(name, functools.partial(
+            load_unlabeled_without_leaks, folder, cfg.OUTPUT_DIR, labeled_paths, val_paths),
+            dict(meta, image_root=folder), overwrite)
         names["unlabeled"] = name
     if val_json:
         name = f"{c.NAME}_val"

@@ -18,7 +18,12 @@ and warns when
 * the median resized box is smaller than :data:`TINY_PX` (a few cells of the finest FPN level,
   stride 4): the input size makes most objects tiny; the report gives the short side that would
   put the median at 32 px;
-* a class has fewer than ``min_boxes`` boxes.
+* a class has fewer than ``min_boxes`` boxes;
+* boxes have zero or negative width or height (the custom loader leaves them out) or reach past
+  their image by more than :data:`EDGE_TOL_PX` (the data loader clips them to the image): both
+  listed with their image file.
+
+The anchors get a verdict either way: "anchors cover the boxes", or which key to set.
 
 Suggested anchor sizes: one per level as in ``SIZES`` (same count), doubling from
 ``2^round(log2(p5))`` (at least 8) of the resized ``sqrt(w·h)``: the smallest 5 % of the boxes
@@ -30,12 +35,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["WARN_FRACTION", "TINY_PX", "PERCENTILES", "DatasetReport", "dataset_report",
-           "format_report", "custom_dataset_report"]
+__all__ = ["WARN_FRACTION", "TINY_PX", "PERCENTILES", "EDGE_TOL_PX", "DatasetReport",
+           "dataset_report", "format_report", "custom_dataset_report"]
 
 WARN_FRACTION = 0.05
 TINY_PX = 16.0
 PERCENTILES = (5, 25, 50, 75, 95)
+# past the image edge by less than half a pixel is rounding (converters, float json), not a
+# labeling mistake
+EDGE_TOL_PX = 0.5
+MAX_EXAMPLES = 5
 
 
 @dataclass
@@ -50,6 +59,9 @@ class DatasetReport:
     anchor_sizes: list
     suggested_anchor_sizes: list
     warnings: list = field(default_factory=list)
+    invalid_boxes: list = field(default_factory=list)  # [(file_name, bbox)], w or h <= 0
+    boxes_past_edge: list = field(default_factory=list)  # [(file_name, bbox, (width, height))]
+    anchor_verdict: str = ""
 
 
 def _resize_scale(h, w, short, max_long):
@@ -79,7 +91,8 @@ def _load(json_file):
 def dataset_report(json_file, anchor_sizes, min_size_test, max_size_test, min_boxes=10):
     """The :class:`DatasetReport` of ``json_file`` for a detector with these anchor sizes
     (nested per level, as ``MODEL.ANCHOR_GENERATOR.SIZES``) and test-time resize. Boxes of zero
-    or negative size are left out, as the custom loader drops them."""
+    or negative size are left out of the statistics, as the custom loader drops them, and listed
+    with boxes past their image's edge."""
     data = _load(json_file)
     sizes = {}
     for img in data["images"]:
@@ -87,14 +100,21 @@ def dataset_report(json_file, anchor_sizes, min_size_test, max_size_test, min_bo
             raise ValueError(f"{json_file}: image id {img.get('id')} ({img.get('file_name')}) has "
                              "no width/height; COCO images need both.")
         sizes[img["id"]] = (img["height"], img["width"])
+    files = {img["id"]: img.get("file_name") for img in data["images"]}
     names = {c["id"]: c["name"] for c in data["categories"]}
-    boxes, image_ids, cats = [], [], []
+    boxes, image_ids, cats, invalid, past = [], [], [], [], []
     for a in data["annotations"]:
         x, y, w, h = a["bbox"]
         if w > 0 and h > 0:
             boxes.append((w, h))
             image_ids.append(a["image_id"])
             cats.append(a["category_id"])
+        else:
+            invalid.append((files.get(a["image_id"]), list(a["bbox"])))
+            continue
+        ih, iw = sizes.get(a["image_id"], (math.inf, math.inf))
+        if max(-x, -y, x + w - iw, y + h - ih) > EDGE_TOL_PX:
+            past.append((files[a["image_id"]], list(a["bbox"]), (iw, ih)))
     unknown = sorted(set(image_ids) - set(sizes))
     if unknown:
         raise ValueError(f"{json_file}: annotations refer to image ids not in 'images', e.g. {unknown[:5]}.")
@@ -125,7 +145,8 @@ def dataset_report(json_file, anchor_sizes, min_size_test, max_size_test, min_bo
               "sqrt_area_resized": _percentiles(resized),
               "short_side_resized": _percentiles(short * scale)},
         resize=(min_size_test, max_size_test), anchor_sizes=flat_anchors,
-        suggested_anchor_sizes=_suggest_anchors(resized, len(anchor_sizes)))
+        suggested_anchor_sizes=_suggest_anchors(resized, len(anchor_sizes)),
+        invalid_boxes=invalid, boxes_past_edge=past)
     report.warnings = _warnings(report, resized, min_boxes)
     return report
 
@@ -138,10 +159,12 @@ def _suggest_anchors(resized_sqrt_area, levels):
 
 
 def _warnings(r, resized, min_boxes):
-    out = []
+    out = _box_warnings(r)
     n = len(resized)
     if n == 0:
-        return [f"{r.json_file} has no usable boxes (width and height > 0): nothing to train on."]
+        r.anchor_verdict = "no boxes to compare the anchors with"
+        return out + [f"{r.json_file} has no usable boxes (width and height > 0): nothing to "
+                      f"train on."]
     short, _ = r.resize
     if r.anchor_sizes:
         lo, hi = r.anchor_sizes[0] / math.sqrt(2), r.anchor_sizes[-1] * math.sqrt(2)
@@ -158,6 +181,13 @@ def _warnings(r, resized, min_boxes):
                     f"{100 * count / n:.0f} % of the boxes ({count} of {n}) are {side} {edge:.0f} px "
                     f"(sqrt(w·h) after resizing to short side {short}), outside what the anchors "
                     f"{[int(a) for a in r.anchor_sizes]} cover well: {fix}.")
+        if below > WARN_FRACTION * n or above > WARN_FRACTION * n:
+            r.anchor_verdict = (f"the anchors do not cover the boxes (see the warning): {fix}")
+        else:
+            inside = n - below - above
+            r.anchor_verdict = (f"anchors cover the boxes: {inside} of {n} ({100 * inside / n:.0f} "
+                                f"%) within {lo:.0f}..{hi:.0f} px (sqrt(w·h) after resizing); "
+                                f"MODEL.ANCHOR_GENERATOR.SIZES can stay")
     median = float(np.median(resized))
     if median < TINY_PX:
         better = int(math.ceil(short * 32.0 / median / 32.0) * 32)
@@ -168,6 +198,26 @@ def _warnings(r, resized, min_boxes):
     if rare:
         out.append(f"Classes with fewer than {min_boxes} boxes in {r.json_file}: {', '.join(rare)}. "
                    f"The detector will hardly learn them; label more examples or merge classes.")
+    return out
+
+
+def _examples(items):
+    shown = ", ".join(items[:MAX_EXAMPLES])
+    more = len(items) - MAX_EXAMPLES
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def _box_warnings(r):
+    out = []
+    if r.invalid_boxes:
+        out.append(f"{len(r.invalid_boxes)} box(es) with zero or negative width or height in "
+                   f"{r.json_file}, left out of training (the custom loader drops them; fix the "
+                   f"labels): " + _examples([f"{f} {b}" for f, b in r.invalid_boxes]))
+    if r.boxes_past_edge:
+        out.append(f"{len(r.boxes_past_edge)} box(es) reach past their image's edge in "
+                   f"{r.json_file}; training clips them to the image (check the labels, or the "
+                   f"image width/height in the json): " + _examples(
+                       [f"{f} {b} in {w}x{h}" for f, b, (w, h) in r.boxes_past_edge]))
     return out
 
 
@@ -190,8 +240,10 @@ def format_report(r):
         f"  box size (px), resized to short side {r.resize[0]} (long side <= {r.resize[1]}):",
         f"    sqrt(w·h)   {_fmt_pct(r.size['sqrt_area_resized'])}",
         f"    short side  {_fmt_pct(r.size['short_side_resized'])}",
-        f"  anchor sizes: {[int(a) for a in r.anchor_sizes]}; suggested from the boxes: "
-        f"{[[a] for a in r.suggested_anchor_sizes]}",
+        f"  anchor sizes: {[int(a) for a in r.anchor_sizes]}" + (
+            "" if r.anchor_verdict.startswith("anchors cover") else
+            f"; suggested from the boxes: {[[a] for a in r.suggested_anchor_sizes]}"),
+        f"  anchors: {r.anchor_verdict or 'no anchor sizes given'}",
     ]
     lines += [f"  WARNING: {w}" for w in r.warnings] or ["  no warnings"]
     return "\n".join(lines)

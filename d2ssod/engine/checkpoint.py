@@ -6,7 +6,11 @@ One file holds everything needed to resume:
   exactly the key names of a plain Detectron2 model, so ``DefaultPredictor`` and
   ``--eval-only`` load the deliverable with no conversion;
 * ``"student"``: the student's state dict (same key names), used only when resuming;
-* ``"trainer"``: Detectron2's trainer state (iteration, optimizer, LR scheduler hook).
+* ``"trainer"``: Detectron2's trainer state (iteration, optimizer, LR scheduler hook);
+* ``"dataset_meta"``: the classes the model predicts, ``{"num_classes": K, "thing_classes":
+  [K names], "category_ids": [K dataset ids]}`` (:func:`dataset_meta`; what MMDetection calls
+  ``dataset_meta`` and YOLOv5 ``names``), so inference needs the recipe config and the file, not
+  the training data (:func:`~d2ssod.engine.defaults.build_inference_cfg`).
 
 Files are written to ``<name>.incomplete.pth`` and renamed with ``os.replace`` once complete, and
 ``last_checkpoint`` is only pointed at complete files, so a crash mid-write never leaves a
@@ -17,9 +21,16 @@ import os
 import pickle
 import zipfile
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
 
-__all__ = ["SSODCheckpointer", "CorruptCheckpointError"]
+from d2ssod.data.custom import num_classes_key
+
+__all__ = ["SSODCheckpointer", "CorruptCheckpointError", "DATASET_META_KEY", "dataset_meta",
+           "read_dataset_meta"]
+
+DATASET_META_KEY = "dataset_meta"
 
 _INCOMPLETE = ".incomplete"
 logger = logging.getLogger(__name__)
@@ -38,8 +49,47 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def dataset_meta(cfg):
+    """The ``"dataset_meta"`` entry for checkpoints of a model built from ``cfg``: its class count
+    (the key its meta-architecture reads, :func:`~d2ssod.data.custom.num_classes_key`), the class
+    names and json category ids from the metadata of the first of ``DATASETS.TRAIN`` /
+    ``DATASETS.TEST`` whose ``thing_classes`` has that length; ``class_<i>`` and ``1..K``
+    where none has."""
+    num = int(num_classes_key(cfg)[1].NUM_CLASSES)
+    names, ids = [f"class_{i}" for i in range(num)], list(range(1, num + 1))
+    for dataset in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        meta = MetadataCatalog.get(dataset)
+        classes = meta.get("thing_classes")
+        if classes and len(classes) == num:
+            names = [str(c) for c in classes]
+            mapping = meta.get("thing_dataset_id_to_contiguous_id") or {}
+            if len(mapping) == num:
+                inverse = {v: k for k, v in mapping.items()}
+                ids = [int(inverse[i]) for i in range(num)]
+            break
+    return {"num_classes": num, "thing_classes": names, "category_ids": ids}
+
+
+def read_dataset_meta(path):
+    """The ``"dataset_meta"`` entry of checkpoint ``path``; ``None`` when the file is not a local
+    ``.pth`` or has none (a checkpoint of another tool, or written before d2ssod stored it)."""
+    if "://" in path or not path.endswith(".pth") or not os.path.isfile(path):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CorruptCheckpointError(f"Checkpoint {path} cannot be read ({type(e).__name__}: "
+                                     f"{e}); it is probably truncated.") from e
+    meta = checkpoint.get(DATASET_META_KEY) if isinstance(checkpoint, dict) else None
+    return dict(meta) if meta else None
+
+
 class SSODCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose files appear atomically and whose load errors are clear."""
+    """``DetectionCheckpointer`` whose files appear atomically and whose load errors are clear.
+    With ``dataset_meta`` set (:func:`dataset_meta`; the trainer sets it), every file it saves
+    carries it."""
+
+    dataset_meta = None
 
     def save(self, name, *, tag_last=True, **kwargs):
         """Save ``<save_dir>/<name>.pth`` atomically; with ``tag_last`` (default) it becomes
@@ -47,6 +97,8 @@ class SSODCheckpointer(DetectionCheckpointer):
         ``tag_last=False``: a resume continues from the newest checkpoint, not the best)."""
         if not self.save_dir or not self.save_to_disk:
             return
+        if self.dataset_meta is not None:
+            kwargs.setdefault(DATASET_META_KEY, self.dataset_meta)
         # The parent writes "<name>.incomplete.pth"; only the renamed file gets tagged.
         super().save(name + _INCOMPLETE, **kwargs)
         tmp = os.path.join(self.save_dir, f"{name}{_INCOMPLETE}.pth")

@@ -1,7 +1,8 @@
 """Deployment forms of a trained teacher.
 
 * :func:`strip_to_teacher`: a training checkpoint (``"model"`` = teacher, ``"student"``,
-  ``"trainer"``; :mod:`d2ssod.engine.checkpoint`) reduced to ``{"model": teacher}``, a plain
+  ``"trainer"``; :mod:`d2ssod.engine.checkpoint`) reduced to ``{"model": teacher}`` (and the
+  ``"dataset_meta"`` of its classes), a plain
   Detectron2 checkpoint that ``DefaultPredictor`` and ``MODEL.WEIGHTS`` load;
 * :func:`trace_detector`: the detector traced with Detectron2's ``TracingAdapter`` and
   ``torch.jit.trace`` (TorchScript), its input one preprocessed image tensor, its outputs the
@@ -23,6 +24,8 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from .checkpoint import DATASET_META_KEY
+
 __all__ = ["REQUIRED_FIELDS", "compare_with_predictor", "export_onnx", "onnx_available",
            "run_onnx", "run_traced", "strip_to_teacher", "trace_detector"]
 
@@ -39,7 +42,7 @@ def _atomic_save(obj, path):
 
 
 def strip_to_teacher(src, dst):
-    """Write ``{"model": <src's "model">}`` to ``dst`` (atomically: temporary file + rename).
+    """Write ``{"model": <src's "model">}`` (and its ``"dataset_meta"``, the classes) to ``dst`` (atomically: temporary file + rename).
 
     Returns ``dict(dropped=[entries left out], src_bytes, dst_bytes)``. Raises
     ``FileNotFoundError`` for a missing ``src`` and ``KeyError`` when it has no ``"model"``."""
@@ -54,8 +57,9 @@ def strip_to_teacher(src, dst):
         raise KeyError(f"Checkpoint {src} has no 'model' entry (found {found}); it was not "
                        f"written by Detectron2 / d2ssod.")
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    _atomic_save({"model": checkpoint["model"]}, dst)
-    return {"dropped": sorted(k for k in checkpoint if k != "model"),
+    kept = {k: checkpoint[k] for k in ("model", DATASET_META_KEY) if k in checkpoint}
+    _atomic_save(kept, dst)
+    return {"dropped": sorted(k for k in checkpoint if k not in kept),
             "src_bytes": os.path.getsize(src), "dst_bytes": os.path.getsize(dst)}
 
 

@@ -28,7 +28,7 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .ema import EMATeacher
 from .hooks import MethodHook
-from .visualization import class_names, render_record
+from .visualization import class_dataset, class_names, render_record
 
 __all__ = ["load_method", "unlabeled_dicts", "unlabeled_batches", "write_pseudo_label_pictures",
            "export_pseudo_labels", "weak_to_original", "tool_parser", "tool_config"]
@@ -168,8 +168,8 @@ def export_pseudo_labels(cfg, checkpoint, output_json, folder=None, batch_size=4
     """
     classes = class_names(cfg)
     if not classes:
-        raise ValueError("DATASETS.TRAIN[0] has no thing_classes in its metadata; the json needs "
-                         "category names. Register the labeled dataset with them.")
+        raise ValueError("Neither the checkpoint nor DATASETS.TRAIN / TEST name the classes; the "
+                         "json needs category names. Register the labeled dataset with them.")
     method = load_method(cfg, checkpoint)
     dicts = unlabeled_dicts(cfg, folder)
     mapper = UnlabeledDatasetMapper(is_train=False,
@@ -205,7 +205,7 @@ def export_pseudo_labels(cfg, checkpoint, output_json, folder=None, batch_size=4
         # JavaScript would round them
         for i, im in enumerate(images):
             im["image_id"] = i + 1
-    ids = pseudo_labels.dataset_category_ids(cfg.DATASETS.TRAIN[0], len(classes))
+    ids = pseudo_labels.dataset_category_ids(class_dataset(cfg), len(classes))
     pseudo_labels.write_pseudo_label_json(output_json, images, detections, classes, ids,
                                           annotation_fields=fields)
     return {"images": len(images), "annotations": sum(counts.values()), "outcomes": counts,
@@ -232,11 +232,13 @@ def tool_parser(description):
 
 
 def tool_config(args):
-    """The checked config of a tool's arguments (:func:`~d2ssod.engine.build_cfg`), with a
-    one-line error for a missing config file; d2ssod's log lines go to the console."""
+    """The checked inference config of a tool's arguments
+    (:func:`~d2ssod.engine.defaults.build_inference_cfg`: the classes from the checkpoint, no
+    data needed), with one-line errors for a missing file or a bad key; d2ssod's log lines go to
+    the console."""
     from detectron2.utils.logger import setup_logger
 
-    from .defaults import build_cfg
+    from .defaults import build_inference_cfg
 
     setup_logger(name="d2ssod")
     if not os.path.isfile(args.config_file):
@@ -244,4 +246,7 @@ def tool_config(args):
     if len(args.opts) % 2:
         raise SystemExit(f"config overrides come in KEY VALUE pairs after every --option; got "
                          f"{args.opts}.")
-    return build_cfg(args.config_file, args.opts)
+    try:
+        return build_inference_cfg(args.config_file, args.checkpoint, args.opts)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise SystemExit(str(e.args[0] if e.args else e))

@@ -40,7 +40,7 @@ from d2ssod.evaluation.build import build_evaluator
 from d2ssod.methods import METHOD_REGISTRY, build_method
 
 from .amp import amp_precision, autocast, build_grad_scaler
-from .checkpoint import SSODCheckpointer
+from .checkpoint import SSODCheckpointer, dataset_meta
 from .ema import EMATeacher
 from .hooks import (EMAHook, MethodHook, PreemptionHook, TrainerBestCheckpointer,
                     TrainerCheckpointHook)
@@ -241,6 +241,7 @@ class SSODTrainer(DefaultTrainer):
         self.checkpointer = SSODCheckpointer(
             self.teacher.model if self.teacher is not None else self.student,
             cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.checkpointer.dataset_meta = dataset_meta(cfg)  # the classes, for inference
 
     @classmethod
     def uses_teacher(cls, cfg):
@@ -277,14 +278,15 @@ class SSODTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        """Detectron2's hooks with five changes: evaluation reports teacher and student, and is
+        """Detectron2's hooks with six changes: evaluation reports teacher and student, and is
         followed by a :class:`TrainerBestCheckpointer` keeping ``model_best.pth`` (best
         :meth:`best_metric_key`) when it runs; the periodic checkpointer saves through
         ``trainer.checkpointer`` as it is when training starts (the SSOD one, built after
         DefaultTrainer's constructor) and keeps ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files; an
         :class:`EMAHook` followed by a :class:`MethodHook` runs right after the LR scheduler,
-        before checkpointing and evaluation, when the method keeps a teacher; and a
-        :class:`PreemptionHook` (SIGTERM → checkpoint and clean stop) runs last."""
+        before checkpointing and evaluation, when the method keeps a teacher; the metric
+        writers run every ``SOLVER.LOG_PERIOD`` iterations; and a :class:`PreemptionHook`
+        (SIGTERM → checkpoint and clean stop) runs last."""
         ret = super().build_hooks()
         cfg = self.cfg
         eval_at = None
@@ -295,6 +297,8 @@ class SSODTrainer(DefaultTrainer):
             elif isinstance(h, hooks.PeriodicCheckpointer):
                 ret[i] = TrainerCheckpointHook(h.checkpointer, h.period,
                                                max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
+            elif isinstance(h, hooks.PeriodicWriter):
+                ret[i] = hooks.PeriodicWriter(h._writers, period=cfg.SOLVER.LOG_PERIOD)
         if eval_at is not None and cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
             # right after evaluation: model_best.pth by the teacher's AP (the student's without one)
             ret.insert(eval_at + 1, TrainerBestCheckpointer(
@@ -310,6 +314,12 @@ class SSODTrainer(DefaultTrainer):
             at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)),
                       len(ret))
             ret.insert(at, PseudoLabelVisHook.from_config(cfg))
+        elif cfg.SSOD.VIS_PERIOD > 0:
+            # Not an error: tools/compare.py (make demo) gives the supervised baselines the
+            # method run's overrides, SSOD.VIS_PERIOD included.
+            logger.warning("SSOD.VIS_PERIOD=%d is ignored: SSOD.METHOD=%r keeps no teacher and "
+                           "makes no pseudo-labels to draw.", cfg.SSOD.VIS_PERIOD,
+                           cfg.SSOD.METHOD)
         # last, so that its stop checkpoint holds every other hook's update of the iteration
         ret.append(PreemptionHook(cfg.SOLVER.PREEMPTION_CHECK_PERIOD))
         return ret

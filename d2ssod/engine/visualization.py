@@ -38,11 +38,19 @@ def outcome_rgb(outcome):
     return tuple(float(c) for c in mcolors.to_rgb(outcome.color))
 
 
+def class_dataset(cfg):
+    """The first of ``DATASETS.TRAIN``, then ``DATASETS.TEST``, whose metadata names the classes
+    (``thing_classes``; an inference config without data has the checkpoint's classes in
+    ``DATASETS.TEST``); ``None`` when none does."""
+    return next((name for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)
+                 if MetadataCatalog.get(name).get("thing_classes")), None)
+
+
 def class_names(cfg):
-    """Class names of the labeled data (``thing_classes`` of ``DATASETS.TRAIN[0]``; empty when
-    its metadata has none, and boxes are labelled with class indices)."""
-    names = cfg.DATASETS.TRAIN and MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes")
-    return list(names or [])
+    """Class names of :func:`class_dataset` (empty when no dataset names them, and boxes are
+    labelled with class indices)."""
+    name = class_dataset(cfg)
+    return list(MetadataCatalog.get(name).thing_classes) if name else []
 
 
 def explain_views(method, unlabeled, pseudo, batch_info):

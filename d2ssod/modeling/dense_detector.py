@@ -50,6 +50,7 @@ from .box_ops import complete_iou
 from .dense_assigners import DensePredictions, add_dense_assigner_config, build_dense_assigner
 from .dense_head import YOLODenseHead
 from .dense_matching import YOLOBoxTransform
+from .num_classes import check_num_classes
 
 __all__ = ["YOLODenseDetector", "add_dense_detector_config"]
 
@@ -134,6 +135,7 @@ class YOLODenseDetector(DenseDetector):
     @classmethod
     def from_config(cls, cfg):
         d = cfg.MODEL.DENSE_DETECTOR
+        check_num_classes("MODEL.DENSE_DETECTOR.NUM_CLASSES", d.NUM_CLASSES)
         backbone = build_backbone(cfg)
         shapes = [backbone.output_shape()[f] for f in d.IN_FEATURES]
         anchor_generator = build_anchor_generator(cfg, shapes)

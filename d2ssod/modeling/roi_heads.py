@@ -35,6 +35,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from .losses import multiclass_focal_loss
+from .num_classes import check_num_classes
 from .roi_align import use_gather_roi_align
 
 __all__ = ["SSODFastRCNNOutputLayers", "SSODROIHeads", "add_roi_heads_config"]
@@ -75,6 +76,7 @@ class SSODFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
+        check_num_classes("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         ret = super().from_config(cfg, input_shape)
         ret["focal_gamma"] = cfg.MODEL.ROI_BOX_HEAD.FOCAL_GAMMA
         return ret

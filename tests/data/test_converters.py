@@ -53,9 +53,14 @@ def test_voc_boxes_and_classes(tmp_path):
     assert coco["images"] == [{"id": 1, "file_name": "a.jpg", "width": 500, "height": 375},
                               {"id": 2, "file_name": "sub/b.jpg", "width": 300, "height": 200}]
     # 1-based inclusive corners: x = xmin − 1, w = xmax − xmin + 1
+    # the person box reaches y 498 in a 375-high image: clipped to h = 375 − 11 = 364, reported
+    notes = []
+    coco = voc_to_coco(str(tmp_path / "xml"), notes=notes)
     got = [(a["image_id"], a["category_id"], a["bbox"], a["area"]) for a in coco["annotations"]]
-    assert got == [(1, 2, [47, 239, 148, 132], 148 * 132), (1, 3, [7, 11, 345, 487], 345 * 487),
+    assert got == [(1, 2, [47, 239, 148, 132], 148 * 132), (1, 3, [7, 11, 345, 364], 345 * 364),
                    (2, 1, [0, 0, 300, 200], 300 * 200)]
+    a_xml = tmp_path / "xml" / "a.xml"
+    assert notes == [f"1 box(es) past the image edge, clipped to the image: {a_xml}:12"]
     # a class list sets the ids; difficult objects can be left out
     names = tmp_path / "names.txt"
     names.write_text("person\ndog\ncat\n")
@@ -98,13 +103,14 @@ def test_yolo_boxes(yolo):
     root, names = yolo
     coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names))
     assert coco["categories"] == [{"id": 1, "name": "car"}, {"id": 2, "name": "bike"}]
+    # bg.jpg has no label file: left out (issue 35: unlabeled images became empty labeled ones)
     assert [(i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
-        ("bg.jpg", 10, 10), ("one.jpg", 400, 200), ("two.png", 50, 100)]
+        ("one.jpg", 400, 200), ("two.png", 50, 100)]
     # one.jpg (400 x 200): centre (200, 100), size 100 x 100 → [150, 50, 100, 100];
     # centre (50, 50), size 100 x 100 → [0, 0, 100, 100]; two.png: the whole 50 x 100 image
     got = [(a["image_id"], a["category_id"], a["bbox"]) for a in coco["annotations"]]
-    assert got == [(2, 1, [150.0, 50.0, 100.0, 100.0]), (2, 2, [0.0, 0.0, 100.0, 100.0]),
-                   (3, 2, [0.0, 0.0, 50.0, 100.0])]
+    assert got == [(1, 1, [150.0, 50.0, 100.0, 100.0]), (1, 2, [0.0, 0.0, 100.0, 100.0]),
+                   (2, 2, [0.0, 0.0, 50.0, 100.0])]
 
 
 @pytest.mark.parametrize("content, line, message", [
@@ -136,9 +142,126 @@ def test_tool_writes_the_json(yolo, capsys):
     tool = load_tool("convert_to_coco")
     tool.main(["yolo", "--labels", str(root / "labels"), "--images", str(root / "images"),
                "--classes", str(names), "--out", str(out)])
-    assert "3 images, 3 boxes, 2 classes (car, bike)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 images, 3 boxes, 2 classes (car, bike)" in printed
+    assert "note: 1 image(s) under" in printed and "left out" in printed and ": bg.jpg\n" in printed
     assert len(json.loads(out.read_text())["annotations"]) == 3
     (root / "labels" / "two.txt").write_text("1 0.5 0.5\n")
     with pytest.raises(SystemExit, match=r"error: .*two.txt:1: expected 5 numbers"):
         tool.main(["yolo", "--labels", str(root / "labels"), "--images", str(root / "images"),
                    "--classes", str(names), "--out", str(out)])
+
+
+def test_yolo_images_without_labels_are_reported_and_kept_only_with_the_flag(yolo, capsys):
+    # issue 35: 56 images and 5 label files gave "56 images, 69 boxes": 51 unlabeled images
+    # silently became labeled images without objects
+    root, names = yolo
+    (root / "labels" / "bg.txt").unlink(missing_ok=True)
+    for k in range(3):
+        cv2.imwrite(str(root / "images" / f"u{k}.jpg"), np.zeros((8, 8, 3), np.uint8))
+    notes = []
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names), notes=notes)
+    assert [i["file_name"] for i in coco["images"]] == ["one.jpg", "two.png"]
+    assert len(notes) == 1 and notes[0].startswith("4 image(s) under ")
+    assert "left out" in notes[0] and notes[0].endswith(": bg.jpg, u0.jpg, u1.jpg, u2.jpg")
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names),
+                        keep_images_without_labels=True)
+    assert [i["file_name"] for i in coco["images"]] == [
+        "bg.jpg", "one.jpg", "two.png", "u0.jpg", "u1.jpg", "u2.jpg"]
+    assert len(coco["annotations"]) == 3
+    # an empty .txt is a labeled image without objects, kept without the flag
+    _write(root / "labels" / "bg.txt", "")
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names))
+    assert [i["file_name"] for i in coco["images"]] == ["bg.jpg", "one.jpg", "two.png"]
+
+
+def test_labelimg_classes_txt_in_the_labels_folder(yolo, capsys):
+    # issue 35: LabelImg's layout failed with "no image classes.*"
+    root, _ = yolo
+    _write(root / "labels" / "classes.txt", "car\nbike\n")
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"))  # found without --classes
+    assert [c["name"] for c in coco["categories"]] == ["car", "bike"]
+    assert len(coco["annotations"]) == 3
+    # given explicitly from elsewhere, the one in the labels folder is not a label file either
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(root / "classes.txt"))
+    assert len(coco["images"]) == 2
+
+
+@pytest.mark.parametrize("text", [
+    "path: ../data\ntrain: images/train\nnc: 2\nnames: ['car', 'bike']\n",
+    "names:\n  - car\n  - bike\n",
+    "names:\n  1: bike\n  0: car\n",  # Ultralytics' index: name mapping, any order
+])
+def test_yolov5_data_yaml_as_classes(yolo, text):
+    # issue 35: data.yaml given as --classes was read as two classes, "names:" and "0: tree"
+    root, _ = yolo
+    data_yaml = _write(root / "data.yaml", text)
+    assert read_class_names(str(data_yaml)) == ["car", "bike"]
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(data_yaml))
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "car"), (2, "bike")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("names:\n  0: car\n  2: bike\n", r"the indices of 'names' are \[0, 2\], not 0\.\.1"),
+    ("nc: 3\nnames: [car, bike]\n", r"nc is 3 but 'names' has 2 names"),
+    ("train: images\n", r"no 'names' list or mapping"),
+])
+def test_bad_data_yaml(tmp_path, text, message):
+    path = _write(tmp_path / "data.yaml", text)
+    with pytest.raises(ConversionError, match=rf"^{path}: {message}"):
+        read_class_names(str(path))
+    # the same text under a .txt name is refused, not read as class names
+    txt = _write(tmp_path / "names.txt", "names:\n  0: car\n")
+    with pytest.raises(ConversionError,
+                       match=r"names.txt:1: 'names:' looks like a YOLOv5 data.yaml"):
+        read_class_names(str(txt))
+
+
+def test_missing_classes_file_is_an_error_not_a_traceback(yolo):
+    root, _ = yolo
+    tool = load_tool("convert_to_coco")
+    common = ["yolo", "--labels", str(root / "labels"), "--images", str(root / "images"),
+              "--out", str(root / "out.json")]
+    with pytest.raises(SystemExit, match=rf"^error: {root / 'nope.txt'}: no such file \(the class "
+                                         r"names"):
+        tool.main(common + ["--classes", str(root / "nope.txt")])
+    with pytest.raises(SystemExit, match=r"no classes.txt in the labels folder .* --classes"):
+        tool.main(common)
+    with pytest.raises(SystemExit, match=rf"^error: --images {root / 'imgs'}: no such folder"):
+        tool.main(["yolo", "--labels", str(root / "labels"), "--images", str(root / "imgs"),
+                   "--out", str(root / "out.json")])
+
+
+def test_yolo_boxes_past_the_edge_and_of_zero_size_are_reported(yolo, capsys):
+    root, names = yolo
+    # one.jpg is 400 x 200. Line 1: centre (0.95, 0.5), w 0.2 → x 340..420, past the right edge by
+    # 20 px: clipped to [340, 50, 60, 100]. Line 2: w 0 → left out. Line 3: x 300..400.0004
+    # (rounding of a 6-decimal fraction, under half a pixel): clipped without a note.
+    path = _write(root / "labels" / "one.txt",
+                  "0 0.95 0.5 0.2 0.5\n1 0.5 0.5 0 0.5\n0 0.875 0.5 0.250001 0.5\n")
+    notes = []
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names), notes=notes)
+    boxes = [a["bbox"] for a in coco["annotations"] if a["image_id"] == 1]
+    assert boxes == [pytest.approx([340.0, 50.0, 60.0, 100.0]),
+                     pytest.approx([299.9998, 50.0, 100.0002, 100.0])]
+    assert notes[1:] == [f"1 box(es) past the image edge, clipped to the image: {path}:1",
+                         f"1 box(es) of zero width or height, left out: {path}:2"]
+    tool = load_tool("convert_to_coco")
+    tool.main(["yolo", "--labels", str(root / "labels"), "--images", str(root / "images"),
+               "--classes", str(names), "--out", str(root / "out.json")])
+    printed = capsys.readouterr().out
+    assert f"note: 1 box(es) of zero width or height, left out: {path}:2" in printed
+
+
+def test_file_names_relative_to_a_common_image_root(yolo):
+    # walk-through: labeled images in images/, validation images in val/images/; compare.py takes
+    # one --image-root, so both jsons name their files relative to the common parent
+    root, names = yolo
+    coco = yolo_to_coco(str(root / "labels"), str(root / "images"), str(names),
+                        image_root=str(root))
+    assert [i["file_name"] for i in coco["images"]] == ["images/one.jpg", "images/two.png"]
+    out = root / "labeled.json"
+    load_tool("convert_to_coco").main(["yolo", "--labels", str(root / "labels"), "--images",
+                                       str(root / "images"), "--classes", str(names),
+                                       "--image-root", str(root), "--out", str(out)])
+    assert json.loads(out.read_text())["images"][0]["file_name"] == "images/one.jpg"

@@ -1,6 +1,7 @@
 """SSOD.AUTO_SCHEDULE: the rule of d2ssod/engine/auto_schedule.py on dataset sizes worked out by
 hand, and through build_cfg on files (counts read from the registered datasets)."""
 import json
+import logging
 import os
 
 import cv2
@@ -55,15 +56,16 @@ def test_bad_rule_names_the_key():
         derive_schedule(10, 10, 2, 1.0, _rule(STEPS=(0.9, 0.5)), 100)
 
 
-def test_build_cfg_counts_the_files_and_gives_the_twin_the_same_schedule(tmp_path):
+def _user_files(tmp_path):
+    """2 labeled images with a box, 1 without, 4 unlabeled; returns the dataset overrides."""
     images = tmp_path / "images"
     images.mkdir()
-    for name in ("a.png", "b.png", "empty.png"):
-        cv2.imwrite(str(images / name), np.zeros((24, 32, 3), np.uint8))
+    for i, name in enumerate(("a.png", "b.png", "empty.png")):  # distinct images (leak check)
+        cv2.imwrite(str(images / name), np.full((24, 32, 3), i, np.uint8))
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     for i in range(4):
-        cv2.imwrite(str(unlabeled / f"u{i}.png"), np.zeros((24, 32, 3), np.uint8))
+        cv2.imwrite(str(unlabeled / f"u{i}.png"), np.full((24, 32, 3), 10 + i, np.uint8))
     with open(tmp_path / "labeled.json", "w") as f:
         json.dump({"images": [{"id": i + 1, "file_name": n, "height": 24, "width": 32}
                               for i, n in enumerate(("a.png", "b.png", "empty.png"))],
@@ -72,6 +74,11 @@ def test_build_cfg_counts_the_files_and_gives_the_twin_the_same_schedule(tmp_pat
                    "categories": [{"id": 1, "name": "thing"}]}, f)
     opts = ["DATASETS.CUSTOM.LABELED_JSON", str(tmp_path / "labeled.json"), "DATASETS.CUSTOM.IMAGE_ROOT", str(images),
             "DATASETS.CUSTOM.UNLABELED_DIR", str(unlabeled)]
+    return opts
+
+
+def test_build_cfg_counts_the_files_and_gives_the_twin_the_same_schedule(tmp_path):
+    opts = _user_files(tmp_path)
     # L = 2 (the image without boxes is filtered), U = 4, batch 2 + 2 (configs/custom/Base-cpu):
     # b = 16, s = 40, total 56 → MIN_ITER 100; P = min(max(16, ceil(100/8) = 13), 25) = 16 →
     # total 112; burn-in 16; steps round(89.6) = 90, round(106.4) = 106; warm-up min(200, 4);
@@ -85,3 +92,65 @@ def test_build_cfg_counts_the_files_and_gives_the_twin_the_same_schedule(tmp_pat
     cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),
                     opts + ["SSOD.AUTO_SCHEDULE", "False", "SOLVER.MAX_ITER", "77"])
     assert cfg.SOLVER.MAX_ITER == 77 and cfg.TEST.EVAL_PERIOD == 0
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+SCHEDULE = ("SOLVER.MAX_ITER", "SSOD.BURN_IN_ITERS", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS",
+            "TEST.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "SSOD.EMA_MOMENTUM")
+
+
+def _schedule(cfg):
+    return tuple(cfg[k.split(".")[0]][k.split(".")[1]] for k in SCHEDULE)
+
+
+def test_an_explicit_max_iter_is_kept_and_the_schedule_derived_around_it(tmp_path):
+    # issue 35: SOLVER.MAX_ITER 40 was replaced by the rule's total without a word.
+    # L 2, U 4, batch 2 + 2: b = 16, s = 40; total 40 (yours, not clamped to MIN_ITER 100);
+    # P = min(max(16, ceil(40/8) = 5), round(40/4) = 10) = 10; burn-in round(16/10) = 2 periods
+    # (cap floor(0.5·40/10) = 2) = 20; steps 32, 38; warm-up min(200, 20 // 4) = 5;
+    # τ = 0.1·20 = 2 → 0.5 → clamped up to 0.9
+    opts = _user_files(tmp_path)
+    handler = _Lines()
+    log = logging.getLogger("d2ssod.engine.auto_schedule")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),
+                        opts + ["SOLVER.MAX_ITER", "40"])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert _schedule(cfg) == (40, 20, (32, 38), 5, 10, 10, 0.9)
+    line = next(x for x in handler.lines if x.startswith("SSOD.AUTO_SCHEDULE"))
+    assert "from your overrides: SOLVER.MAX_ITER 40" in line
+    assert "from the rule: SSOD.BURN_IN_ITERS 20, SOLVER.STEPS (32, 38)" in line
+    # the rule's own cap alone gives the same (MIN_ITER 100 > MAX_ITER 40 is no error now)
+    cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),
+                    opts + ["SSOD.AUTO_SCHEDULE_RULE.MAX_ITER", "40"])
+    assert _schedule(cfg) == (40, 20, (32, 38), 5, 10, 10, 0.9)
+
+
+def test_explicit_burn_in_and_total_as_compare_passes_them(tmp_path):
+    # issue 35: --burn-in 10 --ssod-iters 10 kept the 384-iteration run's steps and periods.
+    # b = 10 (yours), total 20 (yours); P = min(max(10, ceil(20/8) = 3), round(20/4) = 5) = 5;
+    # steps round(16) = 16, round(19) = 19; warm-up min(200, 10 // 4) = 2; τ = 1 → clamped 0.9.
+    # An explicit warm-up is kept as given.
+    opts = _user_files(tmp_path) + ["SSOD.BURN_IN_ITERS", "10", "SOLVER.MAX_ITER", "20"]
+    cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"), opts)
+    assert _schedule(cfg) == (20, 10, (16, 19), 2, 5, 5, 0.9)
+    cfg = build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),
+                    opts + ["SOLVER.WARMUP_ITERS", "7"])
+    assert _schedule(cfg) == (20, 10, (16, 19), 7, 5, 5, 0.9)
+    with pytest.raises(ValueError, match=r"SSOD.BURN_IN_ITERS=20 must be in \[0, "
+                                         r"SOLVER.MAX_ITER=20\)"):
+        build_cfg(os.path.join(CUSTOM, "soft_teacher_cpu.yaml"),
+                  opts + ["SSOD.BURN_IN_ITERS", "20"])

@@ -27,7 +27,9 @@ def test_stripped_checkpoint_is_the_teacher_alone_and_predicts_the_same(tiny_che
     info = strip_to_teacher(full, str(stripped))
     src = torch.load(full, map_location="cpu", weights_only=False)
     dst = torch.load(stripped, map_location="cpu", weights_only=False)
-    assert set(dst) == {"model"} and info["dropped"] == sorted(set(src) - {"model"})
+    kept = {"model", "dataset_meta"}  # the teacher and its classes
+    assert set(dst) == kept and info["dropped"] == sorted(set(src) - kept)
+    assert dst["dataset_meta"] == src["dataset_meta"]
     assert {"student", "trainer"} <= set(info["dropped"])
     assert dst["model"].keys() == src["model"].keys()
     assert all(torch.equal(dst["model"][k], v) for k, v in src["model"].items())

@@ -15,12 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SUP = os.path.join(REPO, "configs/demo/supervised.yaml")
 
 
-def _cfg(out_dir, max_iter, keep, period=1):
+def _cfg(out_dir, max_iter, keep, period=1, extra=()):
     return build_cfg(SUP, [str(o) for o in (
         "OUTPUT_DIR", out_dir, "SOLVER.IMS_PER_BATCH", 1, "DATALOADER.NUM_WORKERS", 0,
         "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "SEED", 3, "INPUT.MIN_SIZE_TRAIN",
         "(96,)", "INPUT.MAX_SIZE_TRAIN", 128, "SOLVER.MAX_ITER", max_iter,
-        "SOLVER.CHECKPOINT_PERIOD", period, "SOLVER.CHECKPOINT_MAX_TO_KEEP", keep)])
+        "SOLVER.CHECKPOINT_PERIOD", period, "SOLVER.CHECKPOINT_MAX_TO_KEEP", keep, *extra)])
 
 
 def _checkpoints(folder):
@@ -129,3 +129,19 @@ def test_under_ddp_every_rank_stops_at_the_same_checked_iteration(tmp_path):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [4, ckpt]
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["last_checkpoint", "model_0000004.pth"]
+
+
+
+
+def test_log_period_sets_how_often_metrics_are_written(tmp_path):
+    # metrics.json gets a record every SOLVER.LOG_PERIOD iterations and at the last one (as
+    # Detectron2's PeriodicWriter does with its fixed 20): 5 iterations at period 2 → 1, 3, 4
+    import json
+
+    trainer = SSODTrainer(_cfg(tmp_path, 5, 0, period=10, extra=("SOLVER.LOG_PERIOD", 2)))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    with open(tmp_path / "metrics.json") as f:
+        assert [json.loads(line)["iteration"] for line in f] == [1, 3, 4]
+    with pytest.raises(ValueError, match="SOLVER.LOG_PERIOD=0 must be >= 1"):
+        build_cfg(SUP, ["SOLVER.LOG_PERIOD", "0"])
