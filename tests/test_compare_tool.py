@@ -61,7 +61,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
         "--labeled-json", str(data / "labeled.json"), "--image-root", str(data),
         "--unlabeled-dir", str(data / "unlabeled"), "--val-json", str(data / "val.json"),
         "--oracle-json", str(data / "unlabeled_boxes.json"), "--output", str(out),
-        "--progress-every", "5", "--seed", "3", *map(str, TINY)])
+        "--progress-every", "5", "--seed", "3", "--suggest", "2", *map(str, TINY)])
     printed = capsys.readouterr().out
     assert "Dataset check of" in printed and "boxes per class: circle" in printed
     assert "schedule from the data (SSOD.AUTO_SCHEDULE): 8 iterations, burn-in 4" in printed
@@ -79,7 +79,10 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     # every run also kept model_0000003.pth and model_0000007.pth (9 files here)
     assert {(d.name, f.name) for d in out.iterdir() if d.is_dir() for f in d.glob("*.pth")} == {
         ("supervised_cpu", "model_0000003.pth"), ("supervised_cpu", "model_final.pth"),
-        ("oracle", "model_final.pth"), ("soft_teacher_cpu", "model_final.pth")}
+        ("oracle", "model_final.pth"), ("soft_teacher_cpu", "model_final.pth"),
+        # issue 34: each run's best evaluation (the teacher's for the method)
+        ("supervised_cpu", "model_best.pth"), ("oracle", "model_best.pth"),
+        ("soft_teacher_cpu", "model_best.pth")}
     assert "deleted the periodic checkpoints the report does not need" in printed
     # an 8-iteration run writes its metrics every iteration (SOLVER.LOG_PERIOD 1), so the
     # progress lines move; "time" is Detectron2's from its third iteration on
@@ -115,6 +118,27 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert json.loads((out / "summary_soft_teacher_cpu.json").read_text()) == summary
     assert (out / "ap_curve.png").stat().st_size > 0
 
+    # is the gain real: the paired bootstrap interval of the final models on the 3 val images
+    gain = summary["intervals"]["gain"]
+    assert gain["num_images"] == 3 and gain["low"] <= gain["high"]
+    # the final models' AP recomputed from their predictions is the training's last evaluation
+    # (faster-coco-eval there, pycocotools here: same numbers up to float rounding)
+    assert gain["diff"] == pytest.approx(summary["ap_gain"], abs=1e-6)
+    assert f"soft_teacher_cpu − supervised: {gain['diff']:+.2f} AP, 95 % interval" in table
+    assert ("it excludes 0" in table.split("oracle − ")[0]) == (gain["low"] > 0 or gain["high"] < 0)
+    assert "reads optimistic on that same validation set" in table
+    assert summary["best"]["ssod"]["AP"] >= summary["ssod"]["AP"]
+    # --suggest 2: the report ends with 2 of the 4 unlabeled images
+    unlabeled = sorted(os.listdir(data / "unlabeled"))
+    assert len(summary["suggestions"]) == 2
+    assert all(os.path.basename(f) in unlabeled for f in summary["suggestions"])
+    assert table.splitlines()[-3:] == [
+        "the 2 unlabeled images to label next (uncertainty, by soft_teacher_cpu's final teacher; "
+        "tools/suggest_labels.py for other strategies):",
+        *(f"{i}. {f}" for i, f in enumerate(summary["suggestions"], 1))]
+    assert table.strip() in printed
+    assert (out / "suggestions" / "suggestions.json").exists()
+
 
 def test_summary_table_without_oracle():
     table = load_tool("compare").summary_table(
@@ -127,6 +151,37 @@ def test_summary_table_without_oracle():
         "| soft_teacher_cpu (+40 unlabeled) | 28.50 | 49.00 |", "",
         "gap closed: n/a — wall time 1.5 min",
         "the unlabeled images did not help: -1.50 AP against supervised (one seed)"]
+
+
+def test_summary_table_states_intervals_best_and_suggestions():
+    def ci(diff, low, high):
+        return {"diff": diff, "low": low, "high": high, "num_images": 17, "num_resamples": 1000,
+                "confidence": 0.95}
+
+    lines = load_tool("compare").summary_table(
+        {"method": "st", "supervised": {"AP": 10.0, "AP50": 20.0}, "ssod": {"AP": 11.5, "AP50": 22.0},
+         "oracle": {"AP": 15.0, "AP50": 30.0}, "ap_gain": 1.5, "gap_closed": 0.3, "checks": [],
+         "total_iters": 384, "test_dataset": "v", "wall_seconds": 60.0, "seed": 1,
+         "intervals": {"gain": ci(1.5, -0.8, 3.4), "oracle_gap": ci(3.5, 1.1, 6.0)},
+         "best": {"supervised": {"AP": 10.9, "iteration": 300}, "ssod": {"AP": 12.9, "iteration": 191}},
+         "final_below_best": {"best_ap": 12.9, "final_ap": 11.5, "low": 0.3, "high": 2.9,
+                              "checkpoint": "out/st/model_best.pth"},
+         "suggestions": ["/u/a.jpg"], "suggest_strategy": "uncertainty"}, 6, 33).splitlines()
+    assert lines[8] == ("st − supervised: +1.50 AP, 95 % interval [-0.80, +3.40] (paired bootstrap, "
+                        "1000 resamples of the validation images; it does not cover seed-to-seed "
+                        "variation) — it includes 0: on these 17 validation images the difference "
+                        "could be chance")
+    assert lines[9].startswith("oracle − st: +3.50 AP, 95 % interval [+1.10, +6.00]")
+    assert lines[9].endswith("it excludes 0: a difference this size is unlikely to come from which "
+                             "17 images are in the validation set")
+    assert lines[10].startswith("best evaluation of each run: supervised 10.90 AP at iteration 300, "
+                                "st (teacher) 12.90 AP at iteration 191. A checkpoint chosen by its "
+                                "validation AP reads optimistic on that same validation set")
+    assert lines[11] == ("the final teacher (11.50 AP) is below its best (12.90 AP) by more than "
+                         "chance on these images (interval of best − final [+0.30, +2.90]): "
+                         "out/st/model_best.pth holds the best teacher.")
+    assert lines[-2:] == ["the 1 unlabeled images to label next (uncertainty, by st's final "
+                          "teacher; tools/suggest_labels.py for other strategies):", "1. /u/a.jpg"]
 
 
 def test_progress_shows_rate_and_eta_per_run(tmp_path):

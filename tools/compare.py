@@ -36,6 +36,14 @@ others and the method's copy of the hand-over are deleted when the runs have fin
 (``--keep-checkpoints`` keeps every periodic checkpoint). Errors in the data
 name the flag that gave it (``--labeled-json``, ...), not the ``DATASETS.CUSTOM.*`` key.
 
+Is the gain real? Beside each AP difference of the final models the report gives its 95 %
+paired bootstrap interval over the validation images (d2ssod/evaluation/bootstrap.py; the
+final models' predictions are written to ``<run>/val_model_final/``) and says whether it
+excludes 0; it gives each run's best evaluation, and when the method's final teacher is below
+its best (``model_best.pth``, kept by the trainer) by more than chance, says so. ``--suggest K``
+ends the report with the K unlabeled images to label next, ranked by the method's final teacher
+(tools/suggest_labels.py; files in ``suggestions/``).
+
 Every run gets ``SEED`` ``--seed`` (default 1, as ``make demo``), so the same command gives the
 same comparison. Writes ``summary.json`` (AP/AP50 of each run, AP gain over supervised,
 ``gap_closed = (method − sup) / (oracle − sup)``, the seed, ``checks``: why the numbers cannot
@@ -246,9 +254,10 @@ def report_checks(supervised_ap, ssod_ap, oracle_ap):
 
 def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters=None,
                    oracle_json=None, min_boxes=10, progress_every=30.0, seed=DEFAULT_SEED,
-                   keep_checkpoints=False, flags=None):
+                   keep_checkpoints=False, flags=None, suggest=0, suggest_strategy="uncertainty"):
     """Train and compare as the module docstring says; returns the summary dict. ``flags``: the
-    ``DATASETS.CUSTOM.*`` keys given by command-line flags (key → flag), named in errors."""
+    ``DATASETS.CUSTOM.*`` keys given by command-line flags (key → flag), named in errors;
+    ``suggest``: end with that many unlabeled images to label next (``suggest_strategy``)."""
     sys.path.insert(0, REPO)
     from detectron2.data import DatasetCatalog
 
@@ -258,6 +267,18 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
 
     t0 = time.time()
     flags = flags or {}
+    if suggest:  # a wrong name is an error now, not after the trainings
+        from d2ssod.selection.acquisition import build_strategy
+
+        if suggest < 0:
+            raise SystemExit(f"--suggest {suggest}: give a number of images >= 1.")
+        try:
+            if "history" in build_strategy(suggest_strategy).needs:
+                raise SystemExit(f"--suggest-strategy {suggest_strategy} compares checkpoints "
+                                 f"that compare.py does not keep: run tools/suggest_labels.py "
+                                 f"with --keep-checkpoints' files instead.")
+        except KeyError as e:
+            raise SystemExit(f"error: --suggest-strategy: {e.args[0]}") from None
     name = name or os.path.splitext(os.path.basename(method_cfg))[0]
     opts = [str(o) for o in opts]
     if "SEED" in opts[0::2]:  # a SEED override wins over --seed
@@ -390,6 +411,17 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
                           for names in (cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_UNLABELED))
     summary["gap_closed"] = ((ssod - sup) / (oracle - sup)
                              if oracle is not None and not summary["checks"] else None)
+    if cfg.DATASETS.TEST:
+        summary.update(run_statistics(dirs, test_name, {
+            "supervised": sup_curve, "ssod": tr.ap_curve(dirs["ssod"], "teacher", total),
+            **({"oracle": curves["oracle"]} if "oracle" in curves else {})}))
+    if suggest:
+        try:
+            summary["suggestions"] = suggest_next(dirs["ssod"], os.path.join(out, "suggestions"),
+                                                  suggest, suggest_strategy)
+            summary["suggest_strategy"] = suggest_strategy
+        except (ValueError, KeyError, FileNotFoundError) as e:  # the comparison stands
+            print(f"--suggest: {e}", flush=True)
     table = summary_table(summary, labeled, unlabeled)
     for base, ext, write in (("summary", "json", lambda f: json.dump(summary, f, indent=2)),
                              ("summary", "md", lambda f: f.write(table + "\n"))):
@@ -406,6 +438,114 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
         write_pseudo_label_pictures(cfg, os.path.join(dirs["ssod"], "model_final.pth"), out, 1)
     print(table)
     return summary
+
+
+BOOTSTRAP_RESAMPLES = 1000  # paired resamples of the validation images per interval
+
+
+def _final_predictions(run_dir, test_name, weights="model_final.pth"):
+    """(predictions json, ground-truth json) of a finished run's ``weights`` on ``test_name``
+    (the run's own config.yaml; for a d2ssod checkpoint the "model" entry, i.e. the teacher)."""
+    from d2ssod.engine.defaults import build_inference_cfg
+    from d2ssod.engine.inference import predict_dataset
+
+    cfg = build_inference_cfg(os.path.join(run_dir, "config.yaml"),
+                              os.path.join(run_dir, weights))
+    name = os.path.splitext(weights)[0]
+    _, predictions, gt = predict_dataset(cfg, test_name, os.path.join(run_dir, f"val_{name}"))
+    return predictions, gt
+
+
+def run_statistics(dirs, test_name, curves):
+    """What the AP differences of the final models are worth on this validation set, and each
+    run's best evaluation. Returns summary entries:
+
+    * ``intervals``: ``gain`` (method − supervised) and, with an oracle, ``oracle_gap`` (oracle −
+      method): :func:`~d2ssod.evaluation.bootstrap.paired_bootstrap` of the final models'
+      predictions, ``BOOTSTRAP_RESAMPLES`` resamples;
+    * ``best``: per run the best evaluation of its curve (``AP``, ``iteration``);
+    * ``final_below_best``: when the method's ``model_best.pth`` (kept by its teacher's AP) is
+      above its final teacher and the paired interval of (best − final) excludes 0: the two APs,
+      that interval and the checkpoint's path; else None.
+    """
+    from d2ssod.evaluation.bootstrap import paired_bootstrap_files
+
+    predictions = {}
+    for run, run_dir in dirs.items():
+        predictions[run], gt = _final_predictions(run_dir, test_name)
+    boot = lambda a, b: paired_bootstrap_files(gt, a, b, num_resamples=BOOTSTRAP_RESAMPLES)  # noqa: E731
+    intervals = {"gain": boot(predictions["supervised"], predictions["ssod"])}
+    if "oracle" in predictions:
+        intervals["oracle_gap"] = boot(predictions["ssod"], predictions["oracle"])
+    best = {run: dict(zip(("iteration", "AP"), max(((p[0], p[1]) for p in curve),
+                                                   key=lambda p: (p[1], -p[0]))))
+            for run, curve in curves.items()}
+    below = None
+    best_file = os.path.join(dirs["ssod"], "model_best.pth")
+    if os.path.isfile(best_file):
+        best_predictions, _ = _final_predictions(dirs["ssod"], test_name, "model_best.pth")
+        versus = boot(predictions["ssod"], best_predictions)
+        if versus["low"] > 0:
+            below = {"best_ap": versus["ap_b"], "final_ap": versus["ap_a"],
+                     "low": versus["low"], "high": versus["high"], "checkpoint": best_file}
+    return {"intervals": intervals, "best": best, "final_below_best": below}
+
+
+def suggest_next(run_dir, out_dir, budget, strategy):
+    """The ``budget`` unlabeled images the final teacher of ``run_dir`` ranks first
+    (:func:`~d2ssod.selection.suggest.suggest_labels` on the run's unlabeled datasets; writes
+    its csv / json / contact sheet into ``out_dir``). Returns their file names."""
+    from d2ssod.engine.defaults import build_inference_cfg
+    from d2ssod.selection.suggest import suggest_labels
+
+    weights = os.path.join(run_dir, "model_final.pth")
+    cfg = build_inference_cfg(os.path.join(run_dir, "config.yaml"), weights)
+    return suggest_labels(cfg, weights, out_dir, budget, strategy)["picks"]
+
+
+def interval_words(ci, what):
+    """One line: the paired bootstrap interval ``ci`` of ``what`` and whether it excludes 0."""
+    if ci["low"] > 0 or ci["high"] < 0:
+        verdict = (f"it excludes 0: a difference this size is unlikely to come from which "
+                   f"{ci['num_images']} images are in the validation set")
+    else:
+        verdict = (f"it includes 0: on these {ci['num_images']} validation images the "
+                   f"difference could be chance")
+    return (f"{what}: {ci['diff']:+.2f} AP, {100 * ci['confidence']:.0f} % interval "
+            f"[{ci['low']:+.2f}, {ci['high']:+.2f}] (paired bootstrap, {ci['num_resamples']} "
+            f"resamples of the validation images; it does not cover seed-to-seed variation) — "
+            f"{verdict}")
+
+
+def statistics_lines(s):
+    """The report's lines on intervals, best evaluations and suggestions (empty for a summary
+    without them)."""
+    lines = []
+    intervals = s.get("intervals") or {}
+    if "gain" in intervals:
+        lines.append(interval_words(intervals["gain"], f"{s['method']} − supervised"))
+    if "oracle_gap" in intervals:
+        lines.append(interval_words(intervals["oracle_gap"], f"oracle − {s['method']}"))
+    if s.get("best"):
+        names = {"supervised": "supervised", "ssod": f"{s['method']} (teacher)",
+                 "oracle": "oracle"}
+        lines.append("best evaluation of each run: " + ", ".join(
+            f"{names[k]} {b['AP']:.2f} AP at iteration {b['iteration']}"
+            for k, b in s["best"].items()) + ". A checkpoint chosen by its validation AP reads "
+            "optimistic on that same validation set (it is the best of several noisy "
+            "evaluations): measure it on other images before trusting that number.")
+    below = s.get("final_below_best")
+    if below:
+        lines.append(f"the final teacher ({below['final_ap']:.2f} AP) is below its best "
+                     f"({below['best_ap']:.2f} AP) by more than chance on these images "
+                     f"(interval of best − final [{below['low']:+.2f}, {below['high']:+.2f}]): "
+                     f"{below['checkpoint']} holds the best teacher.")
+    if s.get("suggestions"):
+        lines += ["", f"the {len(s['suggestions'])} unlabeled images to label next "
+                      f"({s.get('suggest_strategy', 'uncertainty')}, by {s['method']}'s final "
+                      f"teacher; tools/suggest_labels.py for other strategies):",
+                  *(f"{i}. {f}" for i, f in enumerate(s["suggestions"], 1))]
+    return lines
 
 
 def summary_table(s, labeled, unlabeled):
@@ -435,6 +575,7 @@ def summary_table(s, labeled, unlabeled):
         "",
         f"gap closed: {gap} — wall time {s['wall_seconds'] / 60:.1f} min",
         *verdict,
+        *statistics_lines(s),
     ])
 
 
@@ -466,6 +607,11 @@ def main(argv=None):
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every periodic checkpoint (default: only each run's "
                              "model_final.pth and the supervised hand-over)")
+    parser.add_argument("--suggest", type=int, default=0, metavar="K",
+                        help="end the report with the K unlabeled images to label next, ranked "
+                             "by the method's final teacher (tools/suggest_labels.py)")
+    parser.add_argument("--suggest-strategy", default="uncertainty",
+                        help="the acquisition strategy of --suggest (docs/active_learning.md)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     _check_schedule_flags(args.burn_in, args.ssod_iters)  # the values first, then the files
@@ -486,6 +632,7 @@ def main(argv=None):
                           oracle_json=args.oracle_json,
                           min_boxes=args.min_boxes, progress_every=args.progress_every,
                           seed=args.seed, keep_checkpoints=args.keep_checkpoints,
+                          suggest=args.suggest, suggest_strategy=args.suggest_strategy,
                           flags={f"DATASETS.CUSTOM.{key}": flag for flag, key, _ in given})
 
 

@@ -12,7 +12,8 @@ checkpoint at the burn-in, and the oracle with every training image labeled. Wri
 what each run does and how they overlap: tools/compare.py. ``plots_<method>/`` holds
 ``tools/plot_metrics.py``'s plots of the method's run (teacher AP, unsupervised losses, pseudo
 boxes per image, pseudo-label precision/recall), and ``pseudo_labels_<image>.png`` one picture
-of its final teacher's pseudo-labels.
+of its final teacher's pseudo-labels. The summary gives each AP difference with its paired
+bootstrap interval over the validation images (docs/active_learning.md).
 """
 import argparse
 import os

@@ -91,7 +91,10 @@ class SSODCheckpointer(DetectionCheckpointer):
 
     dataset_meta = None
 
-    def save(self, name, **kwargs):
+    def save(self, name, *, tag_last=True, **kwargs):
+        """Save ``<save_dir>/<name>.pth`` atomically; with ``tag_last`` (default) it becomes
+        the ``last_checkpoint`` a resumed run starts from (``model_best.pth`` is saved with
+        ``tag_last=False``: a resume continues from the newest checkpoint, not the best)."""
         if not self.save_dir or not self.save_to_disk:
             return
         if self.dataset_meta is not None:
@@ -101,7 +104,8 @@ class SSODCheckpointer(DetectionCheckpointer):
         tmp = os.path.join(self.save_dir, f"{name}{_INCOMPLETE}.pth")
         final = os.path.join(self.save_dir, f"{name}.pth")
         os.replace(tmp, final)
-        self.tag_last_checkpoint(os.path.basename(final))
+        if tag_last:
+            self.tag_last_checkpoint(os.path.basename(final))
 
     def tag_last_checkpoint(self, last_filename_basename):
         if last_filename_basename.endswith(f"{_INCOMPLETE}.pth"):

@@ -1,4 +1,5 @@
 """Training hooks of d2ssod (cross-cutting work stays out of ``run_step``)."""
+import json
 import logging
 import os
 import re
@@ -12,8 +13,8 @@ from detectron2.utils import comm
 
 from .ema import ema_momentum
 
-__all__ = ["EMAHook", "MethodHook", "TrainerCheckpointHook", "PreemptionHook",
-           "TrainingPreempted"]
+__all__ = ["EMAHook", "MethodHook", "TrainerCheckpointHook", "TrainerBestCheckpointer",
+           "PreemptionHook", "TrainingPreempted"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,52 @@ class TrainerCheckpointHook(hooks.PeriodicCheckpointer):
                        for m in map(pattern.match, os.listdir(save_dir))
                        if m and int(m.group(1)) < self.trainer.start_iter)
         return [os.path.join(save_dir, name) for _, name in found]
+
+
+class _UntaggedSaves:
+    """A checkpointer whose ``save`` leaves ``last_checkpoint`` alone."""
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+
+    def save(self, name, **kwargs):
+        self.checkpointer.save(name, tag_last=False, **kwargs)
+
+
+class TrainerBestCheckpointer(hooks.BestCheckpointer):
+    """Detectron2's ``BestCheckpointer`` (keeps ``model_best.pth``, the checkpoint of the best
+    ``val_metric`` so far, e.g. ``"teacher/bbox/AP"``), with three changes:
+
+    * it saves through ``trainer.checkpointer`` as it is when training starts (the SSOD one,
+      teacher + student, built after the hooks), without making ``model_best.pth`` the
+      ``last_checkpoint`` a resumed run would start from;
+    * beside the checkpoint it writes ``model_best.json`` (``metric``, ``value``,
+      ``iteration``), which ``tools/compare.py`` reads;
+    * a resumed run starts from the best recorded there, so an evaluation after the resume
+      replaces ``model_best.pth`` only when it is better.
+
+    Must run after the ``EvalHook`` that puts ``val_metric`` into the storage.
+    """
+
+    def before_train(self):
+        self._checkpointer = _UntaggedSaves(self.trainer.checkpointer)
+        save_dir = self.trainer.checkpointer.save_dir
+        self._record = os.path.join(save_dir, f"{self._file_prefix}.json") if save_dir else None
+        if self.trainer.start_iter > 0 and self._record and os.path.isfile(self._record):
+            with open(self._record) as f:
+                best = json.load(f)
+            if best.get("metric") == self._val_metric:
+                self.best_metric, self.best_iter = best["value"], best["iteration"]
+
+    def _update_best(self, val, iteration):
+        updated = super()._update_best(val, iteration)
+        if updated and self._record and comm.is_main_process():
+            tmp = f"{self._record}.incomplete"
+            with open(tmp, "w") as f:
+                json.dump({"metric": self._val_metric, "value": float(val),
+                           "iteration": int(iteration)}, f)
+            os.replace(tmp, self._record)
+        return updated
 
 
 class TrainingPreempted(BaseException):

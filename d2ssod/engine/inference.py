@@ -22,7 +22,7 @@ from d2ssod.data.mappers import _DECODE_ERRORS, _to_tensor, read_image
 from d2ssod.engine.checkpoint import SSODCheckpointer
 
 __all__ = ["BatchPredictor", "ImageFileDataset", "collect_image_files", "load_detector",
-           "model_num_classes"]
+           "model_num_classes", "predict_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +162,31 @@ def collect_image_files(inputs):
                                         f"a glob pattern.")
         found.extend(files)
     return list(dict.fromkeys(found))
+
+
+def predict_dataset(cfg, dataset_name, output_dir, weights=None):
+    """Evaluate the detector of ``cfg`` with ``weights`` (default ``MODEL.WEIGHTS``) on the
+    registered ``dataset_name`` with d2ssod's evaluator
+    (:func:`~d2ssod.evaluation.build.build_evaluator`) writing into ``output_dir``.
+
+    Returns:
+        ``(results, predictions_json, ground_truth_json)``: the evaluator's results, the COCO
+        results it wrote (``coco_instances_results.json``, dataset category ids) and the COCO
+        json of the dataset's ground truth (its ``json_file``, or the one the evaluator
+        converted the dataset to), for :func:`~d2ssod.evaluation.bootstrap.paired_bootstrap_files`.
+    """
+    from detectron2.data import MetadataCatalog, build_detection_test_loader
+    from detectron2.evaluation import inference_on_dataset
+
+    from d2ssod.evaluation.build import build_evaluator
+
+    model = load_detector(cfg, weights)
+    os.makedirs(output_dir, exist_ok=True)
+    evaluator = build_evaluator(cfg, dataset_name, output_dir)
+    results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset_name),
+                                   evaluator)
+    predictions = os.path.join(output_dir, "coco_instances_results.json")
+    if not os.path.isfile(predictions):
+        raise ValueError(f"the evaluator of {dataset_name} wrote no COCO results (a paired "
+                         f"bootstrap needs a COCO-style dataset).")
+    return results, predictions, MetadataCatalog.get(dataset_name).json_file

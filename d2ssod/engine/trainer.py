@@ -42,7 +42,8 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 from .amp import amp_precision, autocast, build_grad_scaler
 from .checkpoint import SSODCheckpointer, dataset_meta
 from .ema import EMATeacher
-from .hooks import EMAHook, MethodHook, PreemptionHook, TrainerCheckpointHook
+from .hooks import (EMAHook, MethodHook, PreemptionHook, TrainerBestCheckpointer,
+                    TrainerCheckpointHook)
 from .schedule import StepSchedule
 from .visualization import PseudoLabelVisHook
 
@@ -277,25 +278,32 @@ class SSODTrainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        """Detectron2's hooks with five changes: evaluation reports teacher and student, the
-        periodic checkpointer saves through ``trainer.checkpointer`` as it is when training
-        starts (the SSOD one, built after DefaultTrainer's constructor) and keeps
-        ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files, an :class:`EMAHook` followed by a
-        :class:`MethodHook` runs right after the LR scheduler, before checkpointing and
-        evaluation, when the method keeps a teacher, the metric writers run every
-        ``SOLVER.LOG_PERIOD`` iterations, and a :class:`PreemptionHook` (SIGTERM → checkpoint and
-        clean stop) runs last."""
+        """Detectron2's hooks with six changes: evaluation reports teacher and student, and is
+        followed by a :class:`TrainerBestCheckpointer` keeping ``model_best.pth`` (best
+        :meth:`best_metric_key`) when it runs; the periodic checkpointer saves through
+        ``trainer.checkpointer`` as it is when training starts (the SSOD one, built after
+        DefaultTrainer's constructor) and keeps ``SOLVER.CHECKPOINT_MAX_TO_KEEP`` files; an
+        :class:`EMAHook` followed by a :class:`MethodHook` runs right after the LR scheduler,
+        before checkpointing and evaluation, when the method keeps a teacher; the metric
+        writers run every ``SOLVER.LOG_PERIOD`` iterations; and a :class:`PreemptionHook`
+        (SIGTERM → checkpoint and clean stop) runs last."""
         ret = super().build_hooks()
         cfg = self.cfg
+        eval_at = None
         for i, h in enumerate(ret):
             if isinstance(h, hooks.EvalHook):
                 ret[i] = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate_teacher_and_student)
+                eval_at = i
             elif isinstance(h, hooks.PeriodicCheckpointer):
                 ret[i] = TrainerCheckpointHook(
                     h.checkpointer, h.period,
                     max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None)
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(h._writers, period=cfg.SOLVER.LOG_PERIOD)
+        if eval_at is not None and cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
+            # right after evaluation: model_best.pth by the teacher's AP (the student's without one)
+            ret.insert(eval_at + 1, TrainerBestCheckpointer(
+                cfg.TEST.EVAL_PERIOD, self.checkpointer, self.best_metric_key(cfg)))
         if self.uses_teacher(cfg):
             ssod = cfg.SSOD
             ema = EMAHook(ssod.EMA_MOMENTUM, ssod.BURN_IN_ITERS, ssod.TEACHER_INIT_AT_BURN_IN,
@@ -316,6 +324,16 @@ class SSODTrainer(DefaultTrainer):
         # last, so that its stop checkpoint holds every other hook's update of the iteration
         ret.append(PreemptionHook(cfg.SOLVER.PREEMPTION_CHECK_PERIOD))
         return ret
+
+    @classmethod
+    def best_metric_key(cls, cfg):
+        """The storage key of the AP that picks ``model_best.pth``: the teacher's box AP on the
+        first ``DATASETS.TEST`` set (the student's for methods without a teacher), as
+        :meth:`evaluate_teacher_and_student` nests it and Detectron2's ``EvalHook`` flattens it
+        (with several test sets the results are keyed by dataset name first)."""
+        model = "teacher" if cls.uses_teacher(cfg) else "student"
+        dataset = f"{cfg.DATASETS.TEST[0]}/" if len(cfg.DATASETS.TEST) > 1 else ""
+        return f"{model}/{dataset}bbox/AP"
 
     def resume_or_load(self, resume=True):
         """Resume teacher, student, optimizer, scheduler and iteration from the last checkpoint
