@@ -159,24 +159,26 @@ def test_summary_table_states_intervals_best_and_suggestions():
                 "confidence": 0.95}
 
     lines = load_tool("compare").summary_table(
-        {"method": "st", "supervised": {"AP": 10.0, "AP50": 20.0}, "ssod": {"AP": 11.5, "AP50": 22.0},
+        {"method": "st", "supervised": {"AP": 10.0, "AP50": 20.0},
+         "ssod": {"AP": 11.5, "AP50": 22.0},
          "oracle": {"AP": 15.0, "AP50": 30.0}, "ap_gain": 1.5, "gap_closed": 0.3, "checks": [],
          "total_iters": 384, "test_dataset": "v", "wall_seconds": 60.0, "seed": 1,
          "intervals": {"gain": ci(1.5, -0.8, 3.4), "oracle_gap": ci(3.5, 1.1, 6.0)},
-         "best": {"supervised": {"AP": 10.9, "iteration": 300}, "ssod": {"AP": 12.9, "iteration": 191}},
+         "best": {"supervised": {"AP": 10.9, "iteration": 300},
+                  "ssod": {"AP": 12.9, "iteration": 191}},
          "final_below_best": {"best_ap": 12.9, "final_ap": 11.5, "low": 0.3, "high": 2.9,
                               "checkpoint": "out/st/model_best.pth"},
          "suggestions": ["/u/a.jpg"], "suggest_strategy": "uncertainty"}, 6, 33).splitlines()
-    assert lines[8] == ("st − supervised: +1.50 AP, 95 % interval [-0.80, +3.40] (paired bootstrap, "
-                        "1000 resamples of the validation images; it does not cover seed-to-seed "
-                        "variation) — it includes 0: on these 17 validation images the difference "
-                        "could be chance")
+    assert lines[8] == ("st − supervised: +1.50 AP, 95 % interval [-0.80, +3.40] (paired "
+                        "bootstrap, 1000 resamples of the validation images; it does not cover "
+                        "seed-to-seed variation) — it includes 0: on these 17 validation images "
+                        "the difference could be chance")
     assert lines[9].startswith("oracle − st: +3.50 AP, 95 % interval [+1.10, +6.00]")
-    assert lines[9].endswith("it excludes 0: a difference this size is unlikely to come from which "
-                             "17 images are in the validation set")
-    assert lines[10].startswith("best evaluation of each run: supervised 10.90 AP at iteration 300, "
-                                "st (teacher) 12.90 AP at iteration 191. A checkpoint chosen by its "
-                                "validation AP reads optimistic on that same validation set")
+    assert lines[9].endswith("it excludes 0: a difference this size is unlikely to come from "
+                             "which 17 images are in the validation set")
+    assert lines[10].startswith("best evaluation of each run: supervised 10.90 AP at iteration "
+                                "300, st (teacher) 12.90 AP at iteration 191. A checkpoint chosen "
+                                "by its validation AP reads optimistic on that same validation set")
     assert lines[11] == ("the final teacher (11.50 AP) is below its best (12.90 AP) by more than "
                          "chance on these images (interval of best − final [+0.30, +2.90]): "
                          "out/st/model_best.pth holds the best teacher.")

@@ -42,8 +42,13 @@ from d2ssod.methods import METHOD_REGISTRY, build_method
 from .amp import amp_precision, autocast, build_grad_scaler
 from .checkpoint import SSODCheckpointer, dataset_meta
 from .ema import EMATeacher
-from .hooks import (EMAHook, MethodHook, PreemptionHook, TrainerBestCheckpointer,
-                    TrainerCheckpointHook)
+from .hooks import (
+    EMAHook,
+    MethodHook,
+    PreemptionHook,
+    TrainerBestCheckpointer,
+    TrainerCheckpointHook,
+)
 from .schedule import StepSchedule
 from .visualization import PseudoLabelVisHook
 

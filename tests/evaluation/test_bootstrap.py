@@ -3,7 +3,6 @@ AP against pycocotools' COCOeval, and intervals computed by hand."""
 import contextlib
 import copy
 import io
-import os
 import time
 
 import numpy as np

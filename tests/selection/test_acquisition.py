@@ -4,8 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from d2ssod.selection.acquisition import (ImageRecord, build_strategy, k_center_greedy, select,
-                                          strategy_names)
+from d2ssod.selection.acquisition import (
+    ImageRecord,
+    build_strategy,
+    k_center_greedy,
+    select,
+    strategy_names,
+)
 
 
 def _record(scores, boxes=None, classes=None, jitter=None, history=()):
