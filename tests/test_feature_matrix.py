@@ -239,8 +239,11 @@ def checkpoint_max_to_keep(method, matrix_root, **_):
     _assert_finite_rows({int(k): v for k, v in run["rows"].items()})
     final = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
     assert final["iteration"] == 2
-    assert set(final) == ({"model", "student", "trainer", "iteration"} if uses_teacher(method)
-                          else {"model", "trainer", "iteration"})
+    # every checkpoint records the classes it was trained on (dataset_meta)
+    assert set(final) == ({"model", "student", "trainer", "iteration", "dataset_meta"}
+                          if uses_teacher(method)
+                          else {"model", "trainer", "iteration", "dataset_meta"})
+    assert final["dataset_meta"]["num_classes"] == 5
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,6 +312,19 @@ def _refuses_pseudo_labels(call):
         call()
 
 
+def _teacher_labels_as_predictor(method):
+    """Overrides under which the method's teacher labels with the evaluation's inference
+    settings, so that its detections are the predictor's: Efficient Teacher's teacher has its
+    own (each anchor's best class, score > 0.1, NMS 0.65, 300 per image: ``TEACHER_*``)."""
+    cfg = build_cfg(config_path(method))
+    if cfg.SSOD.METHOD != "efficient_teacher":
+        return ()
+    return ("SSOD.EFFICIENT_TEACHER.TEACHER_BEST_CLASS", False,
+            "SSOD.EFFICIENT_TEACHER.TEACHER_SCORE_THRESH", 0.0,
+            "SSOD.EFFICIENT_TEACHER.TEACHER_NMS_THRESH", cfg.MODEL.DENSE_DETECTOR.NMS_THRESH_TEST,
+            "SSOD.EFFICIENT_TEACHER.TEACHER_MAX_DETECTIONS", cfg.TEST.DETECTIONS_PER_IMAGE)
+
+
 def export_pseudo_labels(method, matrix_root, tmp_path, **_):
     """tools/export_pseudo_labels.py --include-dropped: a COCO json that Detectron2 loads, one
     annotation per teacher detection (the predictor's boxes), each with the method's verdict."""
@@ -318,7 +334,7 @@ def export_pseudo_labels(method, matrix_root, tmp_path, **_):
     folder = _images(tmp_path, "train")
     out = tmp_path / "pseudo.json"
     tool = load_tool("export_pseudo_labels")
-    opts = method_opts(method)
+    opts = method_opts(method, *_teacher_labels_as_predictor(method))
     args = ["--config-file", config_path(method), "--checkpoint", run["checkpoint"],
             "--input", str(folder), "--output", str(out), "--include-dropped",
             *opts, *map(str, ALL_DETECTIONS)]
@@ -376,8 +392,9 @@ def export_teacher(method, matrix_root, tmp_path, monkeypatch, **_):
     record = json.loads((out / "export.json").read_text())
     teacher = torch.load(out / "model_teacher.pth", map_location="cpu", weights_only=False)
     saved = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
-    assert set(teacher) == {"model"}
+    assert set(teacher) == {"model", "dataset_meta"}
     _assert_same(teacher["model"], saved["model"], "model")
+    assert teacher["dataset_meta"] == saved["dataset_meta"]
     traced = record["torchscript_vs_predictor"][0]
     assert traced["detections"] == traced["predictor_detections"] > 0
     assert traced["max_box_difference"] < 1e-3  # float rounding of the same operations
