@@ -61,8 +61,8 @@ test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: setup
-	$(PY) tools/benchmark_data.py
-	$(PY) tools/benchmark_step.py
+	$(PY) -m benchmarks.benchmark_data
+	$(PY) -m benchmarks.benchmark_step
 
 clean:
 	rm -rf $(VENV) output datasets/demo

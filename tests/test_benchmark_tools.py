@@ -1,6 +1,7 @@
-"""tools/benchmark_methods.py's aggregation and tools/results_table.py's tables (docs/results.md,
-README.md)."""
+"""benchmarks/benchmark_methods.py's aggregation and benchmarks/results_table.py's tables
+(docs/results.md, README.md)."""
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from training_helpers import load_tool
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_tool = load_tool  # tools/<name>.py as a module
+def _tool(name):
+    """The module ``benchmarks/<name>.py``."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 RUNS = {
@@ -88,7 +89,7 @@ def test_doc_tables_are_the_ones_rendered_from_the_benchmark_files(doc):
     # docs/results.md holds every table whose json exists; the README the ones it shows
     required = doc == table.RESULTS
     assert table.render_readme(text, benchmarks, required=required) == text, (
-        f"a {doc} benchmark table was edited by hand or is stale: run tools/results_table.py")
+        f"a {doc} benchmark table was edited by hand or is stale: run benchmarks/results_table.py")
 
 
 def test_results_page_needs_every_table_and_the_readme_only_its_own(tmp_path):
@@ -258,7 +259,7 @@ def test_noise_parts_and_the_standard_error_of_a_mean_over_seeds_by_hand():
 
 
 def test_memory_tool_sees_teacher_outputs_freed_before_the_backward_and_a_kept_one(tmp_path):
-    """tools/benchmark_memory.py's check on a small Soft Teacher step (every detection a pseudo
+    """benchmarks/benchmark_memory.py's check on a small Soft Teacher step (every detection a pseudo
     box and a jitter candidate): nothing the teacher produced is alive when the backward starts;
     a reference kept on purpose across the step is seen."""
     from training_helpers import PSEUDO_BOX_OPTS

@@ -9,6 +9,7 @@ import cv2
 import pytest
 
 from d2ssod.data.demo import ensure_demo_data
+from d2ssod.tools_support import comparison
 from training_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     assert "| soft_teacher_cpu (+4 unlabeled) |" in table
     assert "| oracle (100% labeled) |" in table
     assert summary["seed"] == 3 and "SEED: 3" in cfg_text
-    assert summary["checks"] == load_tool("compare").report_checks(
+    assert summary["checks"] == comparison.report_checks(
         summary["supervised"]["AP"], summary["ssod"]["AP"], summary["oracle"]["AP"])
     if summary["checks"]:
         assert "cannot tell whether the unlabeled images helped" in table
@@ -141,7 +142,7 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
 
 
 def test_summary_table_without_oracle():
-    table = load_tool("compare").summary_table(
+    table = comparison.summary_table(
         {"method": "soft_teacher_cpu", "supervised": {"AP": 30.0, "AP50": 50.0},
          "ssod": {"AP": 28.5, "AP50": 49.0}, "oracle": None, "ap_gain": -1.5, "gap_closed": None,
          "total_iters": 480, "test_dataset": "custom_val", "wall_seconds": 90.0}, 10, 40)
@@ -158,7 +159,7 @@ def test_summary_table_states_intervals_best_and_suggestions():
         return {"diff": diff, "low": low, "high": high, "num_images": 17, "num_resamples": 1000,
                 "confidence": 0.95}
 
-    lines = load_tool("compare").summary_table(
+    lines = comparison.summary_table(
         {"method": "st", "supervised": {"AP": 10.0, "AP50": 20.0},
          "ssod": {"AP": 11.5, "AP50": 22.0},
          "oracle": {"AP": 15.0, "AP50": 30.0}, "ap_gain": 1.5, "gap_closed": 0.3, "checks": [],
@@ -188,7 +189,6 @@ def test_summary_table_states_intervals_best_and_suggestions():
 
 def test_progress_shows_rate_and_eta_per_run(tmp_path):
     # issue 35: "soft_teacher_cpu 0/40" for 2.5 minutes, no rate, no ETA
-    tool = load_tool("compare")
     runs = {name: tmp_path / name for name in ("supervised", "oracle", "method")}
     for d in runs.values():
         d.mkdir()
@@ -203,17 +203,17 @@ def test_progress_shows_rate_and_eta_per_run(tmp_path):
     # the method's first record, before Detectron2 times an iteration: no rate yet; (no file
     # at all would be "starting", below)
     (runs["method"] / "metrics.json").write_text('{"iteration": 20, "total_loss": 1.0}\n')
-    assert tool.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
-    assert tool.run_progress(str(runs["method"]), 40) == (21, None, None)
-    line = tool.Progress({k: str(v) for k, v in runs.items()}, 40, time.time(), 0).line()
+    assert comparison.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
+    assert comparison.run_progress(str(runs["method"]), 40) == (21, None, None)
+    line = comparison.Progress({k: str(v) for k, v in runs.items()}, 40, time.time(), 0).line()
     assert line.endswith("supervised 10/40 2.00 it/s ETA 0:00:15  oracle 40/40 done  method 21/40")
-    assert tool.Progress({"x": str(tmp_path / "none")}, 40, time.time(), 0).line().endswith(
+    assert comparison.Progress({"x": str(tmp_path / "none")}, 40, time.time(), 0).line().endswith(
         "x starting")
     # without Detectron2's eta_seconds: (40 − 10) iterations at 2 it/s = 15 s
     (runs["supervised"] / "metrics.json").write_text('{"iteration": 9, "time": 0.5}\n')
-    assert tool.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
+    assert comparison.run_progress(str(runs["supervised"]), 40) == (10, 2.0, 15.0)
     # about one write per 1 % of the run, between 1 and Detectron2's 20
-    assert [tool.log_period(n) for n in (8, 40, 199, 200, 1000, 3000)] == [1, 1, 1, 2, 10, 20]
+    assert [comparison.log_period(n) for n in (8, 40, 199, 200, 1000, 3000)] == [1, 1, 1, 2, 10, 20]
 
 
 def test_data_errors_name_the_flag_without_a_traceback(tmp_path):
@@ -246,18 +246,18 @@ def test_data_errors_name_the_flag_without_a_traceback(tmp_path):
     assert not (tmp_path / "out2").exists()  # nothing trained
     # a key given as a KEY VALUE override is named as the user typed it
     flags = {"DATASETS.CUSTOM.UNLABELED_DIR": "--unlabeled-dir"}
-    assert tool.flag_names("DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) u: every image in it "
-                           "is a labeled image; DATASETS.CUSTOM.VAL_JSON='v.json'", flags) == (
+    assert comparison.flag_names(
+        "DATASETS.CUSTOM.UNLABELED_DIR (--unlabeled-dir) u: every image in it "
+        "is a labeled image; DATASETS.CUSTOM.VAL_JSON='v.json'", flags) == (
         "--unlabeled-dir u: every image in it is a labeled image; "
         "DATASETS.CUSTOM.VAL_JSON='v.json'")
 
 
 def test_prune_keeps_final_and_named_checkpoints(tmp_path):
-    tool = load_tool("compare")
     for name, size in (("model_0000003.pth", 3), ("model_0000007.pth", 7),
                        ("model_final.pth", 11), ("last_checkpoint", 1), ("model_best.pth", 5)):
         (tmp_path / name).write_bytes(b"x" * size)
-    assert tool.prune_checkpoints(str(tmp_path), keep=("model_0000003.pth",)) == 7
+    assert comparison.prune_checkpoints(str(tmp_path), keep=("model_0000003.pth",)) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "last_checkpoint", "model_0000003.pth", "model_best.pth", "model_final.pth"]
 
@@ -270,20 +270,19 @@ def test_bad_schedule_flags_are_named_without_a_traceback():
 
 
 def test_the_report_checks_itself():
-    tool = load_tool("compare")
     # issue 35: oracle 1.09 AP below the method's 1.79 printed "gap closed: 3.65"
     # (1.79 − 0.83) / (1.09 − 0.83) = 3.69: the method above the oracle
-    assert tool.report_checks(0.83, 1.79, 1.09) == [
+    assert comparison.report_checks(0.83, 1.79, 1.09) == [
         "the method (1.79 AP) is above the oracle (1.09 AP), which trained on the true boxes of "
         "the same images: the differences are noise of runs too short or a validation set too "
         "small"]
-    checks = tool.report_checks(1.5, 1.79, 1.09)
+    checks = comparison.report_checks(1.5, 1.79, 1.09)
     assert checks == ["the oracle (1.09 AP) is not above supervised (1.50 AP), so there is no gap "
                       "to close: the runs are too short or the validation set too small to "
                       "separate them"]
-    assert len(tool.report_checks(0.33, 0.68, 0.9)) == 1  # all below 1 AP: noise
-    assert tool.report_checks(30.0, 32.0, 40.0) == []
-    table = tool.summary_table(
+    assert len(comparison.report_checks(0.33, 0.68, 0.9)) == 1  # all below 1 AP: noise
+    assert comparison.report_checks(30.0, 32.0, 40.0) == []
+    table = comparison.summary_table(
         {"method": "m", "supervised": {"AP": 1.5, "AP50": 3.0}, "ssod": {"AP": 1.79, "AP50": 4.0},
          "oracle": {"AP": 1.09, "AP50": 2.0}, "ap_gain": 0.29, "gap_closed": None,
          "checks": checks, "seed": 1, "total_iters": 40, "test_dataset": "custom_val",

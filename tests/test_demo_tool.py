@@ -1,6 +1,6 @@
-"""The orchestration pieces of tools/demo.py and tools/compare.py, in tools/training_runs.py (the
-full demo is `make demo`, minutes long; tests/test_compare_tool.py runs compare.py end to end)."""
-import importlib.util
+"""The orchestration pieces of tools/demo.py and tools/compare.py, in
+d2ssod/tools_support/training_runs.py (the full demo is `make demo`, minutes long;
+tests/test_compare_tool.py runs compare.py end to end)."""
 import os
 import subprocess
 import sys
@@ -12,11 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo_tool():
-    spec = importlib.util.spec_from_file_location("training_runs",
-                                                  os.path.join(REPO, "tools", "training_runs.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from d2ssod.tools_support import training_runs
+
+    return training_runs
 
 
 def test_wait_for_file_returns_once_written_and_fails_if_writer_dies(tmp_path):

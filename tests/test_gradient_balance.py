@@ -1,4 +1,4 @@
-"""tools/gradient_balance.py: the supervised / unsupervised gradient split of a step."""
+"""benchmarks/gradient_balance.py: the supervised / unsupervised gradient split of a step."""
 import json
 import os
 from types import SimpleNamespace
@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training_helpers import PSEUDO_BOX_OPTS, load_tool
+from benchmarks import gradient_balance as bal
+from training_helpers import PSEUDO_BOX_OPTS
 
-bal = load_tool("gradient_balance")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "demo", "soft_teacher.yaml")
 

@@ -1,4 +1,4 @@
-"""tools/pseudo_label_quality.py: the threshold sweep against counts made by hand."""
+"""tools/analysis/pseudo_label_quality.py: the threshold sweep against counts made by hand."""
 import importlib.util
 import math
 import os
@@ -7,7 +7,8 @@ import torch
 from detectron2.structures import Boxes
 
 _spec = importlib.util.spec_from_file_location(
-    "plq_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "pseudo_label_quality.py"))
+    "plq_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "analysis",
+                             "pseudo_label_quality.py"))
 plq = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plq)
 

@@ -9,7 +9,8 @@ supervised (``configs/demo/supervised.yaml``, or ``dense_supervised.yaml`` for t
 the dense detector: the config's ``SSOD.DEMO_BASELINES``), the method from the supervised run's
 checkpoint at the burn-in, and the oracle with every training image labeled. Writes
 ``summary.json``, ``summary.md`` and ``ap_curve.png`` (and ``*_<method>.*``) into ``--output``;
-what each run does and how they overlap: tools/compare.py. ``plots_<method>/`` holds
+what each run does and how they overlap: tools/compare.py
+(d2ssod/tools_support/comparison.py). ``plots_<method>/`` holds
 ``tools/plot_metrics.py``'s plots of the method's run (teacher AP, unsupervised losses, pseudo
 boxes per image, pseudo-label precision/recall), and ``pseudo_labels_<image>.png`` one picture
 of its final teacher's pseudo-labels. The summary gives each AP difference with its paired
@@ -19,9 +20,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import run_comparison  # noqa: E402  (tools/ is not a package)
-from training_runs import REPO  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from d2ssod.tools_support.comparison import run_comparison  # noqa: E402
+from d2ssod.tools_support.training_runs import REPO  # noqa: E402
 
 
 def main(argv=None):
@@ -36,7 +37,6 @@ def main(argv=None):
                         help="KEY VALUE overrides passed to all three runs")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, REPO)
     from d2ssod.data.demo import ensure_demo_data
 
     ensure_demo_data()

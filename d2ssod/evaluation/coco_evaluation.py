@@ -17,7 +17,7 @@ which faster-coco-eval's replacement module does not have.
 
 Box results take a faster route to the same C++ matching/accumulation (see
 :class:`_BoxCOCOeval`). Profiled on the 5,000-image / 500,000-detection benchmark
-(``tools/benchmark_eval.py``), faster-coco-eval's C++ call was only about 40% of
+(``benchmarks/benchmark_eval.py``), faster-coco-eval's C++ call was only about 40% of
 ``FastCOCOEvaluator.evaluate()``; the rest was Python bookkeeping over half a million dicts:
 ``loadRes`` (a polygon per box), ``_prepare`` (loops over every annotation), a 400,000-entry
 (image, category) dict and one IoU call per non-empty pair, and the cyclic garbage collector

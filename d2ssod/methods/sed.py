@@ -110,7 +110,7 @@ class TeacherROITargets:
 @METHOD_REGISTRY.register("sed")
 class SED(SSODMethod):
     """Scale-Equivalent Distillation; see the module docstring. ``timed_parts`` names the
-    methods that ``tools/benchmark_step.py`` times as their own parts of the step."""
+    methods that ``benchmarks/benchmark_step.py`` times as their own parts of the step."""
 
     supports_scale_consistency = True
     timed_parts = {"teacher": ("teacher_pass", "teacher_roi_predictions"),

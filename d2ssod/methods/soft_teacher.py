@@ -61,7 +61,7 @@ __all__ = ["SoftTeacher"]
 @METHOD_REGISTRY.register("soft_teacher")
 class SoftTeacher(SSODMethod):
     """Soft Teacher; see the module docstring. ``timed_parts`` names the methods that
-    ``tools/benchmark_step.py`` times as their own parts of the step."""
+    ``benchmarks/benchmark_step.py`` times as their own parts of the step."""
 
     supports_scale_consistency = True
     loss_weights = {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0, "loss_cls": 1.0,

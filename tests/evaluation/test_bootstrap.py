@@ -10,8 +10,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from benchmarks import benchmark_eval
 from d2ssod.evaluation.bootstrap import ImageMatches, paired_bootstrap, resample_counts
-from training_helpers import load_tool
 
 
 def _coco(gt):
@@ -35,7 +35,7 @@ def _cocoeval_ap(gt, results):
 @pytest.fixture(scope="module")
 def synthetic():
     """30 images, 5 classes (ids 1, 3, ...), ~1 % crowd boxes, 20 detections per image."""
-    gt, predictions = load_tool("benchmark_eval").synthetic_coco(30, num_classes=5,
+    gt, predictions = benchmark_eval.synthetic_coco(30, num_classes=5,
                                                                  dets_per_image=20, seed=1)
     ids = [c["id"] for c in gt["categories"]]
     results = [dict(r, category_id=ids[r["category_id"]]) for p in predictions

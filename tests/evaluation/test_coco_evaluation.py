@@ -1,6 +1,5 @@
 """COCO evaluation through faster-coco-eval (same numbers as pycocotools) and the VOC path."""
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -17,16 +16,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import d2ssod  # noqa: F401
+from benchmarks import benchmark_eval
 from d2ssod.config import get_ssod_cfg
 from d2ssod.evaluation import build as build_module
 from d2ssod.evaluation.build import build_evaluator
 from d2ssod.evaluation.coco_evaluation import FastCOCOEvaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("_benchmark_eval",
-                                               os.path.join(REPO, "tools", "benchmark_eval.py"))
-benchmark_eval = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark_eval)
 
 
 def _register(name, gt, tmp_path):

@@ -2,7 +2,7 @@
 """Efficient Teacher's Dense Detector against Detectron2's RetinaNet, supervised, on the demo
 data: COCO AP on demo_val at each evaluation and the median training step time.
 
-    python tools/benchmark_dense.py [--output-dir output/benchmark_dense]
+    python -m benchmarks.benchmark_dense [--output-dir output/benchmark_dense]
         [--result benchmarks/dense_vs_retinanet] [KEY VALUE ...]
 
 Trains ``configs/demo/dense_supervised.yaml`` and ``configs/demo/retinanet_supervised.yaml``
@@ -13,10 +13,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_runs import REPO, ap_curve, run_training, step_times, wait_all  # noqa: E402
+from d2ssod.tools_support.training_runs import (
+    REPO,
+    ap_curve,
+    run_training,
+    step_times,
+    wait_all,
+)
 
 CONFIGS = {"dense": "configs/demo/dense_supervised.yaml",
            "retinanet": "configs/demo/retinanet_supervised.yaml"}
@@ -51,7 +55,8 @@ def main():
                      + f" | {r['ap_curve'][-1][2]:.2f} | {r['median_step_seconds']:.3f} |")
     table = "\n".join(lines) + "\n"
     with open(args.result + ".md", "w") as f:
-        f.write("Supervised, demo data, one run per detector (`python tools/benchmark_dense.py "
+        f.write("Supervised, demo data, one run per detector ("
+                "`python -m benchmarks.benchmark_dense "
                 f"{' '.join(args.opts)}`; SEED -1 = a random seed per run; step times are "
                 "Detectron2's medians on one thread, on whatever else the machine ran)\n\n"
                 + table)

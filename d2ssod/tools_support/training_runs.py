@@ -1,6 +1,6 @@
 """Running d2ssod trainings as subprocesses and reading their results: the machinery shared by
-``tools/demo.py`` (one seed, one method) and ``tools/benchmark_methods.py`` (several seeds and
-methods).
+``tools/demo.py`` and ``tools/compare.py`` (one seed, one method) and
+``benchmarks/benchmark_methods.py`` (several seeds and methods).
 
 A *hand-over* is the supervised run's checkpoint after ``N`` iterations: an SSOD run with
 burn-in ``N`` would train exactly those iterations first (same seed, schedule and data), so it
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository root (this file is d2ssod/tools_support/training_runs.py)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
 __all__ = ["REPO", "run_training", "wait_all", "wait_for_file", "ap_curve", "finished",

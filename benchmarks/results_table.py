@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Put the benchmark tables into docs/results.md and the README.
 
-    python tools/results_table.py            # README.md, docs/results.md <- benchmarks/<name>.json
-    python tools/results_table.py --check    # exit 1 if a block is stale or a table is missing
+    python -m benchmarks.results_table          # README.md, docs/results.md <- benchmarks/*.json
+    python -m benchmarks.results_table --check  # exit 1 if a block is stale or a table is missing
 
 The numbers of the multi-seed benchmarks are never typed: each table lives between the markers
 ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is rendered from
-``benchmarks/<name>.json`` (written by ``tools/benchmark_methods.py --json``) with the same
-function that writes its ``.md`` (``tools/benchmark_methods.py``, ``benchmark_self_training.py``,
+``benchmarks/<name>.json`` (written by ``benchmarks/benchmark_methods.py --json``) with the same
+function that writes its ``.md`` (``benchmarks/benchmark_methods.py``,
+``benchmark_self_training.py``,
 ``benchmark_noise.py``, ``gradient_balance.py``). The names are in :data:`TABLES`. Every table
 whose json exists is in ``docs/results.md`` (:data:`RESULTS`); the README repeats a few of them
 (one per detector), rendered the same way.
@@ -15,14 +16,14 @@ whose json exists is in ``docs/results.md`` (:data:`RESULTS`); the README repeat
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_methods  # noqa: E402  (tools/ is not a package)
-import benchmark_noise  # noqa: E402
-import benchmark_self_training  # noqa: E402
-import gradient_balance  # noqa: E402
-from training_runs import REPO  # noqa: E402
+from benchmarks import (
+    benchmark_methods,
+    benchmark_noise,
+    benchmark_self_training,
+    gradient_balance,
+)
+from d2ssod.tools_support.training_runs import REPO
 
 # blocks, each rendered from benchmarks/<name>.json by the function that writes the
 # benchmark's own .md
@@ -114,7 +115,7 @@ def main():
         print(f"wrote the benchmark tables of {args.benchmarks} into {doc}")
     if stale:
         raise SystemExit(f"{', '.join(stale)}: a benchmark table differs from its json in "
-                         f"{args.benchmarks}; run python tools/results_table.py")
+                         f"{args.benchmarks}; run python -m benchmarks.results_table")
     if args.check:
         print(f"benchmark tables are up to date in {', '.join(args.docs)}")
 

@@ -4,7 +4,7 @@ ground-truth box, the pairs each assigner gives weight, their summed weight, the
 anchors' predicted boxes with the box (weighted mean), the detection score p of the box's class
 at those anchors, and the share of the weight per FPN level.
 
-    python tools/musu_bags.py --config-file configs/demo/dense_supervised.yaml \
+    python tools/analysis/musu_bags.py --config-file configs/demo/dense_supervised.yaml \
         --weights output/benchmark_musu/seed1/dense_supervised/model_final.pth [--images 32]
 
 Used for the analysis in benchmarks/musu.md (docs/methods.md, "MuSu").
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def assigner_stats(model, inputs, assigners):

@@ -2,7 +2,7 @@
 """Peak memory (RSS) of SSOD training steps on CPU, and what the teacher leaves alive at the
 student's backward.
 
-    nice -n 10 python tools/benchmark_memory.py [--config-file configs/demo/soft_teacher.yaml]
+    nice -n 10 python -m benchmarks.benchmark_memory [--config-file configs/demo/soft_teacher.yaml]
         [--iters 3] [--amp] [--label NAME] [KEY VALUE ...]
 
 Defaults: Soft Teacher at 1 labeled + 4 unlabeled images per step, short side 800 (long side
@@ -32,9 +32,9 @@ import weakref
 
 import torch
 
+from benchmarks.benchmark_step import build_trainer, run_steps, store_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from benchmark_step import build_trainer, run_steps, store_result  # noqa: E402
 
 SIZE_800 = ("SOLVER.IMS_PER_BATCH", 1, "SSOD.UNLABELED_RATIO", 4.0, "INPUT.MIN_SIZE_TRAIN",
             "(800,)", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice", "INPUT.MAX_SIZE_TRAIN", 1333,
@@ -109,7 +109,7 @@ def write_markdown(results, path):
             f"{m['peak_after_last_step']:.0f} | {r['rss_at_backward_mb']:.0f} | "
             f"{r['teacher_tensors_alive_at_backward']} of {r['teacher_tensors_per_step']} |")
     with open(path, "w") as f:
-        f.write("# Peak memory of SSOD steps (CPU)\n\nWritten by `tools/benchmark_memory.py`; "
+        f.write("# Peak memory of SSOD steps (CPU)\n\nWritten by `benchmarks/benchmark_memory.py`; "
                 "commands in `memory.json` (`command`).\n\n" + "\n".join(lines) + "\n")
 
 
@@ -134,7 +134,7 @@ def main():
     run_steps(trainer, args.iters, lambda it, seconds: peaks.append(peak_rss_mb()))
 
     result = {
-        "command": " ".join(["python tools/benchmark_memory.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.benchmark_memory", *sys.argv[1:]]),
         "config": os.path.relpath(args.config_file, REPO),
         "overrides": [str(o) for o in args.opts],
         "amp": bool(args.amp),

@@ -2,7 +2,7 @@
 """Multi-seed method benchmark on the embedded demo data: every method against the same
 supervised baseline and oracle, over several seeds.
 
-    python tools/benchmark_methods.py --methods soft_teacher,unbiased_teacher,sed \
+    python -m benchmarks.benchmark_methods --methods soft_teacher,unbiased_teacher,sed \
         --seeds 1,2,3 --output output/benchmark
 
 Per seed ``s`` (``SEED s`` for every run of that seed):
@@ -36,7 +36,7 @@ Results: ``--json`` (default ``benchmarks/methods.json``) with every run's AP, A
 time, and per method the mean ± sample standard deviation over seeds of AP, AP50 and
 ``gap closed = (AP_method − AP_sup) / (AP_oracle − AP_sup)`` (per seed, then averaged), and
 ``--md`` (default ``benchmarks/methods.md``), the Markdown table that
-``tools/results_table.py`` puts into the README.
+``benchmarks/results_table.py`` puts into the README.
 """
 import argparse
 import hashlib
@@ -45,13 +45,11 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_runs import (  # noqa: E402  (tools/ is not a package)
+from d2ssod.tools_support.training_runs import (
     REPO,
     ap_curve,
     finished,
@@ -335,7 +333,6 @@ def main():
                         help="KEY VALUE overrides passed to every run")
     args = parser.parse_args()
 
-    sys.path.insert(0, REPO)
     from d2ssod.config import get_ssod_cfg
     from d2ssod.data.demo import ensure_demo_data
     from d2ssod.engine import build_cfg
@@ -481,7 +478,7 @@ def main():
         "methods": methods,
         "own_burn_in": sorted(own_burn_in),
         "variants": {label: " ".join(map(str, o)) for label, o in extra_opts.items()},
-        "command": " ".join(["python tools/benchmark_methods.py", "--methods", args.methods,
+        "command": " ".join(["python -m benchmarks.benchmark_methods", "--methods", args.methods,
                              *(f"--variant {v}" for v in args.variant),
                              *([f"--own-burn-in {args.own_burn_in}"] if own_burn_in else []),
                              "--seeds", ",".join(map(str, seeds)), *args.opts]),

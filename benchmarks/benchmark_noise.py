@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """How much of the demo's run-to-run spread is evaluation noise, and how much is training?
 
-    python tools/benchmark_noise.py --runs output/benchmark --seeds 1,2,3 \
+    python -m benchmarks.benchmark_noise --runs output/benchmark --seeds 1,2,3 \
         --names supervised,soft_teacher --resamples 500
 
-Reads the final checkpoints that ``tools/benchmark_methods.py`` left in ``--runs/seed<s>/<name>``,
+Reads the final checkpoints that ``benchmarks/benchmark_methods.py`` left in
+``--runs/seed<s>/<name>``,
 predicts the validation set once per checkpoint, and bootstraps the validation images (draw N
 of the N images with replacement, ``--resamples`` times, the same draws for every checkpoint):
 
@@ -31,10 +32,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from training_runs import REPO, write_benchmark  # noqa: E402  (tools/ is not a package)
-
-sys.path.insert(0, REPO)
+from d2ssod.tools_support.training_runs import REPO, write_benchmark
 
 
 def predict(config_path, weights, out_dir):
@@ -145,7 +143,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=os.path.join(REPO, "output", "benchmark"),
-                        help="tools/benchmark_methods.py's output folder")
+                        help="benchmarks/benchmark_methods.py's output folder")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--names", default="supervised,soft_teacher",
                         help="runs to read; the first is the baseline of the gains")
@@ -168,7 +166,7 @@ def main():
             run_dir = os.path.join(args.runs, f"seed{seed}", name)
             weights = os.path.join(run_dir, "model_final.pth")
             if not os.path.exists(weights):
-                raise SystemExit(f"{weights} does not exist: run tools/benchmark_methods.py "
+                raise SystemExit(f"{weights} does not exist: run benchmarks/benchmark_methods.py "
                                  f"with --seeds {args.seeds} first (or pass --runs).")
             config = configs.get(name, os.path.join(REPO, "configs", "demo", f"{name}.yaml"))
             results, gt = predict(config, weights, os.path.join(run_dir, "noise_eval"))
@@ -181,7 +179,7 @@ def main():
             print(f"seed {seed} {name}: AP {aps[0]:.2f}, bootstrap std {std(aps[1:]):.2f}",
                   flush=True)
     result = {"seeds": seeds, "resamples": args.resamples, "images": len(gt["images"]),
-              "command": " ".join(["python tools/benchmark_noise.py", *sys.argv[1:]]),
+              "command": " ".join(["python -m benchmarks.benchmark_noise", *sys.argv[1:]]),
               "baseline": names[0], "full": full,
               "draws": {s: {n: [round(float(a), 4) for a in boot[s][n]] for n in names}
                         for s in seeds},

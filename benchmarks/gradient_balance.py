@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """How the supervised and the unsupervised losses share a semi-supervised step, at a checkpoint.
 
-    python tools/gradient_balance.py --config-file configs/demo/efficient_teacher.yaml \
+    python -m benchmarks.gradient_balance --config-file configs/demo/efficient_teacher.yaml \
         --checkpoint output/demo/efficient_teacher/model_0000399.pth [--batches 6] \
         [--json out.json] [--collect benchmarks/gradient_balance.json --label NAME] [KEY VALUE ...]
 
 Resumes the method's trainer from ``--checkpoint`` (a checkpoint a semi-supervised run wrote,
 teacher and student together, e.g. the hand-over that ``tools/demo.py`` and
-``tools/benchmark_methods.py`` start a method from), then, on ``--batches`` labeled + unlabeled
+``benchmarks/benchmark_methods.py`` start a method from), then, on ``--batches`` labeled + unlabeled
 batches of its data loaders, takes the gradient of the student's parameters for every loss term
 the step would sum (the supervised terms, and the unsupervised ones with ``λ_u`` and the
 method's term weights applied) and prints per batch and on average:
@@ -33,7 +33,7 @@ method's term weights applied) and prints per batch and on average:
   gradients, clipping included).
 
 ``--collect FILE`` adds the mean as a row of a collection (``{"what", "rows", "note"}``, the
-file the README's table is rendered from by ``tools/results_table.py``), replacing a row of the
+file the README's table is rendered from by ``benchmarks/results_table.py``), replacing a row of the
 same ``--label`` and ``λ_u``; the label (default: the config's name) names the row in the table.
 
 Nothing is trained and no file is written besides ``--json`` and ``--collect``. Single process;
@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,7 +199,7 @@ def collect(path, row):
     """Put ``row`` (``{"label", "config", "checkpoint", "opts", "iteration", "mean"}``) into the
     collection file ``path`` (created if missing), replacing a row with the same label and
     ``λ_u``; returns the collection."""
-    data = {"what": "tools/gradient_balance.py results", "rows": [], "note": ""}
+    data = {"what": "benchmarks/gradient_balance.py results", "rows": [], "note": ""}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
@@ -255,7 +254,6 @@ def main(argv=None):
                         help="also find the largest λ_u whose mean sup progress is >= this")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
-    sys.path.insert(0, REPO)
 
     trainer, cfg, out = build_trainer(args.config_file, args.checkpoint,
                                       ["DATALOADER.NUM_WORKERS", 0, *args.opts])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ST and ST++ against the supervised baseline, the oracle and the online methods, over seeds.
 
-    python tools/benchmark_self_training.py --seeds 1,2 --jobs 2 [KEY VALUE ...]
+    python -m benchmarks.benchmark_self_training --seeds 1,2 --jobs 2 [KEY VALUE ...]
 
 Per seed, runs ``tools/self_train.py --mode stpp`` and then ``--mode st`` (whose supervised
 stage is the ST++ run's, copied: same config, same seed, so the same training) into
@@ -22,8 +22,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmark_methods import mean_std, summarize
-from training_runs import REPO, write_benchmark
+from benchmarks.benchmark_methods import mean_std, summarize
+from d2ssod.tools_support.training_runs import REPO, write_benchmark
 
 SELF_TRAIN = os.path.join(REPO, "tools", "self_train.py")
 CONFIG = os.path.join(REPO, "configs", "demo", "self_training.yaml")
@@ -83,7 +83,7 @@ def seed_runs(summaries, methods_runs, online):
 
 
 def add_long_baselines(runs, long):
-    """Add the supervised and oracle runs of ``long`` (a ``tools/benchmark_methods.py`` json
+    """Add the supervised and oracle runs of ``long`` (a ``benchmarks/benchmark_methods.py`` json
     trained as long as a re-training) to ``runs`` as ``supervised_<N>`` / ``oracle_<N>``, and
     return them as the ST / ST++ rows' baselines: the re-trainings run longer than the
     supervised stage, so their gap closed is measured against runs of the same length (the
@@ -172,7 +172,7 @@ def main():
     parser.add_argument("--methods-json", default=os.path.join(REPO, "benchmarks",
                                                                "methods.json"))
     parser.add_argument("--long-baselines", default="",
-                        help="benchmark json (tools/benchmark_methods.py --methods "
+                        help="benchmark json (benchmarks/benchmark_methods.py --methods "
                              "supervised,oracle with the re-trainings' length) whose supervised "
                              "and oracle runs become the baselines of the gap closed")
     parser.add_argument("--online", default="soft_teacher",
@@ -185,7 +185,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if not os.path.exists(args.methods_json):
         raise SystemExit(f"--methods-json {args.methods_json} does not exist: run "
-                         f"tools/benchmark_methods.py with the same seeds first.")
+                         f"benchmarks/benchmark_methods.py with the same seeds first.")
     with open(args.methods_json) as f:
         methods = json.load(f)
     online = [m for m in args.online.split(",") if m]
@@ -199,7 +199,7 @@ def main():
             baselines.update(add_long_baselines(runs, json.load(f)))
     rows = summarize(runs, names, baselines)
     result = {"seeds": seeds, "methods_json": os.path.relpath(args.methods_json, REPO),
-              "command": " ".join(["python tools/benchmark_self_training.py", *sys.argv[1:]]),
+              "command": " ".join(["python -m benchmarks.benchmark_self_training", *sys.argv[1:]]),
               "long_baselines": (os.path.relpath(args.long_baselines, REPO)
                                  if args.long_baselines else None),
               "runs": runs, "rows": rows,

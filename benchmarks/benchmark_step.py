@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the time of one SSOD training step goes.
 
-    python tools/benchmark_step.py [--config-file configs/demo/unbiased_teacher.yaml]
+    python -m benchmarks.benchmark_step [--config-file configs/demo/unbiased_teacher.yaml]
         [--iters 20] [--warmup 5] [--output benchmarks/step.json] [--amp] [KEY VALUE ...]
 
 Builds the real trainer (demo data, semi-supervised phase: burn-in set to 0), runs ``--warmup``
@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
@@ -118,7 +117,6 @@ def instrument(trainer, timer):
 def build_trainer(config_file, opts, amp=False):
     """The real trainer for ``config_file`` in its semi-supervised phase (burn-in 0, no
     evaluation or checkpoints), ``opts`` applied; with ``amp``, ``SOLVER.AMP.ENABLED``."""
-    sys.path.insert(0, REPO)
     from detectron2.utils.logger import setup_logger
 
     import d2ssod  # noqa: F401

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Precision and recall of a model's would-be pseudo-labels at several score thresholds.
 
-    python tools/pseudo_label_quality.py --config-file configs/demo/supervised.yaml \
+    python tools/analysis/pseudo_label_quality.py --config-file configs/demo/supervised.yaml \
         --weights output/demo/supervised/model_0000199.pth [--dataset demo_unlabeled] \
         [--num-images 120] [--thresholds 0.3 0.5 0.7 0.9] [KEY VALUE ...]
 
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def threshold_sweep(detections, truths, thresholds):

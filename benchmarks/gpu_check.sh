@@ -1,10 +1,11 @@
 #!/bin/bash
-# One prepared check of d2ssod on a CUDA machine, run from the repository root:
+# One prepared check of d2ssod on a CUDA machine, run from the repository root
+# (bash benchmarks/gpu_check.sh):
 #   1. every demo method (Soft Teacher, UT, SED, Soft Teacher + SED, Efficient Teacher,
 #      UT on the dense detector; Soft Teacher and Efficient Teacher also with SOLVER.AMP float16)
 #      trains $SMOKE iterations (half burn-in, half semi-supervised) and evaluates on the device;
 #   2. tools/predict.py runs the final Soft Teacher teacher on the validation images there;
-#   3. tools/benchmark_step.py times each demo config's step (and the R50-FPN GPU recipe on
+#   3. benchmarks/benchmark_step.py times each demo config's step (and the R50-FPN GPU recipe on
 #      the demo images, random init) into $OUT/step_$DEV.json;
 #   4. a whole demo-schedule Soft Teacher run in the time left of $BUDGET seconds.
 # Progress in $OUT/progress.txt, per-run lines in $OUT/smoke.txt, failures' log tails in
@@ -53,7 +54,7 @@ stamp predict done
 # 2. step times, one at a time: bench LABEL CONFIG [--amp] [KEY VALUE ...]
 bench() {
   local l=$1 c=$2; shift 2
-  timeout 150 python3 tools/benchmark_step.py --config-file $c --iters $ITERS --warmup ${WARM:-5} \
+  timeout 150 python3 -m benchmarks.benchmark_step --config-file $c --iters $ITERS --warmup ${WARM:-5} \
     --output $OUT/step_$DEV.json --label "$l@$DEV" "$@" MODEL.DEVICE $DEV DATALOADER.NUM_WORKERS 4 \
     > /tmp/o/b_$l.log 2>&1 || tail -30 /tmp/o/b_$l.log > $OUT/fail_b_$l.txt
   stamp "bench $l: $(python3 -c "import json;print(json.load(open('$OUT/step_$DEV.json'))['$l@$DEV']['median_seconds'])" 2>&1 | tail -1)"

@@ -2,7 +2,8 @@
 """Time COCO bbox evaluation: Detectron2's COCOEvaluator (pycocotools) vs d2ssod's
 FastCOCOEvaluator (faster-coco-eval) on the same synthetic COCO-size result set.
 
-    python tools/benchmark_eval.py [--images 5000] [--dets-per-image 100] [--out benchmarks/eval]
+    python -m benchmarks.benchmark_eval [--images 5000] [--dets-per-image 100] \
+        [--out benchmarks/eval]
 
 The ground truth imitates COCO val2017 (5,000 images, 80 classes, ~7.3 boxes per image, COCO's
 mix of small/medium/large boxes, 1% crowd boxes); each image gets ``--dets-per-image``
@@ -184,7 +185,7 @@ def main(argv=None):
     lines = [
         "# COCO evaluation speed",
         "",
-        f"`python tools/benchmark_eval.py` — {args.images} images, {len(gt['annotations'])} "
+        f"`python -m benchmarks.benchmark_eval` — {args.images} images, {len(gt['annotations'])} "
         f"ground-truth boxes, {num_dets} detections, {len(gt['categories'])} classes "
         f"(synthetic, seed {args.seed}); `evaluate()` time (best of {args.repeats} runs for "
         f"faster-coco-eval, one run for pycocotools), {report['machine']}, load average "

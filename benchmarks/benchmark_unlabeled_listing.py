@@ -20,7 +20,7 @@ plus a handful of real JPEGs, under ``--root``, then measures, each in a fresh p
 The folder is removed at the end unless ``--keep``. Writes ``<output>/unlabeled_listing.json``
 and ``.md``. Run it at low priority on a shared machine:
 
-    nice -n 10 python tools/benchmark_unlabeled_listing.py [--files 200000] [--root /tmp/...]
+    nice -n 10 python -m benchmarks.benchmark_unlabeled_listing [--files 200000] [--root /tmp/...]
 """
 import argparse
 import json
@@ -185,7 +185,7 @@ def main():
     assert cold["images"] == cached["images"] == images, (cold, cached)
     worst = max(memory["workers"], key=lambda w: w["rss_mb"])
     result = {
-        "command": " ".join(["nice -n 10 python tools/benchmark_unlabeled_listing.py",
+        "command": " ".join(["nice -n 10 python -m benchmarks.benchmark_unlabeled_listing",
                              *sys.argv[1:]]),
         "images": images, "subdirs": args.subdirs, "folder_creation_seconds": create_s,
         "cold_listing": cold, "cached_listing": cached,
