@@ -48,6 +48,8 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           "dense_progress_rule": benchmark_methods.markdown_table,  # λ_u for sup progress 0.93
           "et_ratio_800": benchmark_methods.markdown_table,  # Efficient Teacher at 1:2
           "et_handover200_800": benchmark_methods.markdown_table,  # its hand-over at 200
+          # its teacher with the official pseudo-label NMS (issue 32), both hand-overs
+          "et_official_nms_800": benchmark_methods.markdown_table,
           "self_training": benchmark_self_training.markdown_table,
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
