@@ -8,11 +8,12 @@ DEMO_METHOD ?= soft_teacher
 DEMO_OUT ?= output/demo
 # KEY VALUE overrides for the demo's three runs, e.g. Soft Teacher at the paper's ratio from
 # the hand-over at 200: DEMO_OPTS="SSOD.UNLABELED_RATIO 4.0 SSOD.BURN_IN_ITERS 200" (gap closed
-# 0.66 ± 0.11 over 3 seeds, benchmarks/soft_teacher_ratio_800.md; 19.5 min idle, README)
+# 0.66 ± 0.11 over 3 seeds, benchmarks/soft_teacher_ratio_800.md; 19.5 min idle, docs/results.md)
 DEMO_OPTS ?=
-# SEED of the demo's three runs. A fixed seed makes `make demo` repeat the README's numbers (up
-# to float rounding on other CPUs); single runs with drawn seeds (-1, Detectron2's default) have
-# closed 0.22 to 0.51 of the gap with this config (README, "Results on the embedded demo data").
+# SEED of the demo's three runs. A fixed seed repeats a run on the same machine, not across
+# machines (float rounding differs between CPUs: gap closed 0.49, 0.34 and 0.36 on three
+# machines with seed 1); single runs with drawn seeds (-1, Detectron2's default) have closed
+# 0.22 to 0.51 of the gap with this config (README "Repeatability", docs/results.md).
 DEMO_SEED ?= 1
 # pytest workers: the suite is CPU bound; two processes match the CI machine's two cores.
 TEST_WORKERS ?= 2
