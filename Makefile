@@ -43,9 +43,10 @@ demo: setup
 # Instruction-set caps under which `make test` first runs the tests marked `numerics`:
 # floating-point kernels differ between x86-64 CPUs (oneDNN and ATen pick them by instruction
 # set), and a result that holds on one CPU only is a red suite on the next. Each entry is one
-# extra run: an AVX2 machine without AVX-512, and the x86-64 baseline (SSE4.1, ATen's scalar
-# kernels). A cap above what the CPU has is capped at what it has.
+# extra run: an AVX2 machine without AVX-512 (ATen's AVX2 and scalar kernels), and the x86-64
+# baseline (SSE4.1, ATen's scalar kernels). A cap above what the CPU has is capped at what it has.
 NUMERICS_ISAS ?= ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=avx2 \
+	ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=default \
 	ONEDNN_MAX_CPU_ISA=SSE41,ATEN_CPU_CAPABILITY=default
 
 # ruff (version pinned in requirements.txt, rules in ruff.toml): `make test` runs it first and

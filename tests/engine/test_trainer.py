@@ -119,6 +119,12 @@ def _assert_equal(a, b, path):
         assert a == b, path
 
 
+# How far apart two amplified last-bit differences may land (the nudged run's and the resumed
+# run's): measured at most 1.02x over the instruction-set caps tried; 4x leaves room for CPUs
+# not tried (test_resume_after_kill_... docstring).
+ROUNDING_SPREAD = 4.0
+
+
 @pytest.mark.numerics
 def test_resume_after_kill_restores_the_state_exactly_and_continues_within_rounding(tmp_path):
     """Each run in its own process (as a real kill and restart are), on the demo config.
@@ -130,10 +136,13 @@ def test_resume_after_kill_restores_the_state_exactly_and_continues_within_round
        sensitivity, measured here on this machine: a second uninterrupted run whose student
        weights move by one unit in the last place at the resume point. After 4 steps that
        last-bit difference has grown (proposal sampling, NMS and top-k amplify it); the resumed
-       run must end no farther from the uninterrupted one than that run does. Measured on one
-       machine under four instruction-set caps (relative distance of the student, resumed vs
-       nudged): 2e-9 vs 6e-5, 3e-6 vs 6e-5 (ONEDNN_MAX_CPU_ISA=AVX2), 8e-8 vs 5e-5
-       (ATEN_CPU_CAPABILITY=default).
+       run must end at most ROUNDING_SPREAD times as far from the uninterrupted one. Measured on
+       one machine (relative distance of the student, resumed vs nudged): 2e-9 vs 6e-5;
+       ONEDNN_MAX_CPU_ISA=AVX2: 3e-6 vs 6e-5; ATEN_CPU_CAPABILITY=default: 8e-8 vs 5e-5; both
+       caps: 5.7e-5 vs 5.6e-5 (a proposal flipped in both runs: amplified differences land at
+       the same scale, ratio 1.02). This part cannot tell a lost random state from rounding (a
+       resume reseeded after loading ended 3.1x the nudged distance away): part 1 catches that;
+       part 2 catches a continuation that leaves the rounding regime (wrong weights, LR, EMA).
     Not bit-exact: two uninterrupted runs in separate processes were bit-identical there, and
     the resumed run's losses at iterations 4 and 5 too, yet its weights after the updates of
     iterations 4-5 differ by ~1e-8 (cause not found: the restored optimizer buffers have the
@@ -167,7 +176,7 @@ def test_resume_after_kill_restores_the_state_exactly_and_continues_within_round
     for part in ("student", "teacher"):
         rounding = _relative_distance(full[part], nudged[part])
         assert 0 < rounding  # the nudge took effect
-        assert _relative_distance(full[part], resumed[part]) <= rounding, part
+        assert _relative_distance(full[part], resumed[part]) <= ROUNDING_SPREAD * rounding, part
 
 
 @pytest.mark.parametrize("config", [UT, DENSE_UT], ids=["faster_rcnn", "dense"])
