@@ -28,6 +28,7 @@ picked.
 Strategies work on :class:`ImageRecord` lists (what one teacher pass gives per image), so they
 can be tested on hand-made detections.
 """
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -63,7 +64,7 @@ class ImageRecord:
     history: list = field(default_factory=list)
 
 
-class AcquisitionStrategy:
+class AcquisitionStrategy(abc.ABC):
     """A scoring rule: ``__call__(records)`` → ``(scores (N,) float, components list of dicts)``,
     higher = label first. ``needs`` names what the teacher pass must add to the records:
     ``"jitter"`` (box-jitter uncertainties) or ``"history"`` (earlier checkpoints' detections).
@@ -76,8 +77,9 @@ class AcquisitionStrategy:
         self.seed = seed
         self.score_thresh = score_thresh
 
+    @abc.abstractmethod
     def __call__(self, records):
-        raise NotImplementedError
+        """``(scores, components)`` for ``records``; each registered strategy defines it."""
 
     def _max_mean(self, records, values_of):
         """Per image: max and mean of ``values_of(record)`` over its detections with score ≥
