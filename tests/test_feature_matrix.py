@@ -43,7 +43,7 @@ from matrix_helpers import (
     uses_teacher,
 )
 from tool_helpers import load_tool, run_main
-from training_helpers import RecordScalars
+from training_helpers import RecordScalars, assert_same_state
 
 FEATURES = ("vis_period", "amp", "resume_after_kill", "sigterm", "checkpoint_max_to_keep",
             "predict", "export_pseudo_labels", "visualize_pseudo_labels", "export_teacher",
@@ -86,24 +86,6 @@ def _assert_finite_rows(rows):
 def _unsup_iters(rows):
     return sorted(int(it) for it, row in rows.items()
                   if any(k.startswith("unsup/loss") for k in row))
-
-
-def _assert_same(a, b, where=""):
-    """``a`` and ``b`` equal exactly: tensors bit for bit, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    else:
-        assert a == b, (where, a, b)
 
 
 def _images(tmp_path, split, n=2):
@@ -181,12 +163,12 @@ def _resume_and_check(cfg, checkpoint, start_iter):
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == start_iter == saved["iteration"] + 1
     if trainer.teacher is not None:
-        _assert_same(trainer.teacher.model.state_dict(), saved["model"], "teacher")
-        _assert_same(trainer.student.state_dict(), saved["student"], "student")
+        assert_same_state(trainer.teacher.model.state_dict(), saved["model"], "teacher")
+        assert_same_state(trainer.student.state_dict(), saved["student"], "student")
     else:
-        _assert_same(trainer.student.state_dict(), saved["model"], "model")
+        assert_same_state(trainer.student.state_dict(), saved["model"], "model")
     # iteration, optimizer (and gradient scaler), LR scheduler and method states, RNG states
-    _assert_same(trainer.state_dict(), saved["trainer"], "trainer")
+    assert_same_state(trainer.state_dict(), saved["trainer"], "trainer")
     rec = RecordScalars()
     trainer.register_hooks([rec])
     trainer.train()
@@ -393,7 +375,7 @@ def export_teacher(method, matrix_root, tmp_path, monkeypatch, **_):
     teacher = torch.load(out / "model_teacher.pth", map_location="cpu", weights_only=False)
     saved = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
     assert set(teacher) == {"model", "dataset_meta"}
-    _assert_same(teacher["model"], saved["model"], "model")
+    assert_same_state(teacher["model"], saved["model"], "model")
     assert teacher["dataset_meta"] == saved["dataset_meta"]
     traced = record["torchscript_vs_predictor"][0]
     assert traced["detections"] == traced["predictor_detections"] > 0

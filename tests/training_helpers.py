@@ -164,3 +164,25 @@ def write_json(path, data):
     with open(path, "w") as f:
         json.dump(data, f)
     return str(path)
+
+
+def assert_same_state(a, b, where=""):
+    """``a`` and ``b`` equal exactly: tensors bit for bit (and of one dtype), containers item by
+    item; ``where`` names the first difference. For state dicts, optimizer and RNG states."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, (where, a, b)

@@ -13,7 +13,7 @@ from detectron2.utils.env import seed_all_rng
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import SSODTrainer, build_cfg
-from training_helpers import RecordScalars
+from training_helpers import RecordScalars, assert_same_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UT = os.path.join(REPO, "configs/demo/unbiased_teacher.yaml")
@@ -103,22 +103,6 @@ def _relative_distance(a, b):
     return float((num / sum((a[k].double() ** 2).sum() for k in keys)).sqrt())
 
 
-def _assert_equal(a, b, path):
-    """Exact equality of nested dicts / lists / tensors / numbers, naming the first difference."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 # How far apart two amplified last-bit differences may land (the nudged run's and the resumed
 # run's): measured at most 1.02x over the instruction-set caps tried; 4x leaves room for CPUs
 # not tried (test_resume_after_kill_... docstring).
@@ -167,7 +151,7 @@ def test_resume_after_kill_restores_the_state_exactly_and_continues_within_round
     at_kill, at_resume = killed["snapshot"], resumed["snapshot"]
     assert at_kill.keys() == at_resume.keys() == {
         "student", "teacher", "optimizer", "scheduler", "rng", "next_labeled", "next_unlabeled"}
-    _assert_equal(at_kill, at_resume, "state at iteration 4")
+    assert_same_state(at_kill, at_resume, "state at iteration 4")
 
     full, nudged = full(), nudged()
     for it in (4, 5, 6, 7):
