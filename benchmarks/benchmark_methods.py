@@ -309,6 +309,75 @@ def collect(job, total):
             "step_seconds": statistics.median(step_times(job.out_dir))}
 
 
+def mark_reusable(jobs, build_cfg, dry_run=False):
+    """Set ``job.done`` for each job whose finished run can be reused (same merged config,
+    :func:`reusable_config`, and every file it must leave); a method run whose hand-over is
+    trained again is trained again too. With ``dry_run``, print what would be reused and what
+    trained and return False (nothing written); otherwise return True."""
+    from d2ssod.config import get_ssod_cfg
+
+    defaults = flat_config(get_ssod_cfg().dump())
+    for job in jobs:
+        job.config_text = job.merged_config(build_cfg)
+        same_config = reusable_config(job, defaults, write=not dry_run)
+        job.done = same_config and all(finished(job.out_dir, job.opts, needed) for needed in
+                                       getattr(job, "hand_overs", None) or ["model_final.pth"])
+        if job.after is not None and not job.after[0].done:
+            job.done = False  # a new hand-over: the method runs start again from it
+        if job.done:
+            print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
+    if dry_run:
+        todo = [j.label for j in jobs if not j.done]
+        print(f"dry run: {len(jobs) - len(todo)} runs reused, {len(todo)} to train"
+              + (": " + ", ".join(todo) if todo else ""), flush=True)
+        return False
+    return True
+
+
+def run_jobs(jobs, n_jobs, progress, total, order=None):
+    """Train the jobs not ``done`` on ``n_jobs`` processes of one thread each, a method run as
+    soon as its hand-over exists; print what starts and ends, and every ``progress`` seconds
+    what runs at which iteration (of ``total``). ``order`` (a job → sort key) sets which of the
+    startable jobs goes first; default: supervised baselines first (they gate the methods),
+    then methods by seed, oracles last. A failed run stops the benchmark."""
+    if order is None:
+        def order(j):
+            return (not getattr(j, "hand_overs", None), j.after is None, j.seed)
+    pending = sorted((j for j in jobs if not j.done), key=order)
+    running, t0, last_report = [], time.time(), 0.0
+    while pending or running:
+        for job in list(running):
+            if job.proc.poll() is None:
+                continue
+            running.remove(job)
+            if job.proc.returncode != 0:
+                raise SystemExit(f"{job.label} failed (exit {job.proc.returncode}); see "
+                                 f"{os.path.join(job.out_dir, 'log.txt')}")
+            job.wall_seconds = time.time() - job.started
+            with open(os.path.join(job.out_dir, "benchmark_run.json"), "w") as f:
+                json.dump({"wall_seconds": round(job.wall_seconds, 1),
+                           "config": job.config_text}, f)
+            mark_finished(job.out_dir, job.opts)
+            job.done = True
+            print(f"[{(time.time() - t0) / 60:5.1f} min] finished {job.label} in "
+                  f"{job.wall_seconds / 60:.1f} min", flush=True)
+        while len(running) < n_jobs:
+            job = next((j for j in pending if j.ready()), None)
+            if job is None:
+                break
+            pending.remove(job)
+            job.start()
+            running.append(job)
+            print(f"[{(time.time() - t0) / 60:5.1f} min] started {job.label}", flush=True)
+        if time.time() - last_report >= progress and running:
+            last_report = time.time()
+            status = ", ".join(f"{j.label} at {last_iteration(j.out_dir) + 1}/{total}"
+                               for j in running)
+            print(f"[{(time.time() - t0) / 60:5.1f} min] running: {status}; "
+                  f"{len(pending)} waiting", flush=True)
+        time.sleep(1.0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="soft_teacher,unbiased_teacher,sed,soft_teacher_sed",
@@ -333,7 +402,6 @@ def main():
                         help="KEY VALUE overrides passed to every run")
     args = parser.parse_args()
 
-    from d2ssod.config import get_ssod_cfg
     from d2ssod.data.demo import ensure_demo_data
     from d2ssod.engine import build_cfg
 
@@ -414,57 +482,9 @@ def main():
             job.burn_in = burn_in
             sup.hand_overs.add(hand_over_name(burn_in))
             jobs.append(job)
-    defaults = flat_config(get_ssod_cfg().dump())
-    for job in jobs:
-        job.config_text = job.merged_config(build_cfg)
-        same_config = reusable_config(job, defaults, write=not args.dry_run)
-        job.done = same_config and all(finished(job.out_dir, job.opts, needed) for needed in
-                                       getattr(job, "hand_overs", None) or ["model_final.pth"])
-        if job.after is not None and not job.after[0].done:
-            job.done = False  # a new hand-over: the method runs start again from it
-        if job.done:
-            print(f"reusing the finished {job.label} in {job.out_dir}", flush=True)
-    if args.dry_run:
-        todo = [j.label for j in jobs if not j.done]
-        print(f"dry run: {len(jobs) - len(todo)} runs reused, {len(todo)} to train"
-              + (": " + ", ".join(todo) if todo else ""), flush=True)
+    if not mark_reusable(jobs, build_cfg, dry_run=args.dry_run):
         return
-
-    # Supervised baselines first (they gate the methods), then methods by seed, oracles last.
-    pending = sorted((j for j in jobs if not j.done),
-                     key=lambda j: (not getattr(j, "hand_overs", None), j.after is None, j.seed))
-    running, t0, last_report = [], time.time(), 0.0
-    while pending or running:
-        for job in list(running):
-            if job.proc.poll() is None:
-                continue
-            running.remove(job)
-            if job.proc.returncode != 0:
-                raise SystemExit(f"{job.label} failed (exit {job.proc.returncode}); see "
-                                 f"{os.path.join(job.out_dir, 'log.txt')}")
-            job.wall_seconds = time.time() - job.started
-            with open(os.path.join(job.out_dir, "benchmark_run.json"), "w") as f:
-                json.dump({"wall_seconds": round(job.wall_seconds, 1),
-                           "config": job.config_text}, f)
-            mark_finished(job.out_dir, job.opts)
-            job.done = True
-            print(f"[{(time.time() - t0) / 60:5.1f} min] finished {job.label} in "
-                  f"{job.wall_seconds / 60:.1f} min", flush=True)
-        while len(running) < args.jobs:
-            job = next((j for j in pending if j.ready()), None)
-            if job is None:
-                break
-            pending.remove(job)
-            job.start()
-            running.append(job)
-            print(f"[{(time.time() - t0) / 60:5.1f} min] started {job.label}", flush=True)
-        if time.time() - last_report >= args.progress and running:
-            last_report = time.time()
-            status = ", ".join(f"{j.label} at {last_iteration(j.out_dir) + 1}/{total}"
-                               for j in running)
-            print(f"[{(time.time() - t0) / 60:5.1f} min] running: {status}; "
-                  f"{len(pending)} waiting", flush=True)
-        time.sleep(1.0)
+    run_jobs(jobs, args.jobs, args.progress, total)
 
     runs = {}
     for job in jobs:

@@ -369,3 +369,47 @@ def test_supervised_runs_checkpoint_at_the_hand_overs_methods_start_from_only():
     # a variant with its own burn-in of 100 needs no supervised checkpoint at 100
     assert period({"soft_teacher": 200, "st_burnin100": 100}, {"st_burnin100"}, 50) == 200
     assert period({"st_burnin100": 100}, {"st_burnin100"}, 400) == 400
+
+
+def test_acquisition_labeled_set_adds_the_picks_true_boxes_with_fresh_ids():
+    acq = _tool("benchmark_acquisition")
+    cats = [{"id": 1, "name": "a"}]
+    labeled = {"images": [{"id": 1, "file_name": "l1.jpg"}],
+               "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 2, 2]}],
+               "categories": cats}
+    unlabeled = {"images": [{"id": 1, "file_name": "u1.jpg"}, {"id": 2, "file_name": "u2.jpg"}],
+                 "annotations": [{"id": 1, "image_id": 1, "bbox": [1, 1, 3, 3]},
+                                 {"id": 2, "image_id": 2, "bbox": [5, 5, 1, 1]},
+                                 {"id": 3, "image_id": 2, "bbox": [6, 6, 2, 2]}],
+                 "categories": cats}
+    out = acq.labeled_with_picks(labeled, unlabeled, ["u2.jpg"])
+    assert [(im["id"], im["file_name"]) for im in out["images"]] == [(1, "l1.jpg"), (2, "u2.jpg")]
+    # u2's two boxes, now on image 2, ids continuing after the labeled one's
+    assert [(a["id"], a["image_id"], a["bbox"]) for a in out["annotations"]] == [
+        (1, 1, [0, 0, 2, 2]), (2, 2, [5, 5, 1, 1]), (3, 2, [6, 6, 2, 2])]
+    with pytest.raises(SystemExit, match="not in datasets/demo/unlabeled.json"):
+        acq.labeled_with_picks(labeled, unlabeled, ["nowhere.jpg"])
+
+
+def test_acquisition_rows_pair_each_strategy_with_the_random_draw_of_the_same_seed():
+    acq = _tool("benchmark_acquisition")
+    sets = acq.pick_sets(["uncertainty", "uncertainty+diversity"], [1, 2])
+    assert sets == {"random_draw1": ("random", False, 1), "random_draw2": ("random", False, 2),
+                    "uncertainty": ("uncertainty", False, 0),
+                    "uncertainty+diversity": ("uncertainty", True, 0)}
+    with pytest.raises(SystemExit, match="NAME or NAME\\+diversity"):
+        acq.pick_sets(["uncertainty+kcenter"], [1])
+    runs = {"random_draw1": {"1": {"supervised": {"AP": 40.0}}},
+            "random_draw2": {"2": {"supervised": {"AP": 44.0}}},
+            "uncertainty": {"1": {"supervised": {"AP": 41.0}}, "2": {"supervised": {"AP": 47.0}}},
+            "uncertainty+diversity": {"1": {"supervised": {"AP": 39.0}}}}
+    rows = acq.summarize(runs, sets, [1, 2], ["supervised"])
+    assert rows["random"]["supervised"]["AP"] == pytest.approx([42.0, math.sqrt(8.0)])
+    # differences 41 - 40 = 1 and 47 - 44 = 3: mean 2, sample std sqrt(2)
+    assert rows["uncertainty"]["supervised"]["vs_random"] == pytest.approx([2.0, math.sqrt(2)])
+    assert rows["uncertainty+diversity"]["supervised"] == {
+        "seeds": 1, "AP": [39.0, 0.0], "vs_random": [-1.0, 0.0]}
+    table = acq.markdown({"budget": 50, "seeds": [1, 2], "methods": ["supervised"],
+                          "picker_seed": 1, "total_iters": 800, "command": "cmd", "rows": rows})
+    assert "| uncertainty | 44.00 ± 4.24 | +2.00 ± 1.41 |" in table
+    assert "| uncertainty+diversity | 39.00 ± 0.00 (1 seeds) | -1.00 ± 0.00 |" in table
