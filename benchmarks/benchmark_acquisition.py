@@ -247,7 +247,7 @@ def main():
                         help="train nothing: write the json/md from the runs finished so far")
     args = parser.parse_args()
 
-    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.demo.generator import ensure_demo_data
     from d2ssod.engine import build_cfg
 
     ensure_demo_data()

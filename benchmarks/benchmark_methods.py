@@ -402,7 +402,7 @@ def main():
                         help="KEY VALUE overrides passed to every run")
     args = parser.parse_args()
 
-    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.demo.generator import ensure_demo_data
     from d2ssod.engine import build_cfg
 
     ensure_demo_data()

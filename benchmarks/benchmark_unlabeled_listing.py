@@ -81,7 +81,7 @@ def make_folder(root, files, subdirs, real):
 def _listing_child(root, cache_dir):
     """In a fresh process: time one load_image_folder call."""
     t0 = time.perf_counter()
-    from d2ssod.data.custom import load_image_folder  # noqa: E402
+    from d2ssod.data.custom import load_image_folder
     t_import = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
     dicts = load_image_folder(root, cache_dir=cache_dir)

@@ -3,7 +3,10 @@
 ``add_ssod_config(cfg)`` adds every key d2ssod reads to a Detectron2 ``CfgNode``, each with a
 default and a comment: here the keys every method shares (trainer, strong augmentation,
 datasets) and those of d2ssod's model components; each registered method then adds its own
-through its ``add_config`` classmethod (``d2ssod/methods/<name>.py``). Detectron2's own keys
+through its ``add_config`` classmethod (``d2ssod/methods/<name>.py``), and each application
+above the training core registered in :data:`CONFIG_REGISTRY` adds its node (offline
+self-training: ``d2ssod/self_training/config.py``; the comparison tools:
+``d2ssod/tools_support/config.py``). Detectron2's own keys
 keep their meaning; in particular ``SOLVER.IMS_PER_BATCH`` is the *labeled* batch size summed
 over all GPUs and ``SSOD.UNLABELED_RATIO`` sets the unlabeled batch relative to it.
 
@@ -15,6 +18,7 @@ names the offending key and the closest known one.
 import difflib
 
 from detectron2.config import CfgNode as CN
+from detectron2.utils.registry import Registry
 
 from d2ssod.modeling.anchor_generator import add_explicit_anchor_config
 from d2ssod.modeling.backbone import add_mobilenetv2_config
@@ -27,16 +31,24 @@ from d2ssod.modeling.scale_consistency import (
 
 STEP_MODES = ("joint", "alternate")  # SSOD.STEP_MODE, see d2ssod.engine.schedule
 EMA_BUFFER_MODES = ("average", "copy")
+AMP_PRECISIONS = ("auto", "float16", "bfloat16")  # SOLVER.AMP.PRECISION, see d2ssod.engine.amp
+
+CONFIG_REGISTRY = Registry("SSOD_CONFIG")
+CONFIG_REGISTRY.__doc__ = """Config nodes of the applications built on the training core
+(offline self-training's ``SELF_TRAIN``, the comparison tools' ``SSOD.DEMO_BASELINES``). Each
+entry has ``add_config(cfg)`` and ``validate_config(cfg)``; :func:`add_ssod_config` and
+:func:`validate_ssod_config` call every registered one, so the config stays one entry point
+while each node is declared by the module that reads it, above this one. Importing ``d2ssod``
+imports them (``d2ssod/__init__.py``)."""
 
 
 def add_ssod_config(cfg):
     """Add d2ssod's keys (with defaults) to ``cfg`` in place and return it."""
     _C = cfg
-    # Mixed precision: SOLVER.AMP.PRECISION beside Detectron2's SOLVER.AMP.ENABLED
-    # (d2ssod/engine/amp.py).
-    from d2ssod.engine.amp import add_amp_config
-
-    add_amp_config(cfg)
+    # Mixed precision (d2ssod/engine/amp.py), beside Detectron2's SOLVER.AMP.ENABLED: the
+    # autocast dtype when SOLVER.AMP.ENABLED. "auto" = float16 with a gradient scaler on CUDA,
+    # bfloat16 (no scaler) on CPU; "float16" (CUDA only) or "bfloat16" to choose explicitly.
+    _C.SOLVER.AMP.PRECISION = "auto"
 
     # ---------------------------------------------------------------------------------------
     # Semi-supervised training
@@ -122,11 +134,6 @@ def add_ssod_config(cfg):
     # is Soft Teacher's 0.999: long runs get the paper's value).
     _R.EMA_TIME_FRACTION = 0.1
     _R.EMA_MOMENTUM_RANGE = (0.9, 0.999)
-    # The runs tools/demo.py compares this config's method with: its supervised baseline (whose
-    # checkpoint at BURN_IN_ITERS the method starts from) and its oracle, as config paths from
-    # the repository root. A method on another detector names the baselines of that detector.
-    _C.SSOD.DEMO_BASELINES = ("configs/demo/supervised.yaml", "configs/demo/oracle.yaml")
-
     # Strong view augmentation of unlabeled images (the weak view is INPUT.* resize + flip).
     _C.SSOD.STRONG_AUG = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) and its probability.
@@ -191,45 +198,6 @@ def add_ssod_config(cfg):
     add_dense_detector_config(cfg)
 
     # ---------------------------------------------------------------------------------------
-    # Offline self-training (ST / ST++, tools/self_train.py, d2ssod/engine/self_training.py)
-    # ---------------------------------------------------------------------------------------
-    _ST = _C.SELF_TRAIN = CN()
-    # K: checkpoints of the supervised stage whose detections ST++ compares, saved after
-    # round(k·SOLVER.MAX_ITER/K) iterations, k = 1..K (the last is the final model; ST++: 3).
-    _ST.NUM_CHECKPOINTS = 3
-    # R: fraction of the unlabeled images, most stable first, that ST++ re-trains on first.
-    _ST.SELECT_RATIO = 0.5
-    # Detections with a score >= this become pseudo boxes; stability compares these same boxes.
-    _ST.SCORE_THRESH = 0.7
-    # IoU at which two detections of the same class agree (stability) or a pseudo box matches
-    # a hidden ground-truth box (the pseudo-label precision/recall of the stage records).
-    _ST.MATCH_IOU = 0.5
-    # A pseudo box is dropped from a strong view when more than this fraction of its pixels is
-    # erased by the strong augmentation's cutout (the detection form of ST++'s ignored pixels).
-    _ST.MAX_ERASED_FRACTION = 0.5
-    # Repeat the labeled images ceil(U / L) times in each re-training (U pseudo-labeled, L
-    # labeled images), as ST++ does; False uses each labeled image once.
-    _ST.REPEAT_LABELED = True
-    # Length of each re-training. "labeled_passes": the supervised stage's schedule (MAX_ITER,
-    # STEPS, CHECKPOINT_PERIOD, TEST.EVAL_PERIOD) scaled by (labeled x repeat + pseudo-labeled)
-    # / (labeled x repeat), so every labeled image is drawn as often as in the supervised stage
-    # (x2 with REPEAT_LABELED, where half of each re-training set is labeled); "same_iters":
-    # the supervised stage's schedule unchanged (pseudo-labeled images then displace half the
-    # labeled draws). ST++ keeps the epoch count over the larger set, which is longer still.
-    _ST.RETRAIN_SCHEDULE = "labeled_passes"
-    # Images per forward pass when predicting the unlabeled images.
-    _ST.INFERENCE_BATCH_SIZE = 4
-    # Test-time augmentation of the pseudo-labelling passes (ST's label, ST++'s label and
-    # relabel; not ST++'s stability, which compares plain predictions, as ST++ does): each image
-    # is predicted at INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST times each of TTA_SCALES and, with
-    # TTA_FLIP, flipped horizontally at each scale too; the views' detections are merged by
-    # per-class NMS at the detector's test IoU and its cap per image
-    # (d2ssod/engine/tta_labels.py). ST++ labels with scales 0.5-2 and flips; False: one pass.
-    _ST.TTA = True
-    _ST.TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
-    _ST.TTA_FLIP = True
-
-    # ---------------------------------------------------------------------------------------
     # Long runs (trainer-wide; d2ssod/engine/hooks.py)
     # ---------------------------------------------------------------------------------------
     # Keep only the newest K periodic checkpoints (model_<iter>.pth) in OUTPUT_DIR; the oldest
@@ -253,6 +221,12 @@ def add_ssod_config(cfg):
 
     for _, method in sorted(METHOD_REGISTRY):
         method.add_config(cfg)
+
+    # ---------------------------------------------------------------------------------------
+    # Applications above the training core declare their own nodes (CONFIG_REGISTRY)
+    # ---------------------------------------------------------------------------------------
+    for _, node in sorted(CONFIG_REGISTRY):
+        node.add_config(cfg)
     return cfg
 
 
@@ -276,9 +250,7 @@ def validate_ssod_config(cfg):
         raise ValueError(f"SSOD.EMA_MOMENTUM={cfg.SSOD.EMA_MOMENTUM} must lie in [0, 1].")
     if cfg.SSOD.UNLABELED_RATIO <= 0:
         raise ValueError(f"SSOD.UNLABELED_RATIO={cfg.SSOD.UNLABELED_RATIO} must be > 0.")
-    from d2ssod.engine.amp import validate_amp_config
-
-    validate_amp_config(cfg)
+    _validate_amp_config(cfg)
     if cfg.SSOD.EMA_RAMP and cfg.SSOD.EMA_RAMP_EXP_ITERS > 0:
         raise ValueError("SSOD.EMA_RAMP=True and SSOD.EMA_RAMP_EXP_ITERS > 0 are two different "
                          "momentum ramps; choose one (set the other False / 0).")
@@ -290,6 +262,21 @@ def validate_ssod_config(cfg):
     validate_scale_consistency_config(cfg)
     _validate_long_run_config(cfg)
     METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
+    for _, node in sorted(CONFIG_REGISTRY):
+        node.validate_config(cfg)
+
+
+def _validate_amp_config(cfg):
+    """Raise ``ValueError`` naming the key and the fix for a precision the device cannot use."""
+    import torch
+
+    precision = cfg.SOLVER.AMP.PRECISION
+    _check_choice("SOLVER.AMP.PRECISION", precision, AMP_PRECISIONS)
+    device = torch.device(cfg.MODEL.DEVICE).type
+    if cfg.SOLVER.AMP.ENABLED and precision == "float16" and device != "cuda":
+        raise ValueError(f"SOLVER.AMP.PRECISION='float16' with MODEL.DEVICE={cfg.MODEL.DEVICE!r}: "
+                         f"float16 training needs CUDA (its gradient scaler); use 'bfloat16' or "
+                         f"'auto' on {device}.")
 
 
 def _validate_long_run_config(cfg):

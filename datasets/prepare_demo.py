@@ -8,12 +8,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from d2ssod.data import demo  # noqa: E402
+from d2ssod.demo import generator as demo
 
 
 def main(argv=None):

@@ -313,7 +313,7 @@ def test_supervised_config_rows_have_no_gap_and_tables_show_step_times_when_know
 def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(tmp_path):
     """SSOD.AUTO_SCHEDULE would derive a burn-in from the data; the step benchmark must still
     time semi-supervised steps (teacher forward included), not supervised burn-in ones."""
-    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.demo.generator import ensure_demo_data
     from test_compare_tool import TINY
 
     demo = ensure_demo_data()

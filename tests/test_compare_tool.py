@@ -8,7 +8,7 @@ import time
 import cv2
 import pytest
 
-from d2ssod.data.demo import ensure_demo_data
+from d2ssod.demo.generator import ensure_demo_data
 from d2ssod.tools_support import comparison
 from training_helpers import load_tool
 

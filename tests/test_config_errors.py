@@ -93,3 +93,18 @@ def test_bad_values_of_ssod_keys():
         build_cfg(UT, ["SSOD.EMA_MOMENTUM", "1.5"])
     with pytest.raises(ValueError, match=r"SSOD.UNLABELED_RATIO=0.0 must be > 0"):
         build_cfg(UT, ["SSOD.UNLABELED_RATIO", "0.0"])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # declared and checked by offline self-training (d2ssod/self_training/config.py)
+    ("SELF_TRAIN.SCORE_THRESH", "1.5", r"SELF_TRAIN.SCORE_THRESH=1.5 must lie in \[0, 1\]"),
+    ("SELF_TRAIN.MATCH_IOU", "0.0", r"SELF_TRAIN.MATCH_IOU=0.0 must lie in \(0, 1\]"),
+    ("SELF_TRAIN.TTA_SCALES", "(0.5, 0.0)", r"SELF_TRAIN.TTA_SCALES=\(0.5, 0.0\) must be positive"),
+    # declared and checked by the tools (d2ssod/tools_support/config.py)
+    ("SSOD.DEMO_BASELINES", "('configs/demo/supervised.yaml',)",
+     r"SSOD.DEMO_BASELINES=\('configs/demo/supervised.yaml',\): give two config files"),
+])
+def test_keys_of_the_applications_above_the_core_are_checked_when_the_config_is_built(
+        key, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_cfg(UT, [key, value])

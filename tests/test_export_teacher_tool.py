@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
-from d2ssod.engine.export import onnx_available
+from d2ssod.inference.export import onnx_available
 from tool_helpers import load_tool, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -90,7 +90,7 @@ def _unsup_iters(rows):
 
 def _images(tmp_path, split, n=2):
     """A folder with copies of the first ``n`` demo images of ``split`` ("train" / "val")."""
-    from d2ssod.data.demo import demo_root
+    from d2ssod.demo.generator import demo_root
 
     folder = tmp_path / f"{split}_images"
     folder.mkdir()
@@ -234,7 +234,7 @@ def checkpoint_max_to_keep(method, matrix_root, **_):
 def _predictor(method, checkpoint, opts):
     """Detectron2-style batch predictor of ``checkpoint`` under ``method``'s config and ``opts``
     (those the tool under test was given), every detection kept."""
-    from d2ssod.engine.inference import BatchPredictor
+    from d2ssod.inference.predictor import BatchPredictor
 
     return BatchPredictor(build_cfg(config_path(method), [str(o) for o in (
         *opts, "MODEL.WEIGHTS", checkpoint, *ALL_DETECTIONS)]))

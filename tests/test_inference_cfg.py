@@ -17,9 +17,9 @@ from detectron2.config import get_cfg  # noqa: F401  (the README snippet's world
 from detectron2.engine import DefaultPredictor
 
 from d2ssod.config import get_ssod_cfg
-from d2ssod.data.demo import ensure_demo_data
+from d2ssod.demo.generator import ensure_demo_data
 from d2ssod.engine import SSODCheckpointer, SSODTrainer, build_cfg, build_inference_cfg
-from d2ssod.engine.offline_teacher import load_method
+from d2ssod.inference.offline_teacher import load_method
 from tool_helpers import load_tool, run_main
 from training_helpers import custom_labeled_data, image_folder, write_json
 

@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from d2ssod.data.mappers import read_image
-from d2ssod.engine.inference import BatchPredictor
+from d2ssod.inference.predictor import BatchPredictor
 from tool_helpers import load_tool, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 import d2ssod  # noqa: F401
 from d2ssod.data.mappers import read_image
 from d2ssod.engine import build_cfg
-from d2ssod.engine.inference import BatchPredictor
+from d2ssod.inference.predictor import BatchPredictor
 from training_helpers import biased_checkpoint, image_folder, load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -66,7 +66,7 @@ def image_folder(path, names=("a.jpg", "sub/b.jpg"), broken="broken.jpg"):
     import os
     import shutil
 
-    from d2ssod.data.demo import demo_root
+    from d2ssod.demo.generator import demo_root
 
     demo = os.path.join(demo_root(), "images")
     for i, name in enumerate(names):

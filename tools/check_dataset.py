@@ -12,10 +12,8 @@ d2ssod/data/dataset_check.py. tools/compare.py prints the same report before it 
 """
 import argparse
 import os
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main(argv=None):

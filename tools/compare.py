@@ -60,15 +60,13 @@ checkpoint at ``N`` exists. ``make demo`` is this tool on the embedded demo data
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from d2ssod.tools_support.comparison import (  # noqa: E402
+from d2ssod.tools_support.comparison import (
     DEFAULT_SEED,
     check_schedule_flags,
     run_comparison,
 )
-from d2ssod.tools_support.training_runs import REPO  # noqa: E402
+from d2ssod.tools_support.training_runs import REPO
 
 # flag, DATASETS.CUSTOM key, whether it names a file (else a folder)
 _DATA_FLAGS = [("--labeled-json", "LABELED_JSON", True), ("--image-root", "IMAGE_ROOT", False),

@@ -20,10 +20,8 @@ conventions and errors: d2ssod/data/converters.py.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d2ssod.data.converters import (  # noqa: E402
+from d2ssod.data.converters import (
     ConversionError,
     read_class_names,
     voc_to_coco,

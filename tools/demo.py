@@ -18,11 +18,9 @@ bootstrap interval over the validation images (docs/active_learning.md).
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from d2ssod.tools_support.comparison import run_comparison  # noqa: E402
-from d2ssod.tools_support.training_runs import REPO  # noqa: E402
+from d2ssod.tools_support.comparison import run_comparison
+from d2ssod.tools_support.training_runs import REPO
 
 
 def main(argv=None):
@@ -37,7 +35,7 @@ def main(argv=None):
                         help="KEY VALUE overrides passed to all three runs")
     args = parser.parse_args(argv)
 
-    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.demo.generator import ensure_demo_data
 
     ensure_demo_data()
     method_cfg = os.path.join(REPO, "configs", "demo", f"{args.method}.yaml")

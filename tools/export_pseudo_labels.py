@@ -17,7 +17,7 @@ import json
 import sys
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
-from d2ssod.engine.offline_teacher import export_pseudo_labels, tool_config, tool_parser
+from d2ssod.inference.offline_teacher import export_pseudo_labels, tool_config, tool_parser
 
 
 def main(argv=None):

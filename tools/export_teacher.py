@@ -28,9 +28,7 @@ Writes into ``--output``:
 import argparse
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ("checkpoint", "torchscript", "onnx")
 
 
@@ -52,14 +50,14 @@ def export_traced(cfg, weights, sample_image, out_dir, want_onnx, onnx_required)
     import torch
 
     from d2ssod.data.mappers import read_image
-    from d2ssod.engine.export import (
+    from d2ssod.inference.export import (
         ONNX_OPSET,
         compare_with_predictor,
         export_onnx,
         run_onnx,
         trace_detector,
     )
-    from d2ssod.engine.inference import BatchPredictor
+    from d2ssod.inference.predictor import BatchPredictor
 
     pcfg = cfg.clone()
     pcfg.defrost()
@@ -136,9 +134,8 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
 
-    sys.path.insert(0, REPO)
     from d2ssod.engine import build_inference_cfg
-    from d2ssod.engine.export import strip_to_teacher
+    from d2ssod.inference.export import strip_to_teacher
 
     formats = args.formats.split(",") if args.formats else list(FORMATS)
     unknown = sorted(set(formats) - set(FORMATS))

@@ -12,11 +12,8 @@ Any COCO json can be split with ``--json``; ``--dataset`` sets the file name pre
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from d2ssod.data.splits import (  # noqa: E402
+from d2ssod.data.splits import (
     COCO_STANDARD_FOLDS,
     COCO_STANDARD_PERCENTS,
     coco_standard_splits,

@@ -20,11 +20,8 @@ it), one per group of series that the run logged; a group with no series is not 
 Prints which series went into which file.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from d2ssod.tools_support.metrics_plots import plot_metrics, read_metrics  # noqa: E402, F401
+from d2ssod.tools_support.metrics_plots import plot_metrics, read_metrics  # noqa: F401
 
 
 def main():

@@ -33,9 +33,7 @@ import argparse
 import json
 import os
 import re
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the config keys that hold a detector's test-time score threshold, per meta-architecture
 SCORE_THRESH_KEYS = ("ROI_HEADS", "RETINANET", "DENSE_DETECTOR")
 
@@ -127,7 +125,7 @@ def predict(predictor, files, categories, image_ids, batch_size=8, num_workers=0
     """Detections of ``files`` as COCO results.
 
     Args:
-        predictor: a :class:`~d2ssod.engine.inference.BatchPredictor`.
+        predictor: a :class:`~d2ssod.inference.predictor.BatchPredictor`.
         categories: ``[{"id", "name"}]`` indexed by the model's contiguous class.
         image_ids: ``{file: image id}``; files not in it are not run.
         root: folder the visualisations' relative paths start from.
@@ -140,7 +138,7 @@ def predict(predictor, files, categories, image_ids, batch_size=8, num_workers=0
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
     from tqdm import tqdm
 
-    from d2ssod.engine.inference import ImageFileDataset
+    from d2ssod.inference.predictor import ImageFileDataset
 
     files = [f for f in files if f in image_ids]
     root = root or common_root(files)
@@ -218,9 +216,8 @@ def main():
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
 
-    sys.path.insert(0, REPO)
     from d2ssod.engine import build_inference_cfg
-    from d2ssod.engine.inference import BatchPredictor, collect_image_files, model_num_classes
+    from d2ssod.inference.predictor import BatchPredictor, collect_image_files, model_num_classes
 
     if not os.path.isfile(args.config_file):
         raise SystemExit(f"Config file {args.config_file} does not exist.")

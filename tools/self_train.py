@@ -15,7 +15,7 @@ from detectron2.utils import comm
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
 from d2ssod.engine import build_cfg
 from d2ssod.engine.hooks import TrainingPreempted
-from d2ssod.engine.self_training import MODES, SelfTraining
+from d2ssod.self_training.pipeline import MODES, SelfTraining
 
 
 def main(args):

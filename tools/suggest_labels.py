@@ -20,7 +20,7 @@ decoded are skipped and counted.
 import sys
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
-from d2ssod.engine.offline_teacher import tool_config, tool_parser
+from d2ssod.inference.offline_teacher import tool_config, tool_parser
 from d2ssod.selection.acquisition import strategy_names
 from d2ssod.selection.suggest import suggest_labels
 

@@ -14,7 +14,7 @@ import sys
 from detectron2.utils.env import seed_all_rng
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
-from d2ssod.engine.offline_teacher import tool_config, tool_parser, write_pseudo_label_pictures
+from d2ssod.inference.offline_teacher import tool_config, tool_parser, write_pseudo_label_pictures
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ Nothing is read or generated at registration; a dataset's files are touched only
 loaded. Paths follow Detectron2: relative to ``$DETECTRON2_DATASETS`` (default ``datasets``),
 read once at import.
 
-* Demo: ``demo_labeled``, ``demo_unlabeled``, ``demo_val`` (:mod:`d2ssod.data.demo`; loading
+* Demo: ``demo_labeled``, ``demo_unlabeled``, ``demo_val`` (:mod:`d2ssod.demo.generator`; loading
   one generates the data if missing). ``demo_unlabeled`` keeps its boxes, only to measure
   pseudo-labels; the unlabeled mapper moves them aside.
 * COCO-standard: ``coco_2017_train_{1,2,5,10}p_fold{1..5}_labeled`` / ``..._unlabeled``: the
@@ -28,8 +28,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
-from . import demo as _demo
-from .demo_render import CLASSES
+from d2ssod.demo import generator as _demo
+from d2ssod.demo.render import CLASSES
+
 from .splits import (
     COCO_STANDARD_FOLDS,
     COCO_STANDARD_PERCENTS,
@@ -93,11 +94,11 @@ def _load_demo(root, json_name, dataset_name, num_train, num_val, seed):
 def register_demo_datasets(root=None, name="demo", num_train=_demo.NUM_TRAIN, num_val=_demo.NUM_VAL,
                            seed=_demo.DEFAULT_SEED, overwrite=True):
     """Register ``<name>_labeled``, ``<name>_unlabeled`` and ``<name>_val`` for demo data in
-    ``root`` (default :func:`d2ssod.data.demo.demo_root`); returns the three names.
+    ``root`` (default :func:`d2ssod.demo.generator.demo_root`); returns the three names.
 
     Loading any of them generates the data first if missing. Metadata: ``thing_classes``,
     ``evaluator_type="coco"``, ``json_file`` (for ``COCOEvaluator``; it exists once a dataset of
-    the group has been loaded or :func:`~d2ssod.data.demo.ensure_demo_data` has run).
+    the group has been loaded or :func:`~d2ssod.demo.generator.ensure_demo_data` has run).
     """
     root = os.path.abspath(root or _demo.demo_root())
     cats = {i + 1: c for i, c in enumerate(CLASSES)}

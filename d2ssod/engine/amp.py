@@ -7,9 +7,10 @@ precision and checkpointed scaler state, and runs every forward of an iteration 
 pass, the teacher's pass, box jitter, background scoring, SED's x↓ branch and the student's
 unlabeled pass — inside one :func:`autocast` region; the loss terms leave it as float32.
 
-``SOLVER.AMP.PRECISION`` (declared here) picks the autocast dtype: float16 needs a gradient
-scaler (small gradients underflow in float16) and is used on CUDA only; bfloat16 has float32's
-exponent range and needs none, and is the dtype CPU autocast supports well. Weights, optimizer
+``SOLVER.AMP.PRECISION`` (a shared trainer key, declared and checked in :mod:`d2ssod.config`)
+picks the autocast dtype: float16 needs a gradient scaler (small gradients underflow in float16)
+and is used on CUDA only; bfloat16 has float32's exponent range and needs none, and is the dtype
+CPU autocast supports well. Weights, optimizer
 state and the EMA teacher stay float32 throughout: autocast only changes the dtype of the
 operations' outputs inside the region.
 """
@@ -17,30 +18,7 @@ import contextlib
 
 import torch
 
-__all__ = ["AMP_PRECISIONS", "add_amp_config", "validate_amp_config", "amp_precision",
-           "build_grad_scaler", "autocast"]
-
-AMP_PRECISIONS = ("auto", "float16", "bfloat16")
-
-
-def add_amp_config(cfg):
-    """Add ``SOLVER.AMP.PRECISION`` next to Detectron2's ``SOLVER.AMP.ENABLED``."""
-    # Autocast dtype when SOLVER.AMP.ENABLED: "auto" = float16 with a gradient scaler on CUDA,
-    # bfloat16 (no scaler) on CPU; "float16" (CUDA only) or "bfloat16" to choose explicitly.
-    cfg.SOLVER.AMP.PRECISION = "auto"
-
-
-def validate_amp_config(cfg):
-    """Raise ``ValueError`` naming the key and the fix for a precision the device cannot use."""
-    precision = cfg.SOLVER.AMP.PRECISION
-    if precision not in AMP_PRECISIONS:
-        raise ValueError(f"SOLVER.AMP.PRECISION={precision!r} is not valid; choose one of "
-                         f"{list(AMP_PRECISIONS)}.")
-    device = torch.device(cfg.MODEL.DEVICE).type
-    if cfg.SOLVER.AMP.ENABLED and precision == "float16" and device != "cuda":
-        raise ValueError(f"SOLVER.AMP.PRECISION='float16' with MODEL.DEVICE={cfg.MODEL.DEVICE!r}: "
-                         f"float16 training needs CUDA (its gradient scaler); use 'bfloat16' or "
-                         f"'auto' on {device}.")
+__all__ = ["amp_precision", "build_grad_scaler", "autocast"]
 
 
 def amp_precision(cfg):

@@ -19,9 +19,9 @@ import numpy as np
 from detectron2.utils.visualizer import Visualizer
 
 from d2ssod.data import pseudo_labels
-from d2ssod.engine.inference import model_num_classes
-from d2ssod.engine.offline_teacher import unlabeled_dicts
 from d2ssod.engine.visualization import class_names
+from d2ssod.inference.offline_teacher import unlabeled_dicts
+from d2ssod.inference.predictor import model_num_classes
 
 from .acquisition import build_strategy, select
 from .teacher_pass import load_teacher, teacher_records

@@ -1,9 +1,9 @@
 """One batched pass of a trained teacher over unlabeled images, giving the
 :class:`~d2ssod.selection.acquisition.ImageRecord` of each image for the acquisition strategies.
 
-The images are decoded in a data loader (:class:`~d2ssod.engine.inference.ImageFileDataset`:
+The images are decoded in a data loader (:class:`~d2ssod.inference.predictor.ImageFileDataset`:
 files that cannot be decoded are skipped and counted), resized as at test time
-(:class:`~d2ssod.engine.inference.BatchPredictor`) and run through the detector's
+(:class:`~d2ssod.inference.predictor.BatchPredictor`) and run through the detector's
 ``inference(..., do_postprocess=False)`` one batch per call, for the Faster R-CNN
 (``GeneralizedRCNN``) and the dense detector alike. A forward hook on ``model.backbone`` keeps
 the batch's features, so that
@@ -23,7 +23,7 @@ import torch
 from detectron2.modeling.postprocessing import detector_postprocess
 from tqdm import tqdm
 
-from d2ssod.engine.inference import BatchPredictor, ImageFileDataset
+from d2ssod.inference.predictor import BatchPredictor, ImageFileDataset
 from d2ssod.modeling.box_jitter import jitter_uncertainty
 
 from .acquisition import ImageRecord
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 def load_teacher(cfg, checkpoint):
     """A :class:`BatchPredictor` of the checkpoint's ``"model"`` entry (the teacher of a d2ssod
     training checkpoint). A checkpoint that does not fit the config's model is a ``ValueError``
-    naming the parameters and the fix (:func:`~d2ssod.engine.inference.load_detector`)."""
+    naming the parameters and the fix (:func:`~d2ssod.inference.predictor.load_detector`)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = checkpoint

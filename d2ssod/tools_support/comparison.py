@@ -202,7 +202,7 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     from detectron2.data import DatasetCatalog
 
     from d2ssod.data.dataset_check import custom_dataset_report, format_report
-    from d2ssod.engine.offline_teacher import write_pseudo_label_pictures
+    from d2ssod.inference.offline_teacher import write_pseudo_label_pictures
     from d2ssod.methods import METHOD_REGISTRY
 
     t0 = time.time()
@@ -387,7 +387,7 @@ def _final_predictions(run_dir, test_name, weights="model_final.pth"):
     """(predictions json, ground-truth json) of a finished run's ``weights`` on ``test_name``
     (the run's own config.yaml; for a d2ssod checkpoint the "model" entry, i.e. the teacher)."""
     from d2ssod.engine.defaults import build_inference_cfg
-    from d2ssod.engine.inference import predict_dataset
+    from d2ssod.inference.predictor import predict_dataset
 
     cfg = build_inference_cfg(os.path.join(run_dir, "config.yaml"),
                               os.path.join(run_dir, weights))

@@ -10,8 +10,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.structures import BoxMode
 
-from d2ssod.data import builtin, demo, demo_render  # importing builtin registers the datasets
+from d2ssod.data import builtin  # importing builtin registers the datasets
 from d2ssod.data.splits import split_image_ids
+from d2ssod.demo import generator as demo
+from d2ssod.demo import render as demo_render
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,7 +9,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 
 import d2ssod  # noqa: F401
-from d2ssod.data.demo import ensure_demo_data
+from d2ssod.demo.generator import ensure_demo_data
 from d2ssod.engine import SSODTrainer, build_cfg
 from d2ssod.engine.checkpoint import SSODCheckpointer
 from d2ssod.engine.hooks import TrainerBestCheckpointer

@@ -10,12 +10,8 @@ at those anchors, and the share of the weight per FPN level.
 Used for the analysis in benchmarks/musu.md (docs/methods.md, "MuSu").
 """
 import argparse
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def assigner_stats(model, inputs, assigners):
@@ -79,7 +75,7 @@ def main():
     from detectron2.modeling import build_model
     from detectron2.utils.env import seed_all_rng
 
-    from d2ssod.data.demo import ensure_demo_data
+    from d2ssod.demo.generator import ensure_demo_data
     from d2ssod.engine import build_cfg
     from d2ssod.modeling.dense_assigners import DENSE_ASSIGNER_REGISTRY
 

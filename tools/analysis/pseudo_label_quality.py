@@ -13,12 +13,8 @@ when a ground-truth box of the same class overlaps it). This is how to choose a 
 threshold for a given teacher, e.g. the one at the hand-over from burn-in.
 """
 import argparse
-import os
-import sys
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def threshold_sweep(detections, truths, thresholds):
@@ -55,7 +51,6 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    sys.path.insert(0, REPO)
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.data.detection_utils import annotations_to_instances

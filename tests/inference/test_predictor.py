@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 import d2ssod  # noqa: F401
 from d2ssod.data.mappers import read_image
 from d2ssod.engine import build_cfg
-from d2ssod.engine.inference import (
+from d2ssod.inference.predictor import (
     BatchPredictor,
     ImageFileDataset,
     collect_image_files,

@@ -8,7 +8,7 @@ from detectron2.engine import DefaultPredictor
 
 import d2ssod  # noqa: F401
 from d2ssod.data.mappers import read_image
-from d2ssod.engine.export import (
+from d2ssod.inference.export import (
     REQUIRED_FIELDS,
     compare_with_predictor,
     export_onnx,
@@ -17,7 +17,7 @@ from d2ssod.engine.export import (
     strip_to_teacher,
     trace_detector,
 )
-from d2ssod.engine.inference import BatchPredictor
+from d2ssod.inference.predictor import BatchPredictor
 
 
 def _with_weights(cfg, weights):

@@ -1,4 +1,4 @@
-"""d2ssod/engine/offline_teacher.py: weak-view boxes back to the original image, batches that
+"""d2ssod/inference/offline_teacher.py: weak-view boxes back to the original image, batches that
 skip undecodable files, the method's checkpointed state restored."""
 import os
 
@@ -11,7 +11,7 @@ from detectron2.structures import Boxes, Instances
 
 from d2ssod.data.view_geometry import transform_matrix
 from d2ssod.engine import build_cfg
-from d2ssod.engine.offline_teacher import load_method, unlabeled_batches, weak_to_original
+from d2ssod.inference.offline_teacher import load_method, unlabeled_batches, weak_to_original
 from d2ssod.methods.efficient_teacher import ClassThresholds
 from training_helpers import image_folder
 

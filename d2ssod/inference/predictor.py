@@ -18,7 +18,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from d2ssod.data.custom import IMAGE_EXTENSIONS, list_image_files
-from d2ssod.data.mappers import _DECODE_ERRORS, _to_tensor, read_image
+from d2ssod.data.mappers import DECODE_ERRORS, image_to_tensor, read_image
 from d2ssod.engine.checkpoint import SSODCheckpointer
 
 __all__ = ["BatchPredictor", "ImageFileDataset", "collect_image_files", "load_detector",
@@ -101,7 +101,7 @@ class BatchPredictor:
         aug_input = T.AugInput(image)
         self.augmentation(aug_input)
         height, width = image.shape[:2]
-        return {"image": _to_tensor(aug_input.image), "height": height, "width": width}
+        return {"image": image_to_tensor(aug_input.image), "height": height, "width": width}
 
     def __call__(self, images):
         """Detections (``Instances`` on the CPU) of each image in ``images``."""
@@ -128,7 +128,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             image = read_image(path, self.image_format)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             return {"file_name": path, "error": f"{type(e).__name__}: {e}"}
         if image.size == 0:
             return {"file_name": path, "error": "empty image"}

@@ -1,4 +1,4 @@
-"""Test-time augmentation of the self-training labeller (d2ssod/engine/tta_labels.py and
+"""Test-time augmentation of the self-training labeller (d2ssod/self_training/tta.py and
 SelfTraining.predict): views, unflipping, the NMS merge by hand, and the views' detections of a
 model merged in original-image pixels."""
 import os
@@ -11,8 +11,8 @@ from detectron2.structures import Boxes, Instances
 
 import d2ssod  # noqa: F401
 from d2ssod.engine import build_cfg
-from d2ssod.engine.self_training import SelfTraining
-from d2ssod.engine.tta_labels import (
+from d2ssod.self_training.pipeline import SelfTraining
+from d2ssod.self_training.tta import (
     detector_nms_thresh,
     merge_detections,
     tta_augmentations,

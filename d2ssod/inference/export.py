@@ -24,7 +24,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .checkpoint import DATASET_META_KEY
+from d2ssod.engine.checkpoint import DATASET_META_KEY
 
 __all__ = ["REQUIRED_FIELDS", "compare_with_predictor", "export_onnx", "onnx_available",
            "run_onnx", "run_traced", "strip_to_teacher", "trace_detector"]
@@ -107,7 +107,7 @@ def run_traced(traced, inputs, fields):
 
 def compare_with_predictor(traced, fields, predictor, image):
     """Detections of a traced detector and of ``predictor`` (a
-    :class:`~d2ssod.engine.inference.BatchPredictor` of the same model) on ``image``:
+    :class:`~d2ssod.inference.predictor.BatchPredictor` of the same model) on ``image``:
     ``dict(input_shape, detections, predictor_detections, max_box_difference)``, the last in
     pixels of the original image and ``None`` when the numbers of detections differ; with
     ``error`` instead of ``detections`` when the traced model fails on this input (a trace

@@ -1,6 +1,6 @@
 """The demo dataset on disk: generation, reuse, safe concurrent creation, statistics.
 
-The images are drawn by :func:`d2ssod.data.demo_render.render_image`. Every image has its own
+The images are drawn by :func:`d2ssod.demo.render.render_image`. Every image has its own
 ``np.random.RandomState([seed, split, index])`` (the legacy generator, whose streams NumPy keeps
 fixed across versions), so the data are identical across runs and machines, and a reduced
 generation (``num_train``/``num_val``) reproduces the first images of the full one.
@@ -30,7 +30,7 @@ import time
 import cv2
 import numpy as np
 
-from .demo_render import CLASSES, IMAGE_SIZE, render_image
+from .render import CLASSES, IMAGE_SIZE, render_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def generator_info(num_train=NUM_TRAIN, num_val=NUM_VAL, seed=DEFAULT_SEED):
     """The ``"info"`` entry written into every json; a folder is reused only if it matches."""
     return {
         "description": "d2ssod synthetic shape-detection demo",
-        "generator": "d2ssod.data.demo",
+        "generator": "d2ssod.demo.generator",
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "num_train": int(num_train),

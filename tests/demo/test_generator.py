@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from d2ssod.data import demo, demo_render
+from d2ssod.demo import generator as demo
+from d2ssod.demo import render as demo_render
 
 
 def _read(root, name):
@@ -129,7 +130,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 package = types.ModuleType("demo_package")
 package.__path__ = [os.path.dirname(sys.argv[1])]
 sys.modules["demo_package"] = package
-m = importlib.import_module("demo_package.demo")
+m = importlib.import_module("demo_package.generator")
 m.logger.name = "demo"
 print("ROOT", m.ensure_demo_data(sys.argv[2], num_train=30, num_val=6))
 """
@@ -137,8 +138,8 @@ print("ROOT", m.ensure_demo_data(sys.argv[2], num_train=30, num_val=6))
 
 def test_concurrent_ensure_generates_once(tmp_path):
     root = str(tmp_path / "demo")
-    # demo.py and demo_render.py need only numpy and cv2: the children load them as a bare
-    # package by path, without d2ssod.data's dataset registration, so that they start fast
+    # generator.py and render.py need only numpy and cv2: the children load them as a bare
+    # package by path, without importing d2ssod (its registrations), so that they start fast
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, demo.__file__, root],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(3)]

@@ -1,7 +1,7 @@
 """Drawing of the demo images: tight boxes around the visible pixels, objects that stand out."""
 import numpy as np
 
-from d2ssod.data import demo_render
+from d2ssod.demo import render as demo_render
 
 
 def test_rendered_boxes_are_tight_around_visible_pixels():

@@ -21,7 +21,7 @@ the meta-architecture's inference contract (``model(batched_inputs)`` in eval mo
 ``Instances`` with ``pred_boxes``, ``scores``, ``pred_classes`` in original-image pixels), so
 any detector d2ssod trains can be self-trained. Labeling runs on the main process; the
 pseudo-labelling passes use test-time augmentation (``SELF_TRAIN.TTA``,
-:mod:`~d2ssod.engine.tta_labels`), the stability scores plain predictions.
+:mod:`~d2ssod.self_training.tta`), the stability scores plain predictions.
 """
 import csv
 import json
@@ -49,11 +49,12 @@ from detectron2.utils.env import seed_all_rng
 from d2ssod.data import pseudo_labels
 from d2ssod.data.loader import build_ssod_train_loader
 from d2ssod.data.mappers import SelfTrainingDatasetMapper
+from d2ssod.engine.trainer import SSODTrainer
 from d2ssod.evaluation.pseudo_quality import pseudo_label_quality
 from d2ssod.selection.stability import detection_agreement, select_most_stable, stability
 
-from .trainer import SSODTrainer
-from .tta_labels import detector_nms_thresh, merge_detections, tta_augmentations, unflip_boxes
+from .config import SelfTrainingConfig
+from .tta import detector_nms_thresh, merge_detections, tta_augmentations, unflip_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ __all__ = ["checkpoint_schedule", "scale_schedule", "SnapshotHook",
 
 MODES = {"st": ("supervised", "label", "retrain"),
          "stpp": ("supervised", "label", "retrain1", "relabel", "retrain2")}
-RETRAIN_SCHEDULES = ("labeled_passes", "same_iters")
 
 
 def scale_schedule(cfg, factor):
@@ -162,12 +162,7 @@ class SelfTraining:
             raise ValueError("ST++ compares checkpoints: SELF_TRAIN.NUM_CHECKPOINTS must be >= 2.")
         if not 0.0 < s.SELECT_RATIO < 1.0 and mode == "stpp":
             raise ValueError(f"SELF_TRAIN.SELECT_RATIO={s.SELECT_RATIO} must lie in (0, 1).")
-        if s.TTA and (not s.TTA_SCALES or min(s.TTA_SCALES) <= 0):
-            raise ValueError(f"SELF_TRAIN.TTA_SCALES={tuple(s.TTA_SCALES)} must be positive "
-                             f"scales (at least one) with SELF_TRAIN.TTA True.")
-        if s.RETRAIN_SCHEDULE not in RETRAIN_SCHEDULES:
-            raise ValueError(f"SELF_TRAIN.RETRAIN_SCHEDULE={s.RETRAIN_SCHEDULE!r}: choose one of "
-                             f"{list(RETRAIN_SCHEDULES)}.")
+        SelfTrainingConfig.validate_config(cfg)
         self._unlabeled = None
 
     # --------------------------------------------------------------------------------------
@@ -325,7 +320,7 @@ class SelfTraining:
     def predict(self, model_paths, dataset_dicts, tta=False):
         """Detections with score ≥ ``SELF_TRAIN.SCORE_THRESH`` of each model on each image; with
         ``tta`` and ``SELF_TRAIN.TTA``, those of every test-time view merged
-        (:mod:`~d2ssod.engine.tta_labels`).
+        (:mod:`~d2ssod.self_training.tta`).
 
         Returns:
             ``(images, detections)``: per image ``{file_name, image_id, height, width}``, and per

@@ -22,7 +22,7 @@ occlusion by later objects and clutter), in COCO's ``[x, y, w, h]`` pixel-edge c
 
 Drawing is a pure function of the ``np.random.RandomState`` it is given; writing the dataset to
 disk (one generator per image, the COCO jsons, safe concurrent generation) is
-:mod:`d2ssod.data.demo`. This module needs only NumPy and OpenCV.
+:mod:`d2ssod.demo.generator`. This module needs only NumPy and OpenCV.
 """
 import math
 

@@ -24,11 +24,10 @@ from d2ssod.data import pseudo_labels
 from d2ssod.data.custom import load_image_folder
 from d2ssod.data.mappers import UnlabeledDatasetMapper, build_weak_augmentation
 from d2ssod.data.view_geometry import map_boxes, view_to_view
+from d2ssod.engine.ema import EMATeacher
+from d2ssod.engine.hooks import MethodHook
+from d2ssod.engine.visualization import class_dataset, class_names, render_record
 from d2ssod.methods import METHOD_REGISTRY, build_method
-
-from .ema import EMATeacher
-from .hooks import MethodHook
-from .visualization import class_dataset, class_names, render_record
 
 __all__ = ["load_method", "unlabeled_dicts", "unlabeled_batches", "write_pseudo_label_pictures",
            "export_pseudo_labels", "weak_to_original", "tool_parser", "tool_config"]
@@ -238,7 +237,7 @@ def tool_config(args):
     the console."""
     from detectron2.utils.logger import setup_logger
 
-    from .defaults import build_inference_cfg
+    from d2ssod.engine.defaults import build_inference_cfg
 
     setup_logger(name="d2ssod")
     if not os.path.isfile(args.config_file):
