@@ -109,13 +109,9 @@ class TeacherROITargets:
 
 @METHOD_REGISTRY.register("sed")
 class SED(SSODMethod):
-    """Scale-Equivalent Distillation; see the module docstring. ``timed_parts`` names the
-    methods that ``benchmarks/benchmark_step.py`` times as their own parts of the step."""
+    """Scale-Equivalent Distillation; see the module docstring."""
 
     supports_scale_consistency = True
-    timed_parts = {"teacher": ("teacher_pass", "teacher_roi_predictions"),
-                   "student": ("student_losses",),
-                   "scale": ("scale_branch",)}
     # No thresholds: every detection is a soft target; the bins show how much the teacher's
     # outputs there weigh (score^γ, a lower bound of the re-weighting's (1 − p_bg)^γ).
     outcomes = (Outcome("soft target: weight >= 0.7", "lime", True),
