@@ -12,9 +12,9 @@ untimed iterations, then times ``--iters`` iterations of ``run_step`` + hooks, s
 * ``student``: student forwards (labeled + unlabeled) and the backward;
 * ``ema``: the teacher's EMA update;
 * ``other``: the rest (optimizer step, metric writing, hooks, pseudo-box projection);
-* any part a method names in its ``timed_parts`` dict (part → method attribute names), e.g.
+* the parts of a method that :data:`METHOD_PARTS` names (part → the method's functions), e.g.
   Soft Teacher's ``jitter`` (box-jitter refinement) and ``bg_score`` (the teacher's background
-  scoring of the student's proposals).
+  scoring of the student's proposals), and SED's ``scale`` (its down-scaled branch).
 
 Parts may nest (Soft Teacher scores backgrounds inside the student's forward): a part's time
 is exclusive, i.e. time spent in a part called from inside another counts only for the inner one.
@@ -42,6 +42,37 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The parts of a step timed inside a method, by the method's class name (d2ssod.methods): part →
+# the names of the method's functions whose calls count for it. "teacher" and "student" add to
+# the parts of those names; every other part is reported after them, in this order. A method
+# class not named here (nor any of its bases) has only the trainer's parts.
+METHOD_PARTS = {
+    "SoftTeacher": {"teacher": ("teacher_pass",),  # the teacher's forward, features kept
+                    "jitter": ("jitter_uncertainty",),  # box-jitter refinement
+                    "bg_score": ("background_probabilities",)},  # teacher scores backgrounds
+    "SED": {"teacher": ("teacher_pass", "teacher_roi_predictions"),
+            "student": ("student_losses",),
+            "scale": ("scale_branch",)},  # the down-scaled view's forward and its terms
+}
+# With SED's scale consistency on (SSOD.SED.SCALE_CONSISTENCY: the method's ``scale`` is set),
+# these parts are added to the class's METHOD_PARTS.
+SCALE_CONSISTENCY_PARTS = {
+    "SoftTeacher": {"scale": ("scale_losses",)},  # the scale terms on the down-scaled view
+}
+
+
+def method_parts(method):
+    """Part → names of ``method``'s functions timed as that part: the METHOD_PARTS of the
+    first class in its method resolution order that has some, with its SCALE_CONSISTENCY_PARTS
+    when the method runs SED's scale consistency."""
+    for cls in type(method).__mro__:
+        if cls.__name__ in METHOD_PARTS:
+            parts = dict(METHOD_PARTS[cls.__name__])
+            if getattr(method, "scale", None) is not None:
+                parts.update(SCALE_CONSISTENCY_PARTS.get(cls.__name__, {}))
+            return parts
+    return {}
 
 
 class PartTimer:
@@ -84,8 +115,7 @@ def instrument(trainer, timer):
     step.next_unlabeled = timer.wrap("data", step.next_unlabeled)
     method = step.method
     parts = {"teacher_detections": "teacher"}
-    parts.update({name: "teacher" for name in getattr(method, "timed_teacher_parts", ())})
-    for part, names in getattr(method, "timed_parts", {}).items():
+    for part, names in method_parts(method).items():
         parts.update({name: part for name in names})
     for name, part in parts.items():
         setattr(method, name, timer.wrap(part, getattr(method, name)))
@@ -206,7 +236,7 @@ def time_alternating(runs, warmup, iters, block):
 def summarise(cfg, trainer, args, opts, records):
     """The stored result of one timed trainer."""
     names = ["data", "teacher", "student", "ema"]
-    names += [p for p in getattr(trainer.method, "timed_parts", {}) if p not in names]
+    names += [p for p in method_parts(trainer.method) if p not in names]
     med = {n: statistics.median(r.get(n, 0.0) for r in records) for n in names + ["step"]}
     explained = [sum(r.get(n, 0.0) for n in names) for r in records]
     med["other"] = statistics.median(r["step"] - e for r, e in zip(records, explained))

@@ -24,10 +24,7 @@ from d2ssod.modeling.anchor_generator import add_explicit_anchor_config
 from d2ssod.modeling.backbone import add_mobilenetv2_config
 from d2ssod.modeling.dense_detector import add_dense_detector_config
 from d2ssod.modeling.roi_heads import add_roi_heads_config
-from d2ssod.modeling.scale_consistency import (
-    add_scale_consistency_config,
-    validate_scale_consistency_config,
-)
+from d2ssod.modeling.scale_consistency import add_sed_config, validate_sed_config
 
 STEP_MODES = ("joint", "alternate")  # SSOD.STEP_MODE, see d2ssod.engine.schedule
 EMA_BUFFER_MODES = ("average", "copy")
@@ -193,7 +190,7 @@ def add_ssod_config(cfg):
     # ---------------------------------------------------------------------------------------
     add_mobilenetv2_config(cfg)
     add_roi_heads_config(cfg)
-    add_scale_consistency_config(cfg)
+    add_sed_config(cfg)
     add_explicit_anchor_config(cfg)
     add_dense_detector_config(cfg)
 
@@ -259,7 +256,7 @@ def validate_ssod_config(cfg):
     if cfg.SSOD.VIS_PERIOD < 0:
         raise ValueError(f"SSOD.VIS_PERIOD={cfg.SSOD.VIS_PERIOD} must be >= 0 (0 turns the "
                          f"pseudo-label pictures off).")
-    validate_scale_consistency_config(cfg)
+    validate_sed_config(cfg)
     _validate_long_run_config(cfg)
     METHOD_REGISTRY.get(cfg.SSOD.METHOD).validate_config(cfg)
     for _, node in sorted(CONFIG_REGISTRY):

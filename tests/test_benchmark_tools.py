@@ -332,6 +332,35 @@ def test_step_benchmark_times_semi_supervised_steps_of_an_auto_schedule_config(t
     assert parts["teacher"] > 0 and parts["student"] > 0
 
 
+def test_step_benchmark_names_the_method_parts_it_times_and_they_exist():
+    """The parts timed inside a method are the benchmark's knowledge (METHOD_PARTS), not the
+    method's: each named class is a registered method with every function named, Soft Teacher
+    times ``scale`` only with scale consistency on, SED always, other methods nothing."""
+    from d2ssod.methods import METHOD_REGISTRY
+    from d2ssod.methods.sed import SED
+    from d2ssod.methods.soft_teacher import SoftTeacher
+    from d2ssod.methods.unbiased_teacher import UnbiasedTeacher
+
+    bench = _tool("benchmark_step")
+    classes = {cls.__name__: cls for _, cls in METHOD_REGISTRY}
+    for table in (bench.METHOD_PARTS, bench.SCALE_CONSISTENCY_PARTS):
+        for name, parts in table.items():
+            assert all(callable(getattr(classes[name], f)) for fs in parts.values() for f in fs)
+
+    def method(cls, scale):
+        m = object.__new__(cls)  # method_parts reads the class and ``scale`` only
+        m.scale = scale
+        return m
+
+    assert list(bench.method_parts(method(SoftTeacher, None))) == ["teacher", "jitter",
+                                                                    "bg_score"]
+    with_scale = bench.method_parts(method(SoftTeacher, object()))
+    assert list(with_scale) == ["teacher", "jitter", "bg_score", "scale"]
+    assert with_scale["scale"] == ("scale_losses",)
+    assert list(bench.method_parts(method(SED, None))) == ["teacher", "student", "scale"]
+    assert bench.method_parts(method(UnbiasedTeacher, None)) == {}
+
+
 def test_versus_timing_alternates_blocks_after_each_runs_warm_up():
     """``--versus``: two trainers in one process, warm-up first for each, then blocks in turn
     until each has its timed iterations; each run keeps its own iteration count."""

@@ -23,6 +23,26 @@ def test_each_method_declares_its_own_keys():
     assert full.SSOD.SED.REWEIGHT_GAMMA == 1.0 and full.SSOD.SED.SCALE_CONSISTENCY is False
 
 
+def test_the_sed_node_is_declared_and_checked_in_one_place():
+    """SSOD.SED is shared (scale consistency: sed and soft_teacher; distillation: sed): the
+    scale-consistency component declares all of it, the SED method adds nothing."""
+    from d2ssod.modeling.scale_consistency import add_sed_config
+
+    cfg = CN({"SSOD": CN()})
+    add_sed_config(cfg)
+    assert set(cfg.SSOD.SED) == {"SCALE_CONSISTENCY", "RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT",
+                                 "ROI_SAMPLES_PER_IMAGE", "REWEIGHT_GAMMA",
+                                 "RPN_DISTILL_WEIGHT", "ROI_DISTILL_WEIGHT", "LOG_SCORE_THRESH"}
+    bare = CN({"SSOD": CN()})
+    METHOD_REGISTRY.get("sed").add_config(bare)
+    assert bare.SSOD == CN()
+    full = get_ssod_cfg()
+    full.SSOD.METHOD = "soft_teacher"
+    full.SSOD.SED.LOG_SCORE_THRESH = 1.5
+    with pytest.raises(ValueError, match="SSOD.SED.LOG_SCORE_THRESH=1.5"):
+        validate_ssod_config(full)
+
+
 @pytest.fixture
 def new_method():
     """A method registered the way a new methods/<name>.py would register one."""

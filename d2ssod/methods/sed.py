@@ -109,47 +109,22 @@ class TeacherROITargets:
 
 @METHOD_REGISTRY.register("sed")
 class SED(SSODMethod):
-    """Scale-Equivalent Distillation; see the module docstring. ``timed_parts`` names the
-    methods that ``benchmarks/benchmark_step.py`` times as their own parts of the step."""
+    """Scale-Equivalent Distillation; see the module docstring."""
 
     supports_scale_consistency = True
-    timed_parts = {"teacher": ("teacher_pass", "teacher_roi_predictions"),
-                   "student": ("student_losses",),
-                   "scale": ("scale_branch",)}
     # No thresholds: every detection is a soft target; the bins show how much the teacher's
     # outputs there weigh (score^γ, a lower bound of the re-weighting's (1 − p_bg)^γ).
     outcomes = (Outcome("soft target: weight >= 0.7", "lime", True),
                 Outcome("soft target: weight 0.3-0.7", "yellow", True),
                 Outcome("soft target: weight < 0.3", "orange", True))
 
-    @classmethod
-    def add_config(cls, cfg):
-        # Every constant below is ours (the paper gives none of them); see docs/methods.md,
-        # "SED". The scale-consistency keys of the same node (SCALE_CONSISTENCY, *_SCALE_WEIGHT,
-        # ROI_SAMPLES_PER_IMAGE) belong to the scale-consistency component.
-        _C = cfg.SSOD.SED
-        # γ of the re-weighting wᵢ = (1 − p_bg,i)^γ of each proposal's distillation terms
-        # (teacher's background probability), normalised to mean 1 over the batch; 0 turns it
-        # off (ours: 1).
-        _C.REWEIGHT_GAMMA = 1.0
-        # Weights (× λ_u) of the distillation into RPN / ROI (each applies to both its _cls and
-        # _loc term; ours: 1).
-        _C.RPN_DISTILL_WEIGHT = 1.0
-        _C.ROI_DISTILL_WEIGHT = 1.0
-        # SED learns from soft targets only; teacher detections with score >= this are counted
-        # as pseudo boxes for the logs only (pseudo/num_boxes, precision, recall; ours: UT's 0.7).
-        _C.LOG_SCORE_THRESH = 0.7
+    # Its keys (SSOD.SED: distillation and scale consistency in one node) are declared and
+    # range-checked by d2ssod.modeling.scale_consistency.add_sed_config / validate_sed_config,
+    # which explains why; add_config adds none.
 
     @classmethod
     def validate_config(cls, cfg):
         super().validate_config(cfg)
-        sed = cfg.SSOD.SED
-        for key in ("REWEIGHT_GAMMA", "RPN_DISTILL_WEIGHT", "ROI_DISTILL_WEIGHT"):
-            if sed[key] < 0:
-                raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
-        if not 0.0 <= sed.LOG_SCORE_THRESH <= 1.0:
-            raise ValueError(f"SSOD.SED.LOG_SCORE_THRESH={sed.LOG_SCORE_THRESH} must lie in "
-                             f"[0, 1].")
         aug = cfg.SSOD.STRONG_AUG
         if aug.GEOMETRIC or aug.INDEPENDENT_GEOMETRY:
             raise ValueError(

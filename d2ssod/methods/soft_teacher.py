@@ -60,15 +60,11 @@ __all__ = ["SoftTeacher"]
 
 @METHOD_REGISTRY.register("soft_teacher")
 class SoftTeacher(SSODMethod):
-    """Soft Teacher; see the module docstring. ``timed_parts`` names the methods that
-    ``benchmarks/benchmark_step.py`` times as their own parts of the step."""
+    """Soft Teacher; see the module docstring."""
 
     supports_scale_consistency = True
     loss_weights = {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0, "loss_cls": 1.0,
                     "loss_box_reg": 1.0}
-    timed_parts = {"teacher": ("teacher_pass",),
-                   "jitter": ("jitter_uncertainty",),
-                   "bg_score": ("background_probabilities",)}
     outcomes = (Outcome("kept: classification + regression", "lime", True),
                 Outcome("kept: classification", "yellow", True),
                 Outcome("kept: regression", "cyan", True),
@@ -130,7 +126,6 @@ class SoftTeacher(SSODMethod):
         if cfg.SSOD.SED.SCALE_CONSISTENCY:
             self.scale = ScaleConsistency(cfg, model)
             self.loss_weights = dict(type(self).loss_weights, **self.scale.loss_weights)
-            self.timed_parts = dict(type(self).timed_parts, scale=("scale_losses",))
 
     # ----------------------------------------------------------------------------- stage 1
     @torch.no_grad()

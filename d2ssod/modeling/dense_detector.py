@@ -34,7 +34,15 @@ Targets may carry per-box fields besides ``gt_boxes`` / ``gt_classes`` (pseudo-l
 
 Images whose targets carry ``gt_scores`` (the teacher's pseudo boxes) are assigned by
 ``MODEL.DENSE_DETECTOR.PSEUDO_ASSIGNER`` when it is set.
+
+Public steps of the training forward, for tools that inspect the assignment
+(``tools/analysis/musu_bags.py``): :meth:`YOLODenseDetector.flat_outputs` (the head's outputs
+per anchor, a :class:`DenseOutputs`), :meth:`YOLODenseDetector.flat_anchors` (the anchors, a
+:class:`DenseAnchors`) and :meth:`YOLODenseDetector.image_predictions` (one image's decoded
+predictions, as the assigners read them).
 """
+from typing import List, NamedTuple, Tuple
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
@@ -45,6 +53,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
+from torch import Tensor
 
 from .box_ops import complete_iou
 from .dense_assigners import DensePredictions, add_dense_assigner_config, build_dense_assigner
@@ -52,7 +61,8 @@ from .dense_head import YOLODenseHead
 from .dense_matching import YOLOBoxTransform
 from .num_classes import check_num_classes
 
-__all__ = ["YOLODenseDetector", "add_dense_detector_config"]
+__all__ = ["YOLODenseDetector", "DenseAnchors", "DenseOutputs", "MatchedPairs",
+           "add_dense_detector_config"]
 
 
 def add_dense_detector_config(cfg):
@@ -95,6 +105,77 @@ def add_dense_detector_config(cfg):
 def _level_sums(values, levels, num_levels):
     """Sum of ``values`` (M,) per level id ``levels`` (M,) → (num_levels,)."""
     return values.new_zeros(num_levels).index_add_(0, levels, values)
+
+
+class DenseAnchors(NamedTuple):
+    """The anchors of a batch's feature maps, the R anchors of all levels in one order
+    (level, cell row, cell column, anchor shape), as :meth:`YOLODenseDetector.flat_anchors`
+    returns them.
+
+    Attributes:
+        per_level (list[Boxes]): each level's anchors (what the assigners take).
+        boxes (Tensor): (R, 4) XYXY, all levels concatenated.
+        strides (Tensor): (R,) float stride of each anchor's level.
+        levels (Tensor): (R,) level index of each anchor.
+        grid_sizes (list[tuple[int, int]]): (H, W) cells of each level.
+    """
+
+    per_level: List[Boxes]
+    boxes: Tensor
+    strides: Tensor
+    levels: Tensor
+    grid_sizes: List[Tuple[int, int]]
+
+
+class DenseOutputs(NamedTuple):
+    """The head's raw outputs for a batch of N images at the R anchors, all levels
+    concatenated, float32 (:meth:`YOLODenseDetector.flat_outputs`).
+
+    Attributes:
+        cls_logits (Tensor): (N, R, K) class logits.
+        box_deltas (Tensor): (N, R, 4) raw box outputs (:class:`~.dense_matching.
+            YOLOBoxTransform` decodes them).
+        obj_logits (Tensor): (N, R) objectness logits.
+    """
+
+    cls_logits: Tensor
+    box_deltas: Tensor
+    obj_logits: Tensor
+
+
+class MatchedPairs(NamedTuple):
+    """The (anchor, box) pairs of a batch that the losses read, one row per pair: an
+    assigner's pairs with the fields of their boxes (:meth:`YOLODenseDetector.losses` keeps
+    hard and soft boxes in two of these).
+
+    Attributes:
+        index (Tensor): (M,) flat index of the pair's prediction into the batch's N·R
+            (image · R + anchor).
+        gt_boxes (Tensor): (M, 4) the box, XYXY.
+        gt_classes (Tensor): (M,) its class.
+        reg_valid (Tensor): (M,) bool, whether the pair has a box term (the box's
+            ``gt_reg_valid``, default True).
+        soft_objectness (Tensor): (M,) the box's ``gt_objectness`` (−1: an ordinary box).
+        reg_weight (Tensor): (M,) the assigner's weight of the pair's box term.
+        cls_weight (Tensor): (M,) the assigner's weight of the pair's class term (and of a soft
+            box's objectness target).
+        quality (Tensor): (M,) the assigner's objectness target, −1 where it gives none (the
+            prediction's CIoU then).
+    """
+
+    index: Tensor
+    gt_boxes: Tensor
+    gt_classes: Tensor
+    reg_valid: Tensor
+    soft_objectness: Tensor
+    reg_weight: Tensor
+    cls_weight: Tensor
+    quality: Tensor
+
+    @classmethod
+    def concat(cls, parts):
+        """One :class:`MatchedPairs` of the rows of ``parts`` (a non-empty list of them)."""
+        return cls(*(cat(list(field)) for field in zip(*parts)))
 
 
 @META_ARCH_REGISTRY.register()
@@ -197,48 +278,60 @@ class YOLODenseDetector(DenseDetector):
         return [[x.float() for x in level]
                 for level in super()._transpose_dense_predictions(predictions, dims_per_anchor)]
 
-    def _flat_anchors(self, features):
-        """Anchors (list[Boxes] per level), their strides (R,) and level ids (R,)."""
+    def flat_outputs(self, predictions):
+        """The head's outputs ``predictions`` (its return value on the batch's features) per
+        anchor, all levels concatenated, float32: a :class:`DenseOutputs`."""
+        cls_logits, box_deltas, obj_logits = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1])
+        return DenseOutputs(cls_logits=cat(cls_logits, dim=1), box_deltas=cat(box_deltas, dim=1),
+                            obj_logits=cat(obj_logits, dim=1)[..., 0])
+
+    def flat_anchors(self, features):
+        """The anchors of ``features`` (the head's input maps, a list per level): a
+        :class:`DenseAnchors`."""
         anchors = self.anchor_generator(features)
         counts = torch.tensor([len(a) for a in anchors], device=self.device)
         strides = torch.tensor(self.anchor_generator.strides, dtype=torch.float32,
                                device=self.device).repeat_interleave(counts)
         levels = torch.arange(len(anchors), device=self.device).repeat_interleave(counts)
-        return anchors, strides, levels
+        return DenseAnchors(per_level=anchors, boxes=Boxes.cat(anchors).tensor, strides=strides,
+                            levels=levels, grid_sizes=[tuple(f.shape[-2:]) for f in features])
+
+    def image_predictions(self, outputs, anchors, i):
+        """Image ``i``'s predictions at every anchor as the assigners read them, detached: a
+        :class:`~d2ssod.modeling.dense_assigners.DensePredictions` of σ(class logits), the
+        decoded boxes and σ(objectness), from ``outputs`` (:class:`DenseOutputs`) at
+        ``anchors`` (:class:`DenseAnchors`)."""
+        return DensePredictions(
+            outputs.cls_logits[i].detach().sigmoid(),
+            self.box2box_transform.apply_deltas(outputs.box_deltas[i].detach(), anchors.boxes,
+                                                anchors.strides),
+            outputs.obj_logits[i].detach().sigmoid())
 
     # ------------------------------------------------------------------------------- training
     def forward_training(self, images, features, predictions, gt_instances):
-        cls_logits, box_deltas, obj_logits = self._transpose_dense_predictions(
-            predictions, [self.num_classes, 4, 1])
-        anchors, strides, levels = self._flat_anchors(features)
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.losses(anchors, strides, levels, grid_sizes, cat(cls_logits, dim=1),
-                           cat(box_deltas, dim=1), cat(obj_logits, dim=1)[..., 0], gt_instances)
+        return self.losses(self.flat_anchors(features), self.flat_outputs(predictions),
+                           gt_instances)
 
-    def losses(self, anchors, strides, levels, grid_sizes, cls_logits, box_deltas, obj_logits,
-               gt_instances):
-        """The three loss terms (module docstring) from the batch's predictions, all levels
-        concatenated: ``cls_logits`` (N, R, K), ``box_deltas`` (N, R, 4), ``obj_logits`` (N, R);
-        ``anchors`` list[Boxes] per level, ``strides`` and ``levels`` (R,) per anchor."""
-        num_levels = len(anchors)
-        anchor_boxes = Boxes.cat(anchors).tensor
+    def losses(self, anchors, outputs, gt_instances):
+        """The three loss terms (module docstring) from the batch's ``outputs``
+        (:class:`DenseOutputs`) at ``anchors`` (:class:`DenseAnchors`) for the targets
+        ``gt_instances`` (list[Instances], one per image)."""
+        cls_logits, box_deltas = outputs.cls_logits, outputs.box_deltas
+        obj_logits = outputs.obj_logits
+        num_levels = len(anchors.per_level)
+        anchor_boxes, strides, levels = anchors.boxes, anchors.strides, anchors.levels
         num_anchors = anchor_boxes.shape[0]
         obj_target = torch.zeros_like(obj_logits)
         obj_valid = torch.ones_like(obj_logits, dtype=torch.bool)
-        # matched pairs as (flat index into N·R, gt box, class, reg valid, soft objectness, box
-        # weight, class weight, objectness target: −1 for the prediction's CIoU)
-        hard, soft = [], []
+        hard, soft = [], []  # per image, its MatchedPairs of ordinary (hard) and soft boxes
         for i, inst in enumerate(gt_instances):
             boxes = inst.gt_boxes.tensor
             assigner = self.pseudo_assigner if inst.has("gt_scores") else self.assigner
-            predictions = None
-            if assigner.uses_predictions:
-                predictions = DensePredictions(
-                    cls_logits[i].detach().sigmoid(),
-                    self.box2box_transform.apply_deltas(box_deltas[i].detach(), anchor_boxes,
-                                                        strides),
-                    obj_logits[i].detach().sigmoid())
-            a = assigner(boxes, inst.gt_classes, anchors, grid_sizes, predictions)
+            predictions = (self.image_predictions(outputs, anchors, i)
+                           if assigner.uses_predictions else None)
+            a = assigner(boxes, inst.gt_classes, anchors.per_level, anchors.grid_sizes,
+                         predictions)
             if a.ignore is not None:
                 obj_valid[i] = ~a.ignore
             reg_valid = (inst.gt_reg_valid if inst.has("gt_reg_valid")
@@ -249,25 +342,27 @@ class YOLODenseDetector(DenseDetector):
             g = a.gt_idx
             is_soft = soft_obj[g] >= 0
             for group, keep in ((hard, ~is_soft), (soft, is_soft)):
-                group.append((i * num_anchors + a.anchor_idx[keep], boxes[g[keep]],
-                              inst.gt_classes[g[keep]], reg_valid[g[keep]], soft_obj[g[keep]],
-                              a.reg_weight[keep], a.cls_weight[keep], quality[keep]))
-        hard, soft = ([cat(list(x)) for x in zip(*group)] for group in (hard, soft))
+                group.append(MatchedPairs(
+                    index=i * num_anchors + a.anchor_idx[keep], gt_boxes=boxes[g[keep]],
+                    gt_classes=inst.gt_classes[g[keep]], reg_valid=reg_valid[g[keep]],
+                    soft_objectness=soft_obj[g[keep]], reg_weight=a.reg_weight[keep],
+                    cls_weight=a.cls_weight[keep], quality=quality[keep]))
+        hard, soft = MatchedPairs.concat(hard), MatchedPairs.concat(soft)
 
         flat_deltas = box_deltas.reshape(-1, 4)
         flat_obj_target = obj_target.view(-1)
         box_terms, by_max = [], []
         # targets without a given quality are written in order, soft after hard (soft targets
         # win shared anchors); given qualities (MuSu) after them, each anchor taking the largest
-        for (index, gt_boxes, _, reg_valid, soft_obj, reg_w, cls_w, quality), is_soft in (
-                (hard, False), (soft, True)):
+        for pairs, is_soft in ((hard, False), (soft, True)):
+            index, reg_valid, reg_w = pairs.index, pairs.reg_valid, pairs.reg_weight
             anchor = index % num_anchors
             pred = self.box2box_transform.apply_deltas(flat_deltas[index], anchor_boxes[anchor],
                                                        strides[anchor])
-            ciou = complete_iou(pred, gt_boxes)
-            given = quality >= 0
-            target = (soft_obj * cls_w if is_soft
-                      else torch.where(given, quality, ciou.detach().clamp(min=0)))
+            ciou = complete_iou(pred, pairs.gt_boxes)
+            given = pairs.quality >= 0
+            target = (pairs.soft_objectness * pairs.cls_weight if is_soft
+                      else torch.where(given, pairs.quality, ciou.detach().clamp(min=0)))
             flat_obj_target[index[~given]] = target[~given].to(obj_target.dtype)
             by_max.append((index[given], target[given].to(obj_target.dtype)))
             level = levels[anchor[reg_valid]]
@@ -277,11 +372,11 @@ class YOLODenseDetector(DenseDetector):
         flat_obj_target.scatter_reduce_(0, index, target, "amax")
         loss_box = sum(t.sum() for t in box_terms)
 
-        index, _, classes, _, _, _, cls_w, _ = hard
+        index, cls_w = hard.index, hard.cls_weight
         anchor = index % num_anchors
         cls_sum = cls_logits.new_zeros(num_levels)
         if self.num_classes > 1:  # one class: the objectness says it all (YOLOv5)
-            target = F.one_hot(classes, self.num_classes).to(cls_logits.dtype)
+            target = F.one_hot(hard.gt_classes, self.num_classes).to(cls_logits.dtype)
             bce = F.binary_cross_entropy_with_logits(
                 cls_logits.reshape(-1, self.num_classes)[index], target, reduction="none")
             cls_sum = _level_sums(bce.sum(dim=1) * cls_w, levels[anchor], num_levels)
@@ -299,9 +394,10 @@ class YOLODenseDetector(DenseDetector):
         storage = get_event_storage()
         # (anchor, box) pairs per image as the assigner returned them (MuSu: every candidate of
         # every bag, weight 0 included; its weights are not read back, to avoid a host sync)
-        storage.put_scalar("dense/num_pos_anchors", len(hard[0]) / len(gt_instances))
-        if len(soft[0]):
-            storage.put_scalar("dense/num_soft_pos_anchors", len(soft[0]) / len(gt_instances))
+        storage.put_scalar("dense/num_pos_anchors", len(hard.index) / len(gt_instances))
+        if len(soft.index):
+            storage.put_scalar("dense/num_soft_pos_anchors",
+                               len(soft.index) / len(gt_instances))
         # 0 × the outputs keeps every head parameter in the graph when a batch has no positive
         # (distributed training requires all parameters to receive a gradient)
         return {

@@ -37,6 +37,18 @@ and the two loss functions itself (``d2ssod.methods.sed``); a method that calls 
 student (Soft Teacher) wraps that call in :meth:`ScaleConsistency.capture`, which records x's
 normalised input, features, RPN head outputs and proposals with temporary forward hooks, and
 then calls :meth:`ScaleConsistency.losses_from_capture`, which runs only the x↓ branch.
+
+Config: this module declares and checks the whole ``SSOD.SED`` node (:func:`add_sed_config`,
+:func:`validate_sed_config`, called by :mod:`d2ssod.config` with the other model components):
+its own keys (``SCALE_CONSISTENCY``, ``*_SCALE_WEIGHT``, ``ROI_SAMPLES_PER_IMAGE``) and the SED
+method's distillation keys (``REWEIGHT_GAMMA``, ``*_DISTILL_WEIGHT``, ``LOG_SCORE_THRESH``) alike.
+Why here and not in the method: the node is shared. ``SCALE_CONSISTENCY`` is read by two methods
+(``sed``, ``soft_teacher``) and by every method's config check (those without scale terms refuse
+it), and ``ROI_SAMPLES_PER_IMAGE`` by this component and by SED's ROI distillation. Declared by
+``d2ssod.methods.sed``, the node would be a method's keys that a model component and other
+methods read (the modeling layer depending on the methods layer above it); split between the
+two, no single place would show it. So the lowest layer that uses the node owns all of it, and
+``d2ssod.methods.sed`` only reads its distillation keys.
 """
 import contextlib
 import math
@@ -55,8 +67,8 @@ from .scale_levels import align_levels, downscale_images, level_pairs
 from .sed_rpn import SEDRPN, RPNOutputs
 
 __all__ = [
-    "add_scale_consistency_config",
-    "validate_scale_consistency_config",
+    "add_sed_config",
+    "validate_sed_config",
     "roi_boxes",
     "roi_predictions",
     "roi_samples_per_image",
@@ -66,10 +78,11 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ config
-def add_scale_consistency_config(cfg):
-    """Add the scale-consistency keys (``SSOD.SED.*`` below) to ``cfg``; called by
-    :func:`d2ssod.config.add_ssod_config`. Every constant is ours (no public code; see
-    docs/methods.md, "SED"); the SED method adds its distillation keys to the same node."""
+def add_sed_config(cfg):
+    """Add the ``SSOD.SED`` node, every key below, to ``cfg``: the scale-consistency keys and
+    the SED method's distillation keys (module docstring, "Config"); called by
+    :func:`d2ssod.config.add_ssod_config`. Every constant is ours (no public code; the paper
+    gives none of them; see docs/methods.md, "SED")."""
     _C = cfg.SSOD.SED = CN()
     # Scale consistency (student on x vs the 0.5x copy x↓, RPN every anchor + ROI), for the
     # methods that support it (SSOD.METHOD "sed": False there = distillation only, an ablation;
@@ -85,17 +98,34 @@ def add_scale_consistency_config(cfg):
     # scale and distillation terms; -1 = MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, 0 = all (ours:
     # bounds the box-head cost).
     _C.ROI_SAMPLES_PER_IMAGE = -1
+    # The SED method's distillation (SSOD.METHOD "sed", d2ssod/methods/sed.py):
+    # γ of the re-weighting wᵢ = (1 − p_bg,i)^γ of each proposal's distillation terms
+    # (teacher's background probability), normalised to mean 1 over the batch; 0 turns it
+    # off (ours: 1).
+    _C.REWEIGHT_GAMMA = 1.0
+    # Weights (× λ_u) of the distillation into RPN / ROI (each applies to both its _cls and
+    # _loc term; ours: 1).
+    _C.RPN_DISTILL_WEIGHT = 1.0
+    _C.ROI_DISTILL_WEIGHT = 1.0
+    # SED learns from soft targets only; teacher detections with score >= this are counted
+    # as pseudo boxes for the logs only (pseudo/num_boxes, precision, recall; ours: UT's 0.7).
+    _C.LOG_SCORE_THRESH = 0.7
 
 
-def validate_scale_consistency_config(cfg):
-    """Raise ``ValueError`` naming the key for a bad scale-consistency value."""
+def validate_sed_config(cfg):
+    """Raise ``ValueError`` naming the key for a bad value in the ``SSOD.SED`` node (checked
+    whatever the method, as every shared key is)."""
     sed = cfg.SSOD.SED
-    for key in ("RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT"):
+    for key in ("RPN_SCALE_WEIGHT", "ROI_SCALE_WEIGHT", "REWEIGHT_GAMMA", "RPN_DISTILL_WEIGHT",
+                "ROI_DISTILL_WEIGHT"):
         if sed[key] < 0:
             raise ValueError(f"SSOD.SED.{key}={sed[key]} must be >= 0.")
     if sed.ROI_SAMPLES_PER_IMAGE < -1:
         raise ValueError(f"SSOD.SED.ROI_SAMPLES_PER_IMAGE={sed.ROI_SAMPLES_PER_IMAGE}: use -1 "
                          f"(MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE), 0 (all) or a positive count.")
+    if not 0.0 <= sed.LOG_SCORE_THRESH <= 1.0:
+        raise ValueError(f"SSOD.SED.LOG_SCORE_THRESH={sed.LOG_SCORE_THRESH} must lie in "
+                         f"[0, 1].")
 
 
 # ------------------------------------------------------------------------------ ROI inputs

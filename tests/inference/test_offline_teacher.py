@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 from d2ssod.data.view_geometry import transform_matrix
 from d2ssod.engine import build_cfg
 from d2ssod.inference.offline_teacher import load_method, unlabeled_batches, weak_to_original
-from d2ssod.methods.efficient_teacher import ClassThresholds
+from d2ssod.methods.epoch_adaptor import ClassThresholds
 from training_helpers import image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,5 +1,6 @@
 """Efficient Teacher (d2ssod/methods/efficient_teacher.py): the Pseudo Label Assigner on
-hand-made teacher detections, and its targets in the dense detector's losses."""
+hand-made teacher detections, and its targets in the dense detector's losses; the Epoch
+Adaptor's per-class thresholds (d2ssod/methods/epoch_adaptor.py)."""
 import math
 import os
 from types import SimpleNamespace
@@ -12,16 +13,14 @@ from detectron2.utils.events import EventStorage
 from d2ssod.config import get_ssod_cfg
 from d2ssod.engine import build_cfg
 from d2ssod.methods import METHOD_REGISTRY
-from d2ssod.methods.efficient_teacher import (
+from d2ssod.methods.efficient_teacher import EfficientTeacher, assign_pseudo_labels, neck_outputs
+from d2ssod.methods.epoch_adaptor import (
     SCORE_BINS,
     ClassThresholds,
-    EfficientTeacher,
     add_to_score_histogram,
-    assign_pseudo_labels,
     class_thresholds,
     epoch_iters,
     gmm_high_thresholds,
-    neck_outputs,
 )
 from d2ssod.modeling.domain_discriminator import DomainDiscriminator
 

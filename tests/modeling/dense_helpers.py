@@ -9,7 +9,7 @@ from torch import nn
 
 from d2ssod.modeling.anchor_generator import ExplicitAnchorGenerator
 from d2ssod.modeling.dense_assigners import YOLOAssigner
-from d2ssod.modeling.dense_detector import YOLODenseDetector
+from d2ssod.modeling.dense_detector import DenseOutputs, YOLODenseDetector
 from d2ssod.modeling.dense_matching import ShapeMatcher
 
 # A 4x4 box centred on cell (0, 0): its only positive is anchor 0 ([0, 0, 8, 8]: same centre,
@@ -40,12 +40,12 @@ def one_level_losses(targets, obj_logit=1.0, cls_logits=None, assigner=None,
         assigner=assigner or YOLOAssigner(matcher=ShapeMatcher([torch.tensor([[8.0, 8.0]])], [8])),
         pseudo_assigner=pseudo_assigner, num_classes=2, obj_level_weights=[4.0],
         pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
-    anchors, strides, levels = det._flat_anchors([torch.zeros(1, 1, 2, 2)])
+    anchors = det.flat_anchors([torch.zeros(1, 1, 2, 2)])  # grid 2x2
     cls = torch.zeros(4, 2) if cls_logits is None else torch.as_tensor(cls_logits).float()
     cls_logits = cls[None].clone().requires_grad_(True)
     box_deltas = torch.zeros(1, 4, 4, requires_grad=True)
     obj_logits = torch.full((1, 4), obj_logit, requires_grad=True)
     with EventStorage():
-        losses = det.losses(anchors, strides, levels, [(2, 2)], cls_logits, box_deltas,
-                            obj_logits, [targets])
+        losses = det.losses(anchors, DenseOutputs(cls_logits, box_deltas, obj_logits),
+                            [targets])
     return losses, (cls_logits, box_deltas, obj_logits)

@@ -17,10 +17,7 @@ import torch
 def assigner_stats(model, inputs, assigners):
     """{name: {"pairs", "weight", "iou", "score", "levels"}} per box, averaged over the boxes of
     ``inputs`` (training-mapped dicts with "instances")."""
-    from detectron2.layers import cat
     from detectron2.structures import Boxes, pairwise_iou
-
-    from d2ssod.modeling.dense_assigners import DensePredictions
 
     sums = {n: {"pairs": 0.0, "weight": 0.0, "iou": 0.0, "score": 0.0,
                 "levels": torch.zeros(len(model.head_in_features))} for n in assigners}
@@ -29,28 +26,24 @@ def assigner_stats(model, inputs, assigners):
         images = model.preprocess_image(inputs)
         features = model.backbone(images.tensor)
         features = [features[f] for f in model.head_in_features]
-        cls, deltas, obj = (cat(x, dim=1) for x in model._transpose_dense_predictions(
-            model.head(features), [model.num_classes, 4, 1]))
-        anchors, strides, levels = model._flat_anchors(features)
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchor_boxes = Boxes.cat(anchors).tensor
+        outputs = model.flat_outputs(model.head(features))
+        anchors = model.flat_anchors(features)
         for i, x in enumerate(inputs):
             inst = x["instances"].to(model.device)
-            pred = DensePredictions(cls[i].sigmoid(), model.box2box_transform.apply_deltas(
-                deltas[i], anchor_boxes, strides), obj[i, :, 0].sigmoid())
+            pred = model.image_predictions(outputs, anchors, i)
             boxes = inst.gt_boxes.tensor
             q_all = pairwise_iou(Boxes(boxes), Boxes(pred.boxes))
             p_all = pred.objectness[None] * pred.class_prob[:, inst.gt_classes].T
             boxes_seen += len(boxes)
             for name, assigner in assigners.items():
-                a = assigner(boxes, inst.gt_classes, anchors, grid_sizes, pred)
+                a = assigner(boxes, inst.gt_classes, anchors.per_level, anchors.grid_sizes, pred)
                 w = a.reg_weight
                 s = sums[name]
                 s["pairs"] += float((w > 0).sum())
                 s["weight"] += float(w.sum())
                 s["iou"] += float((w * q_all[a.gt_idx, a.anchor_idx]).sum())
                 s["score"] += float((w * p_all[a.gt_idx, a.anchor_idx]).sum())
-                s["levels"].index_add_(0, levels[a.anchor_idx].cpu(), w.cpu())
+                s["levels"].index_add_(0, anchors.levels[a.anchor_idx].cpu(), w.cpu())
     out = {}
     for name, s in sums.items():
         out[name] = {"pairs per box": s["pairs"] / boxes_seen,
