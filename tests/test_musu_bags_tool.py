@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from d2ssod.data.demo import ensure_demo_data
+from d2ssod.demo.generator import ensure_demo_data
 from d2ssod.engine import build_cfg
 from d2ssod.modeling.dense_assigners import DENSE_ASSIGNER_REGISTRY
 from training_helpers import load_tool
