@@ -442,3 +442,20 @@ def test_acquisition_rows_pair_each_strategy_with_the_random_draw_of_the_same_se
                           "picker_seed": 1, "total_iters": 800, "command": "cmd", "rows": rows})
     assert "| uncertainty | 44.00 ± 4.24 | +2.00 ± 1.41 |" in table
     assert "| uncertainty+diversity | 39.00 ± 0.00 (1 seeds) | -1.00 ± 0.00 |" in table
+
+
+def test_tta_label_rows_average_each_mode_and_pair_the_difference_by_seed():
+    bench = _tool("benchmark_tta_labels")
+
+    def scores(p, r):
+        return {"boxes_per_image": 2.0, "precision": p, "recall": r, "f1": 2 * p * r / (p + r),
+                "seconds_per_image": 0.01}
+    runs = {1: {"plain": scores(0.8, 0.5), "tta": scores(0.9, 0.6)},
+            2: {"plain": scores(0.6, 0.5), "tta": scores(0.9, 0.4)}}
+    rows = bench.summarize(runs)
+    assert rows["plain"]["precision"] == pytest.approx([0.7, math.sqrt(0.02)])
+    # recall differences +0.1 and -0.1: mean 0, sample std sqrt(0.02)
+    assert rows["tta - plain"]["recall"] == pytest.approx([0.0, math.sqrt(0.02)])
+    table = bench.markdown({"seeds": [1, 2], "score_thresh": 0.7, "match_iou": 0.5,
+                            "tta_scales": [0.5, 1.0], "command": "cmd", "rows": rows})
+    assert "| tta - plain | +0.000 ± 0.000 | +0.200 ± 0.141 | +0.000 ± 0.141 |" in table

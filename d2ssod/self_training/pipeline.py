@@ -369,7 +369,7 @@ class SelfTraining:
                     detections.append(per_model)
         return images, detections
 
-    def _pseudo_quality(self, dataset_dicts, detections):
+    def pseudo_quality(self, dataset_dicts, detections):
         """Precision/recall of pseudo boxes against the hidden annotations of the unlabeled
         images (measurement only; ``None`` when the images have none)."""
         truth = [_hidden_truth(d) for d in dataset_dicts]
@@ -388,7 +388,7 @@ class SelfTraining:
         pseudo_labels.write_pseudo_label_json(path, images, detections, classes, ids, image_fields)
         return {"pseudo_json": path, "pseudo_images": len(images),
                 "pseudo_boxes": int(sum(len(d[0]) for d in detections)),
-                "pseudo_quality": self._pseudo_quality(dataset_dicts, detections)}
+                "pseudo_quality": self.pseudo_quality(dataset_dicts, detections)}
 
     def _stage_label(self, stage, records):
         """ST: pseudo-label every unlabeled image with the final model. ST++: score stability
@@ -441,7 +441,7 @@ class SelfTraining:
             images_without_boxes=len(empty),
             stability_mean=float(np.mean(scores)) if scores else None,
             # the rest's pseudo-labels by the supervised model, for comparing with the selection
-            rest_quality_supervised=self._pseudo_quality(
+            rest_quality_supervised=self.pseudo_quality(
                 [dicts[i] for i in rest], [per_model[i][-1] for i in rest]))
         return record
 

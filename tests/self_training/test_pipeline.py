@@ -74,7 +74,7 @@ def test_an_image_without_confident_boxes_ranks_last_and_is_relabelled(tmp_path)
     written = []
     fake = SimpleNamespace(cfg=cfg, stage_dir=lambda stage: str(tmp_path),
                            _tta_labels=lambda dicts: None,
-                           _pseudo_quality=lambda dicts, dets: None,
+                           pseudo_quality=lambda dicts, dets: None,
                            _write_pseudo=lambda stage, dicts, images, dets, fields: (
                                written.append(fields) or {}))
     images = [{"image_id": i, "file_name": f"{i}.jpg"} for i in range(4)]

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""What test-time augmentation does to ST / ST++'s pseudo-labels on the demo: the labeller (the
+supervised stage's final model of ``configs/demo/self_training.yaml``, trained per seed) labels
+the 950 unlabeled images once with one plain pass and once with ``SELF_TRAIN.TTA`` (the
+scales ``SELF_TRAIN.TTA_SCALES`` × flip, merged by the detector's NMS:
+:mod:`d2ssod.self_training.tta`), and both label sets are scored against the images' hidden
+boxes at ``SELF_TRAIN.SCORE_THRESH`` (precision, recall, F1 at IoU ``SELF_TRAIN.MATCH_IOU``).
+
+    python -m benchmarks.benchmark_tta_labels --seeds 1,2,3
+
+This measures the labels, the one thing the switch changes before re-training; the end-to-end
+effect on ST++'s AP is ``benchmarks/benchmark_self_training.py`` with ``SELF_TRAIN.TTA`` on and
+off. Rows: mean ± sample std over seeds, and the paired difference TTA − plain.
+"""
+import argparse
+import os
+import time
+
+from benchmarks.benchmark_methods import Job, mark_reusable, mean_std, run_jobs
+from d2ssod.tools_support.training_runs import REPO, write_benchmark
+
+CONFIG = os.path.join(REPO, "configs", "demo", "self_training.yaml")
+KEYS = ("boxes_per_image", "precision", "recall", "f1", "seconds_per_image")
+
+
+def label_quality(cfg, checkpoint, tta):
+    """Scores of the labels of ``checkpoint`` on the unlabeled images, with or without TTA."""
+    from d2ssod.self_training.pipeline import SelfTraining
+
+    st = SelfTraining(cfg, "st")
+    dicts = st.unlabeled_dicts()
+    t0 = time.perf_counter()
+    _, per_model = st.predict([checkpoint], dicts, tta=tta)
+    seconds = time.perf_counter() - t0
+    q = st.pseudo_quality(dicts, [p[-1] for p in per_model])
+    p, r = q["precision"], q["recall"]
+    return {"boxes_per_image": q["pseudo_boxes"] / len(dicts), "precision": p, "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "seconds_per_image": seconds / len(dicts)}
+
+
+def summarize(runs):
+    """``{"plain": {key: [mean, std]}, "tta": ..., "tta - plain": ...}`` over the seeds of
+    ``runs = {seed: {"plain": {...}, "tta": {...}}}``."""
+    seeds = sorted(runs)
+    rows = {}
+    for mode in ("plain", "tta"):
+        rows[mode] = {k: list(mean_std([runs[s][mode][k] for s in seeds])) for k in KEYS}
+    rows["tta - plain"] = {k: list(mean_std([runs[s]["tta"][k] - runs[s]["plain"][k]
+                                             for s in seeds])) for k in KEYS}
+    return rows
+
+
+def markdown(result):
+    """The Markdown table of ``tta_labels.json``."""
+    lines = ["| labels (950 unlabeled demo images) | boxes / image | precision | recall | F1 | "
+             "s / image |", "|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        sign = "+" if name == "tta - plain" else ""
+        cells = [f"{row[k][0]:{sign}.3f} ± {row[k][1]:.3f}" for k in KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
+                  f"score ≥ {result['score_thresh']}, IoU {result['match_iou']}; TTA views: "
+                  f"scales {result['tta_scales']} × flip; 1 thread. Command: "
+                  f"`{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--output", default="output/tta_labels")
+    parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "tta_labels.json"))
+    parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "tta_labels.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    from d2ssod.demo.generator import ensure_demo_data
+    from d2ssod.engine import build_cfg
+
+    ensure_demo_data()
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = os.path.abspath(args.output)
+    jobs = [Job("supervised", s, CONFIG, os.path.join(out, f"seed{s}"), ["SEED", s])
+            for s in seeds]
+    mark_reusable(jobs, build_cfg)
+    total = build_cfg(CONFIG, []).SOLVER.MAX_ITER
+    run_jobs(jobs, args.jobs, 60.0, total)
+    torch.set_num_threads(1)
+    cfg = build_cfg(CONFIG, ["DATALOADER.NUM_WORKERS", 0])
+    runs = {}
+    for job in jobs:
+        checkpoint = os.path.join(job.out_dir, "model_final.pth")
+        runs[job.seed] = {mode: label_quality(cfg, checkpoint, mode == "tta")
+                          for mode in ("plain", "tta")}
+        print(f"seed {job.seed}: {runs[job.seed]}", flush=True)
+    st = cfg.SELF_TRAIN
+    result = {"seeds": seeds, "score_thresh": st.SCORE_THRESH, "match_iou": st.MATCH_IOU,
+              "tta_scales": list(st.TTA_SCALES), "total_iters": total,
+              "command": f"python -m benchmarks.benchmark_tta_labels --seeds {args.seeds}",
+              "runs": {str(s): r for s, r in runs.items()}, "rows": summarize(runs)}
+    print(write_benchmark(result, args.json, args.md, markdown))
+
+
+if __name__ == "__main__":
+    main()
