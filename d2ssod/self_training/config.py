@@ -10,6 +10,8 @@ from detectron2.config import CfgNode as CN
 
 from d2ssod.config import CONFIG_REGISTRY
 
+from .tta import TTA_MERGE_MODES
+
 __all__ = ["RETRAIN_SCHEDULES", "SelfTrainingConfig"]
 
 RETRAIN_SCHEDULES = ("labeled_passes", "same_iters")  # SELF_TRAIN.RETRAIN_SCHEDULE
@@ -57,6 +59,13 @@ class SelfTrainingConfig:
         _ST.TTA = True
         _ST.TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
         _ST.TTA_FLIP = True
+        # How the views' detections become one set (d2ssod/self_training/tta.py): "mean", each
+        # object's score is its views' best scores summed and divided by the number of views
+        # (a view that misses it adds 0), its box their score-weighted mean: the detection
+        # form of ST++'s averaged class maps; "nms": the union of what each view finds with a
+        # score >= SCORE_THRESH, merged by per-class NMS (a box seen in one view keeps its
+        # score). Measured on the demo: docs/results.md, "Offline self-training".
+        _ST.TTA_MERGE = "mean"
 
     @staticmethod
     def validate_config(cfg):
@@ -75,6 +84,9 @@ class SelfTrainingConfig:
         if s.TTA and (not s.TTA_SCALES or min(s.TTA_SCALES) <= 0):
             raise ValueError(f"SELF_TRAIN.TTA_SCALES={tuple(s.TTA_SCALES)} must be positive "
                              f"scales (at least one) with SELF_TRAIN.TTA True.")
+        if s.TTA_MERGE not in TTA_MERGE_MODES:
+            raise ValueError(f"SELF_TRAIN.TTA_MERGE={s.TTA_MERGE!r}: choose one of "
+                             f"{list(TTA_MERGE_MODES)}.")
         if s.RETRAIN_SCHEDULE not in RETRAIN_SCHEDULES:
             raise ValueError(f"SELF_TRAIN.RETRAIN_SCHEDULE={s.RETRAIN_SCHEDULE!r}: choose one of "
                              f"{list(RETRAIN_SCHEDULES)}.")

@@ -312,35 +312,57 @@ class SelfTraining:
                                                           filter_empty=False)
         return self._unlabeled
 
-    def _load_model(self, path):
+    def load_model(self, path):
         model = SelfTrainingTrainer.build_model(self.cfg)
         DetectionCheckpointer(model).load(path)
         return model.eval()
 
     def predict(self, model_paths, dataset_dicts, tta=False):
         """Detections with score ≥ ``SELF_TRAIN.SCORE_THRESH`` of each model on each image; with
-        ``tta`` and ``SELF_TRAIN.TTA``, those of every test-time view merged
-        (:mod:`~d2ssod.self_training.tta`).
+        ``tta`` and ``SELF_TRAIN.TTA``, those of every test-time view merged by
+        ``SELF_TRAIN.TTA_MERGE`` (:mod:`~d2ssod.self_training.tta`).
 
         Returns:
             ``(images, detections)``: per image ``{file_name, image_id, height, width}``, and per
             image a list over models of ``(boxes (N, 4) XYXY, classes (N,), scores (N,))`` numpy
             arrays in original-image pixels.
         """
-        models = [self._load_model(p) for p in model_paths]
-        if not (tta and self.cfg.SELF_TRAIN.TTA):
-            return self._predict_view(models, dataset_dicts)
-        views = [self._predict_view(models, dataset_dicts, augmentations, flipped)
-                 for augmentations, flipped in tta_augmentations(self.cfg)]
-        nms, cap = detector_nms_thresh(self.cfg), self.cfg.TEST.DETECTIONS_PER_IMAGE
-        detections = [[merge_detections([v[1][i][m] for v in views], nms, cap)
-                       for m in range(len(models))] for i in range(len(dataset_dicts))]
-        return views[0][0], detections
-
-    def _predict_view(self, models, dataset_dicts, augmentations=None, flipped=False):
-        """:meth:`predict` of one view: the test mapper's (``augmentations`` None) or the given
-        augmentations, boxes unflipped into the original image when ``flipped``."""
         thresh = self.cfg.SELF_TRAIN.SCORE_THRESH
+        models = [self.load_model(p) for p in model_paths]
+        if not (tta and self.cfg.SELF_TRAIN.TTA):
+            return self.predict_view(models, dataset_dicts, thresh=thresh)
+        # "nms" keeps what any view finds confidently; "mean" scores each object by all views,
+        # so every view's detections enter, down to the detector's own test threshold
+        merge = self.cfg.SELF_TRAIN.TTA_MERGE
+        views = [self.predict_view(models, dataset_dicts, augmentations, flipped,
+                                   thresh=thresh if merge == "nms" else 0.0)
+                 for augmentations, flipped in tta_augmentations(self.cfg)]
+        return views[0][0], self.merge_views([v[1] for v in views])
+
+    def merge_views(self, views):
+        """Per image and model, the detections of the test-time ``views`` (each the second
+        value of :meth:`predict_view`) merged by ``SELF_TRAIN.TTA_MERGE``, score ≥
+        ``SELF_TRAIN.SCORE_THRESH``."""
+        nms, cap = detector_nms_thresh(self.cfg), self.cfg.TEST.DETECTIONS_PER_IMAGE
+        merge, thresh = self.cfg.SELF_TRAIN.TTA_MERGE, self.cfg.SELF_TRAIN.SCORE_THRESH
+        detections = []
+        for i in range(len(views[0])):
+            per_model = []
+            for m in range(len(views[0][i])):
+                boxes, classes, scores = merge_detections([v[i][m] for v in views], nms, cap,
+                                                          merge)
+                keep = scores >= thresh
+                per_model.append((boxes[keep], classes[keep], scores[keep]))
+            detections.append(per_model)
+        return detections
+
+    def predict_view(self, models, dataset_dicts, augmentations=None, flipped=False,
+                     thresh=0.0):
+        """Detections with score ≥ ``thresh`` of each model (a loaded model, or a checkpoint
+        path) on each image in one view: the test mapper's (``augmentations`` None) or the given
+        augmentations, boxes unflipped into the original image when ``flipped``; returns what
+        :meth:`predict` returns."""
+        models = [self.load_model(m) if isinstance(m, str) else m for m in models]
         mapper = (DatasetMapper(self.cfg, False) if augmentations is None else
                   DatasetMapper(is_train=False, augmentations=augmentations,
                                 image_format=self.cfg.INPUT.FORMAT))

@@ -58,6 +58,27 @@ def test_unflip_and_merge_by_hand():
     assert empty[0].shape == (0, 4) and len(empty[1]) == len(empty[2]) == 0
 
 
+def test_mean_merge_scores_each_group_by_all_views_by_hand():
+    a = _dets([(0, 0, 10, 10, 0, 0.9), (20, 20, 30, 30, 1, 0.8)])
+    b = _dets([(1, 0, 11, 10, 0, 0.6),     # joins a's class-0 box (IoU 0.82)
+               (0, 0, 10, 10, 1, 0.7),     # class 1 there: a group of its own, seen by b only
+               (20, 20, 30, 30, 1, 0.95)])  # with a's second box
+    boxes, classes, scores = merge_detections([a, b], 0.5, 10, mode="mean")
+    # (0.8 + 0.95) / 2; (0.9 + 0.6) / 2; 0.7 / 2 (a view that misses it adds 0)
+    assert scores.tolist() == pytest.approx([0.875, 0.75, 0.35])
+    assert classes.tolist() == [1, 0, 1]
+    # the class-0 box: (0.9·(0, 0, 10, 10) + 0.6·(1, 0, 11, 10)) / 1.5
+    # tolerance: float32 weighted means of coordinates ≤ 30
+    assert np.allclose(boxes, [[20, 20, 30, 30], [0.4, 0, 10.4, 10], [0, 0, 10, 10]], atol=1e-5)
+    # two boxes of one view in a group count once (its best), the other view adds 0
+    twice = _dets([(0, 0, 10, 10, 0, 0.9), (0, 0, 10, 9, 0, 0.8)])
+    assert merge_detections([twice, _dets([])], 0.5, 10, "mean")[2].tolist() == pytest.approx(
+        [0.45])
+    assert merge_detections([a, b], 0.5, 1, "mean")[2].tolist() == pytest.approx([0.875])
+    with pytest.raises(ValueError, match="TTA_MERGE='vote'"):
+        merge_detections([a, b], 0.5, 10, "vote")
+
+
 class _LeftCorner:
     """A "detector" that finds one class-0 box over the top-left quarter of whatever image it
     is given (in the original image's pixels, as Detectron2's postprocessing returns them), at
@@ -75,9 +96,9 @@ class _LeftCorner:
 
 
 def test_views_are_mapped_back_and_merged(monkeypatch):
-    cfg = build_cfg(CONFIG, ["SELF_TRAIN.SCORE_THRESH", "0.5"])
+    cfg = build_cfg(CONFIG, ["SELF_TRAIN.SCORE_THRESH", "0.5", "SELF_TRAIN.TTA_MERGE", "nms"])
     labeller = SelfTraining(cfg, "st")
-    monkeypatch.setattr(labeller, "_load_model", lambda path: _LeftCorner())
+    monkeypatch.setattr(labeller, "load_model", lambda path: _LeftCorner())
     dicts = DatasetCatalog.get("demo_unlabeled")[:2]
     images, dets = labeller.predict(["final.pth"], dicts, tta=True)
     assert [im["file_name"] for im in images] == [d["file_name"] for d in dicts]
@@ -97,3 +118,23 @@ def test_views_are_mapped_back_and_merged(monkeypatch):
     # without TTA: one pass at the test size, the top-left box only
     _, plain = labeller.predict(["final.pth"], dicts)
     assert [len(p[0][0]) for p in plain] == [1, 1]
+    # "mean" (the default): each box is seen by the 5 views of its side (plain or flipped) of
+    # the 10, so its score is the sum of the 5 scales' scores / 10; for the demo's square
+    # 192-px images the views are 96, 144, 192, 288 and 384 px wide
+    cfg = build_cfg(CONFIG, ["SELF_TRAIN.SCORE_THRESH", "0.2"])
+    assert cfg.SELF_TRAIN.TTA_MERGE == "mean"
+    labeller = SelfTraining(cfg, "st")
+    monkeypatch.setattr(labeller, "load_model", lambda path: _LeftCorner())
+    _, dets = labeller.predict(["final.pth"], dicts, tta=True)
+    expected = sum(0.5 + w / 10000 for w in (96, 144, 192, 288, 384)) / 10
+    for d, (per_model,) in zip(dicts, dets):
+        assert (d["width"], d["height"]) == (192, 192)
+        boxes, classes, scores = per_model
+        # tolerance: float32 sums of five scores
+        assert scores.tolist() == pytest.approx([expected, expected], abs=1e-6)
+        assert np.allclose(sorted(boxes.tolist()), [[0, 0, 48, 48], [144, 0, 192, 48]],
+                           atol=1e-3)
+    # at the pipeline's threshold 0.5 a box that half of the views miss is no pseudo-label
+    labeller.cfg.defrost()
+    labeller.cfg.SELF_TRAIN.SCORE_THRESH = 0.5
+    assert [len(p[0][0]) for p in labeller.predict(["final.pth"], dicts, tta=True)[1]] == [0, 0]
