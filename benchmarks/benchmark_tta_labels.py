@@ -22,6 +22,9 @@ from d2ssod.tools_support.training_runs import REPO, write_benchmark
 CONFIG = os.path.join(REPO, "configs", "demo", "self_training.yaml")
 KEYS = ("boxes_per_image", "precision", "recall", "f1", "seconds_per_image")
 MODES = ("plain", "tta_nms", "tta_mean")
+# scored besides the config's SELF_TRAIN.SCORE_THRESH (0.7): 0.35 = 0.7 × the default
+# SELF_TRAIN.TTA_MIN_VIEWS 0.5, what "mean" keeps in the pipeline
+LOWER_THRESHOLDS = (0.5, 0.35, 0.3)
 
 
 def quality(st, dicts, detections, seconds):
@@ -38,47 +41,56 @@ def above(detections, thresh):
     return tuple(a[keep] for a in detections)
 
 
-def label_sets(cfg, checkpoint):
-    """``{"plain": scores, "tta_nms": scores, "tta_mean": scores}`` of the labels of
-    ``checkpoint`` on the unlabeled images. The test-time views are predicted once, down to the
-    detector's own test threshold, and merged both ways (``"nms"`` sees only each view's
-    detections at ``SELF_TRAIN.SCORE_THRESH``, as it does in the pipeline)."""
+def label_sets(cfg, checkpoint, thresholds):
+    """``{"plain @ τ": scores, "tta_nms @ τ": ..., "tta_mean @ τ": ...}`` for each τ of
+    ``thresholds`` (the first is ``SELF_TRAIN.SCORE_THRESH``): the labels of ``checkpoint`` on
+    the unlabeled images. The plain pass and the test-time views are predicted once, down to
+    the detector's own test threshold, then thresholded and merged (``"nms"`` sees only each
+    view's detections at τ, as it does in the pipeline; ``"mean"`` thresholds the merged
+    scores)."""
     from d2ssod.self_training.pipeline import SelfTraining
     from d2ssod.self_training.tta import tta_augmentations
 
     st = SelfTraining(cfg, "st")
     dicts = st.unlabeled_dicts()
     models = [st.load_model(checkpoint)]
-    thresh = cfg.SELF_TRAIN.SCORE_THRESH
     t0 = time.perf_counter()
-    _, plain = st.predict_view(models, dicts, thresh=thresh)
-    out = {"plain": quality(st, dicts, [p[-1] for p in plain], time.perf_counter() - t0)}
+    _, plain = st.predict_view(models, dicts)
+    plain_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     views = [st.predict_view(models, dicts, augs, flipped)[1]
              for augs, flipped in tta_augmentations(cfg)]
     seconds = time.perf_counter() - t0
-    for merge in ("nms", "mean"):
-        merge_cfg = cfg.clone()
-        merge_cfg.defrost()
-        merge_cfg.SELF_TRAIN.TTA_MERGE = merge
-        merger = SelfTraining(merge_cfg, "st")
-        seen = views if merge == "mean" else [
-            [[above(det, thresh) for det in per_image] for per_image in view] for view in views]
-        merged = merger.merge_views(seen)
-        out[f"tta_{merge}"] = quality(st, dicts, [p[-1] for p in merged], seconds)
+    out = {}
+    for thresh in thresholds:
+        out[f"plain @ {thresh}"] = quality(st, dicts, [above(p[-1], thresh) for p in plain],
+                                           plain_seconds)
+        for merge in ("nms", "mean"):
+            merge_cfg = cfg.clone()
+            merge_cfg.defrost()
+            merge_cfg.SELF_TRAIN.TTA_MERGE = merge
+            merge_cfg.SELF_TRAIN.SCORE_THRESH = thresh
+            merge_cfg.SELF_TRAIN.TTA_MIN_VIEWS = 1.0  # the merged score itself >= thresh
+            merger = SelfTraining(merge_cfg, "st")
+            seen = views if merge == "mean" else [
+                [[above(det, thresh) for det in per_image] for per_image in view]
+                for view in views]
+            merged = merger.merge_views(seen)
+            out[f"tta_{merge} @ {thresh}"] = quality(st, dicts, [p[-1] for p in merged], seconds)
     return out
 
 
-def summarize(runs):
-    """``{"plain": {key: [mean, std]}, "tta_nms": ..., "tta_mean": ..., "tta_nms - plain": ...,
-    "tta_mean - plain": ...}`` over the seeds of ``runs = {seed: {mode: {...}}}``."""
+def summarize(runs, thresh):
+    """``{"<mode> @ <τ>": {key: [mean, std]}, ..., "tta_nms - plain": ..., "tta_mean - plain":
+    ...}`` over the seeds of ``runs = {seed: {"<mode> @ <τ>": {...}}}``; the differences are
+    paired by seed, at the pipeline's ``thresh``."""
     seeds = sorted(runs)
-    rows = {}
-    for mode in MODES:
-        rows[mode] = {k: list(mean_std([runs[s][mode][k] for s in seeds])) for k in KEYS}
+    rows = {name: {k: list(mean_std([runs[s][name][k] for s in seeds])) for k in KEYS}
+            for name in runs[seeds[0]]}
     for mode in MODES[1:]:
-        rows[f"{mode} - plain"] = {k: list(mean_std([runs[s][mode][k] - runs[s]["plain"][k]
-                                                     for s in seeds])) for k in KEYS}
+        rows[f"{mode} - plain @ {thresh}"] = {
+            k: list(mean_std([runs[s][f"{mode} @ {thresh}"][k] - runs[s][f"plain @ {thresh}"][k]
+                              for s in seeds])) for k in KEYS}
     return rows
 
 
@@ -87,11 +99,14 @@ def markdown(result):
     lines = ["| labels (950 unlabeled demo images) | boxes / image | precision | recall | F1 | "
              "s / image |", "|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
-        sign = "+" if name.endswith(" - plain") else ""
+        sign = "+" if " - plain" in name else ""
         cells = [f"{row[k][0]:{sign}.3f} ± {row[k][1]:.3f}" for k in KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
-                  f"score ≥ {result['score_thresh']}, IoU {result['match_iou']}; TTA views: "
+                  f"<mode> @ τ: pseudo boxes with score ≥ τ (the pipeline's "
+                  f"SELF_TRAIN.SCORE_THRESH {result['score_thresh']}, and lower ones), IoU "
+                  f"{result['match_iou']}; "
+                  f"TTA views: "
                   f"scales {result['tta_scales']} × flip, merged by NMS (tta_nms) or by the "
                   f"views' mean score (tta_mean); s / image: 1 thread, the TTA rows' time is "
                   f"their 10 views' (shared). Command: "
@@ -126,13 +141,15 @@ def main():
     runs = {}
     for job in jobs:
         checkpoint = os.path.join(job.out_dir, "model_final.pth")
-        runs[job.seed] = label_sets(cfg, checkpoint)
+        runs[job.seed] = label_sets(cfg, checkpoint,
+                                    (cfg.SELF_TRAIN.SCORE_THRESH, *LOWER_THRESHOLDS))
         print(f"seed {job.seed}: {runs[job.seed]}", flush=True)
     st = cfg.SELF_TRAIN
     result = {"seeds": seeds, "score_thresh": st.SCORE_THRESH, "match_iou": st.MATCH_IOU,
               "tta_scales": list(st.TTA_SCALES), "total_iters": total,
               "command": f"python -m benchmarks.benchmark_tta_labels --seeds {args.seeds}",
-              "runs": {str(s): r for s, r in runs.items()}, "rows": summarize(runs)}
+              "runs": {str(s): r for s, r in runs.items()},
+              "rows": summarize(runs, st.SCORE_THRESH)}
     print(write_benchmark(result, args.json, args.md, markdown))
 
 

@@ -450,16 +450,17 @@ def test_tta_label_rows_average_each_mode_and_pair_the_difference_by_seed():
     def scores(p, r):
         return {"boxes_per_image": 2.0, "precision": p, "recall": r, "f1": 2 * p * r / (p + r),
                 "seconds_per_image": 0.01}
-    runs = {1: {"plain": scores(0.8, 0.5), "tta_nms": scores(0.9, 0.6),
-                "tta_mean": scores(0.8, 0.5)},
-            2: {"plain": scores(0.6, 0.5), "tta_nms": scores(0.9, 0.4),
-                "tta_mean": scores(0.7, 0.7)}}
-    rows = bench.summarize(runs)
-    assert rows["plain"]["precision"] == pytest.approx([0.7, math.sqrt(0.02)])
+    runs = {1: {"plain @ 0.7": scores(0.8, 0.5), "tta_nms @ 0.7": scores(0.9, 0.6),
+                "tta_mean @ 0.7": scores(0.8, 0.5), "tta_mean @ 0.3": scores(0.5, 0.9)},
+            2: {"plain @ 0.7": scores(0.6, 0.5), "tta_nms @ 0.7": scores(0.9, 0.4),
+                "tta_mean @ 0.7": scores(0.7, 0.7), "tta_mean @ 0.3": scores(0.5, 0.8)}}
+    rows = bench.summarize(runs, 0.7)
+    assert rows["plain @ 0.7"]["precision"] == pytest.approx([0.7, math.sqrt(0.02)])
+    assert rows["tta_mean @ 0.3"]["recall"] == pytest.approx([0.85, math.sqrt(0.005)])
     # recall differences +0.1 and -0.1: mean 0, sample std sqrt(0.02)
-    assert rows["tta_nms - plain"]["recall"] == pytest.approx([0.0, math.sqrt(0.02)])
+    assert rows["tta_nms - plain @ 0.7"]["recall"] == pytest.approx([0.0, math.sqrt(0.02)])
     # precision differences 0 and +0.1
-    assert rows["tta_mean - plain"]["precision"] == pytest.approx([0.05, math.sqrt(0.005)])
+    assert rows["tta_mean - plain @ 0.7"]["precision"] == pytest.approx([0.05, math.sqrt(0.005)])
     table = bench.markdown({"seeds": [1, 2], "score_thresh": 0.7, "match_iou": 0.5,
                             "tta_scales": [0.5, 1.0], "command": "cmd", "rows": rows})
-    assert "| tta_nms - plain | +0.000 ± 0.000 | +0.200 ± 0.141 | +0.000 ± 0.141 |" in table
+    assert "| tta_nms - plain @ 0.7 | +0.000 ± 0.000 | +0.200 ± 0.141 | +0.000 ± 0.141 |" in table

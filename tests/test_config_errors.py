@@ -100,6 +100,8 @@ def test_bad_values_of_ssod_keys():
     ("SELF_TRAIN.SCORE_THRESH", "1.5", r"SELF_TRAIN.SCORE_THRESH=1.5 must lie in \[0, 1\]"),
     ("SELF_TRAIN.MATCH_IOU", "0.0", r"SELF_TRAIN.MATCH_IOU=0.0 must lie in \(0, 1\]"),
     ("SELF_TRAIN.TTA_SCALES", "(0.5, 0.0)", r"SELF_TRAIN.TTA_SCALES=\(0.5, 0.0\) must be positive"),
+    ("SELF_TRAIN.TTA_MIN_VIEWS", "0.0", r"SELF_TRAIN.TTA_MIN_VIEWS=0.0 must lie in \(0, 1\]"),
+    ("SELF_TRAIN.TTA_MERGE", "vote", r"SELF_TRAIN.TTA_MERGE='vote': choose one of"),
     # declared and checked by the tools (d2ssod/tools_support/config.py)
     ("SSOD.DEMO_BASELINES", "('configs/demo/supervised.yaml',)",
      r"SSOD.DEMO_BASELINES=\('configs/demo/supervised.yaml',\): give two config files"),

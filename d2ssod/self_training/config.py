@@ -66,6 +66,11 @@ class SelfTrainingConfig:
         # score >= SCORE_THRESH, merged by per-class NMS (a box seen in one view keeps its
         # score). Measured on the demo: docs/results.md, "Offline self-training".
         _ST.TTA_MERGE = "mean"
+        # With "mean": a merged object is a pseudo box when its mean score is >= SCORE_THRESH x
+        # this, i.e. when its views' scores add up to those of this fraction of the views
+        # finding it at SCORE_THRESH. 0.5: found confidently in half of the views (a majority
+        # vote, ours); 1.0 asks every view, and the small scales miss small objects.
+        _ST.TTA_MIN_VIEWS = 0.5
 
     @staticmethod
     def validate_config(cfg):
@@ -84,6 +89,9 @@ class SelfTrainingConfig:
         if s.TTA and (not s.TTA_SCALES or min(s.TTA_SCALES) <= 0):
             raise ValueError(f"SELF_TRAIN.TTA_SCALES={tuple(s.TTA_SCALES)} must be positive "
                              f"scales (at least one) with SELF_TRAIN.TTA True.")
+        if not 0.0 < s.TTA_MIN_VIEWS <= 1.0:
+            raise ValueError(f"SELF_TRAIN.TTA_MIN_VIEWS={s.TTA_MIN_VIEWS} must lie in (0, 1] "
+                             f"(the fraction of the test-time views).")
         if s.TTA_MERGE not in TTA_MERGE_MODES:
             raise ValueError(f"SELF_TRAIN.TTA_MERGE={s.TTA_MERGE!r}: choose one of "
                              f"{list(TTA_MERGE_MODES)}.")

@@ -342,9 +342,12 @@ class SelfTraining:
     def merge_views(self, views):
         """Per image and model, the detections of the test-time ``views`` (each the second
         value of :meth:`predict_view`) merged by ``SELF_TRAIN.TTA_MERGE``, score ≥
-        ``SELF_TRAIN.SCORE_THRESH``."""
+        ``SELF_TRAIN.SCORE_THRESH`` (× ``SELF_TRAIN.TTA_MIN_VIEWS`` for "mean")."""
         nms, cap = detector_nms_thresh(self.cfg), self.cfg.TEST.DETECTIONS_PER_IMAGE
-        merge, thresh = self.cfg.SELF_TRAIN.TTA_MERGE, self.cfg.SELF_TRAIN.SCORE_THRESH
+        st = self.cfg.SELF_TRAIN
+        merge, thresh = st.TTA_MERGE, st.SCORE_THRESH
+        if merge == "mean":  # views' scores adding up to TTA_MIN_VIEWS of them at the threshold
+            thresh = thresh * st.TTA_MIN_VIEWS
         detections = []
         for i in range(len(views[0])):
             per_model = []

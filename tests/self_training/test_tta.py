@@ -134,7 +134,11 @@ def test_views_are_mapped_back_and_merged(monkeypatch):
         assert scores.tolist() == pytest.approx([expected, expected], abs=1e-6)
         assert np.allclose(sorted(boxes.tolist()), [[0, 0, 48, 48], [144, 0, 192, 48]],
                            atol=1e-3)
-    # at the pipeline's threshold 0.5 a box that half of the views miss is no pseudo-label
+    # at threshold 0.5 the merged score must reach 0.5 × TTA_MIN_VIEWS: with the default 0.5
+    # the boxes found (at ≈ 0.52) by half of the views are pseudo boxes, with 1.0 they are not
     labeller.cfg.defrost()
     labeller.cfg.SELF_TRAIN.SCORE_THRESH = 0.5
+    assert labeller.cfg.SELF_TRAIN.TTA_MIN_VIEWS == 0.5
+    assert [len(p[0][0]) for p in labeller.predict(["final.pth"], dicts, tta=True)[1]] == [2, 2]
+    labeller.cfg.SELF_TRAIN.TTA_MIN_VIEWS = 1.0
     assert [len(p[0][0]) for p in labeller.predict(["final.pth"], dicts, tta=True)[1]] == [0, 0]
