@@ -13,6 +13,7 @@ effect on ST++'s AP is ``benchmarks/benchmark_self_training.py`` with ``SELF_TRA
 off. Rows: mean ± sample std over seeds, and the paired difference TTA − plain.
 """
 import argparse
+import json
 import os
 import time
 
@@ -80,16 +81,17 @@ def label_sets(cfg, checkpoint, thresholds):
     return out
 
 
-def summarize(runs, thresh):
-    """``{"<mode> @ <τ>": {key: [mean, std]}, ..., "tta_nms - plain": ..., "tta_mean - plain":
-    ...}`` over the seeds of ``runs = {seed: {"<mode> @ <τ>": {...}}}``; the differences are
-    paired by seed, at the pipeline's ``thresh``."""
+def summarize(runs, thresh, min_views):
+    """``{"<mode> @ <τ>": {key: [mean, std]}, ...}`` over the seeds of ``runs = {seed:
+    {"<mode> @ <τ>": {...}}}``, then the pipeline's label sets against its plain labels at
+    ``thresh`` (SELF_TRAIN.SCORE_THRESH), paired by seed: "nms" at ``thresh``, "mean" at
+    ``thresh × min_views`` (SELF_TRAIN.TTA_MIN_VIEWS)."""
     seeds = sorted(runs)
     rows = {name: {k: list(mean_std([runs[s][name][k] for s in seeds])) for k in KEYS}
             for name in runs[seeds[0]]}
-    for mode in MODES[1:]:
-        rows[f"{mode} - plain @ {thresh}"] = {
-            k: list(mean_std([runs[s][f"{mode} @ {thresh}"][k] - runs[s][f"plain @ {thresh}"][k]
+    for mode, at in (("tta_nms", thresh), ("tta_mean", round(thresh * min_views, 4))):
+        rows[f"{mode} @ {at} - plain @ {thresh}"] = {
+            k: list(mean_std([runs[s][f"{mode} @ {at}"][k] - runs[s][f"plain @ {thresh}"][k]
                               for s in seeds])) for k in KEYS}
     return rows
 
@@ -105,7 +107,9 @@ def markdown(result):
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
                   f"<mode> @ τ: pseudo boxes with score ≥ τ (the pipeline's "
                   f"SELF_TRAIN.SCORE_THRESH {result['score_thresh']}, and lower ones), IoU "
-                  f"{result['match_iou']}; "
+                  f"{result['match_iou']}; the pipeline labels with plain @ "
+                  f"{result['score_thresh']} (TTA off), tta_nms @ {result['score_thresh']} or "
+                  f"tta_mean @ {result['score_thresh']} × TTA_MIN_VIEWS {result['min_views']}; "
                   f"TTA views: "
                   f"scales {result['tta_scales']} × flip, merged by NMS (tta_nms) or by the "
                   f"views' mean score (tta_mean); s / image: 1 thread, the TTA rows' time is "
@@ -121,7 +125,16 @@ def main():
     parser.add_argument("--output", default="output/tta_labels")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "tta_labels.json"))
     parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "tta_labels.md"))
+    parser.add_argument("--summarize", action="store_true",
+                        help="predict nothing: the rows again from the runs stored in --json")
     args = parser.parse_args()
+    if args.summarize:
+        with open(args.json) as f:
+            result = json.load(f)
+        runs = {int(s): r for s, r in result["runs"].items()}
+        result["rows"] = summarize(runs, result["score_thresh"], result["min_views"])
+        print(write_benchmark(result, args.json, args.md, markdown))
+        return
 
     import torch
 
@@ -149,7 +162,8 @@ def main():
               "tta_scales": list(st.TTA_SCALES), "total_iters": total,
               "command": f"python -m benchmarks.benchmark_tta_labels --seeds {args.seeds}",
               "runs": {str(s): r for s, r in runs.items()},
-              "rows": summarize(runs, st.SCORE_THRESH)}
+              "min_views": st.TTA_MIN_VIEWS,
+              "rows": summarize(runs, st.SCORE_THRESH, st.TTA_MIN_VIEWS)}
     print(write_benchmark(result, args.json, args.md, markdown))
 
 

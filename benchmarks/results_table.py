@@ -8,7 +8,7 @@ The numbers of the multi-seed benchmarks are never typed: each table lives betwe
 ``<!-- <name>-table:begin -->`` and ``<!-- <name>-table:end -->`` and is rendered from
 ``benchmarks/<name>.json`` (written by ``benchmarks/benchmark_methods.py --json``) with the same
 function that writes its ``.md`` (``benchmarks/benchmark_methods.py``,
-``benchmark_self_training.py``,
+``benchmark_self_training.py``, ``benchmark_tta_labels.py``, ``benchmark_acquisition.py``,
 ``benchmark_noise.py``, ``gradient_balance.py``). The names are in :data:`TABLES`. Every table
 whose json exists is in ``docs/results.md`` (:data:`RESULTS`); the README repeats a few of them
 (one per detector), rendered the same way.
@@ -18,9 +18,11 @@ import json
 import os
 
 from benchmarks import (
+    benchmark_acquisition,
     benchmark_methods,
     benchmark_noise,
     benchmark_self_training,
+    benchmark_tta_labels,
     gradient_balance,
 )
 from d2ssod.tools_support.training_runs import REPO
@@ -51,6 +53,8 @@ TABLES = {"methods": benchmark_methods.markdown_table,
           # its teacher with the official pseudo-label NMS (issue 32), both hand-overs
           "et_official_nms_800": benchmark_methods.markdown_table,
           "self_training": benchmark_self_training.markdown_table,
+          "tta_labels": benchmark_tta_labels.markdown,  # the ST / ST++ labeller's TTA merges
+          "acquisition": benchmark_acquisition.markdown,  # which images to label next
           "noise": benchmark_noise.markdown,
           "gradient_balance": gradient_balance.markdown}
 

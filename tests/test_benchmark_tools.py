@@ -444,23 +444,25 @@ def test_acquisition_rows_pair_each_strategy_with_the_random_draw_of_the_same_se
     assert "| uncertainty+diversity | 39.00 ± 0.00 (1 seeds) | -1.00 ± 0.00 |" in table
 
 
-def test_tta_label_rows_average_each_mode_and_pair_the_difference_by_seed():
+def test_tta_label_rows_average_each_set_and_pair_the_pipelines_labels_by_seed():
     bench = _tool("benchmark_tta_labels")
 
     def scores(p, r):
         return {"boxes_per_image": 2.0, "precision": p, "recall": r, "f1": 2 * p * r / (p + r),
                 "seconds_per_image": 0.01}
     runs = {1: {"plain @ 0.7": scores(0.8, 0.5), "tta_nms @ 0.7": scores(0.9, 0.6),
-                "tta_mean @ 0.7": scores(0.8, 0.5), "tta_mean @ 0.3": scores(0.5, 0.9)},
+                "tta_mean @ 0.35": scores(0.8, 0.5)},
             2: {"plain @ 0.7": scores(0.6, 0.5), "tta_nms @ 0.7": scores(0.9, 0.4),
-                "tta_mean @ 0.7": scores(0.7, 0.7), "tta_mean @ 0.3": scores(0.5, 0.8)}}
-    rows = bench.summarize(runs, 0.7)
+                "tta_mean @ 0.35": scores(0.7, 0.7)}}
+    rows = bench.summarize(runs, 0.7, 0.5)
     assert rows["plain @ 0.7"]["precision"] == pytest.approx([0.7, math.sqrt(0.02)])
-    assert rows["tta_mean @ 0.3"]["recall"] == pytest.approx([0.85, math.sqrt(0.005)])
     # recall differences +0.1 and -0.1: mean 0, sample std sqrt(0.02)
-    assert rows["tta_nms - plain @ 0.7"]["recall"] == pytest.approx([0.0, math.sqrt(0.02)])
-    # precision differences 0 and +0.1
-    assert rows["tta_mean - plain @ 0.7"]["precision"] == pytest.approx([0.05, math.sqrt(0.005)])
+    assert rows["tta_nms @ 0.7 - plain @ 0.7"]["recall"] == pytest.approx([0.0, math.sqrt(0.02)])
+    # "mean" labels at 0.7 × 0.5: precision differences 0 and +0.1
+    assert rows["tta_mean @ 0.35 - plain @ 0.7"]["precision"] == pytest.approx(
+        [0.05, math.sqrt(0.005)])
     table = bench.markdown({"seeds": [1, 2], "score_thresh": 0.7, "match_iou": 0.5,
-                            "tta_scales": [0.5, 1.0], "command": "cmd", "rows": rows})
-    assert "| tta_nms - plain @ 0.7 | +0.000 ± 0.000 | +0.200 ± 0.141 | +0.000 ± 0.141 |" in table
+                            "min_views": 0.5, "tta_scales": [0.5, 1.0], "command": "cmd",
+                            "rows": rows})
+    assert ("| tta_nms @ 0.7 - plain @ 0.7 | +0.000 ± 0.000 | +0.200 ± 0.141 | "
+            "+0.000 ± 0.141 |") in table
