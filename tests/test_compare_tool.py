@@ -133,8 +133,11 @@ def test_compare_on_own_files_trains_three_runs_and_writes_the_summary(tmp_path,
     unlabeled = sorted(os.listdir(data / "unlabeled"))
     assert len(summary["suggestions"]) == 2
     assert all(os.path.basename(f) in unlabeled for f in summary["suggestions"])
+    # the default strategy "auto" is box_jitter for this Faster R-CNN teacher, and the report
+    # names it
+    assert summary["suggest_strategy"] == "box_jitter"
     assert table.splitlines()[-3:] == [
-        "the 2 unlabeled images to label next (uncertainty, by soft_teacher_cpu's final teacher; "
+        "the 2 unlabeled images to label next (box_jitter, by soft_teacher_cpu's final teacher; "
         "tools/suggest_labels.py for other strategies):",
         *(f"{i}. {f}" for i, f in enumerate(summary["suggestions"], 1))]
     assert table.strip() in printed

@@ -75,10 +75,10 @@ def test_faster_rcnn_picks_and_writes_csv_json_and_sheet(data, tmp_path, capsys)
     assert sheet.shape[1] == 2 * 320 and sheet.shape[0] > 22
 
 
-def test_box_jitter_diversity_and_stability_on_faster_rcnn(data, tmp_path):
+def test_box_jitter_by_default_diversity_and_stability_on_faster_rcnn(data, tmp_path):
     folder, checkpoint = data
-    out = _run(ST, checkpoint, folder, tmp_path / "j", "--budget", "3", "--strategy",
-               "box_jitter", "--diversity")
+    out = _run(ST, checkpoint, folder, tmp_path / "j", "--budget", "3", "--diversity")
+    assert out["strategy"] == "box_jitter"  # the default "auto" on Faster R-CNN
     assert len(out["picks"]) == 3 and all(s > 0 for s in out["scores"])
     # the same checkpoint twice agrees with itself everywhere: stability 1, score 0
     out = _run(ST, checkpoint, folder, tmp_path / "s", "--budget", "2", "--strategy",
@@ -100,6 +100,7 @@ def test_dense_detector_ranks_and_refuses_box_jitter(data, dense_checkpoint, tmp
     out = _run(ET, dense_checkpoint, folder, tmp_path, "--budget", "2", "--diversity",
                "--score-thresh", "0")
     assert out["images"] == 4 and len(out["picks"]) == 2 and len(out["skipped"]) == 1
+    assert out["strategy"] == "uncertainty"  # the default "auto" on the dense detector
     with pytest.raises(SystemExit, match="two-stage detector's ROI box head"):
         _run(ET, dense_checkpoint, folder, tmp_path, "--strategy", "box_jitter")
 

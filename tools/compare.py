@@ -99,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--suggest", type=int, default=0, metavar="K",
                         help="end the report with the K unlabeled images to label next, ranked "
                              "by the method's final teacher (tools/suggest_labels.py)")
-    parser.add_argument("--suggest-strategy", default="uncertainty",
+    parser.add_argument("--suggest-strategy", default="auto",
                         help="the acquisition strategy of --suggest (docs/active_learning.md)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)

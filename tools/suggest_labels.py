@@ -3,7 +3,7 @@
 
     python tools/suggest_labels.py --config-file configs/custom/soft_teacher_cpu.yaml \\
         --checkpoint output/compare/soft_teacher_cpu/model_final.pth --input unlabeled/ \\
-        --budget 50 [--strategy uncertainty] [--diversity] [--output suggestions/] [KEY VALUE ...]
+        --budget 50 [--strategy auto] [--diversity] [--output suggestions/] [KEY VALUE ...]
 
 Strategies (--strategy; docs/active_learning.md says what each measures and where it comes
 from): random (the control), uncertainty (entropy of the teacher's scores; default), box_jitter
@@ -21,14 +21,16 @@ import sys
 
 import d2ssod  # noqa: F401  (registers d2ssod's components, methods and datasets)
 from d2ssod.inference.offline_teacher import tool_config, tool_parser
-from d2ssod.selection.acquisition import strategy_names
+from d2ssod.selection.acquisition import AUTO, strategy_names
 from d2ssod.selection.suggest import suggest_labels
 
 
 def main(argv=None):
     parser = tool_parser(__doc__)
     parser.add_argument("--budget", type=int, default=50, metavar="K", help="images to pick")
-    parser.add_argument("--strategy", default="uncertainty", choices=strategy_names())
+    parser.add_argument("--strategy", default=AUTO, choices=[AUTO, *strategy_names()],
+                        help="auto (default): box_jitter for a Faster R-CNN teacher, uncertainty "
+                             "for the dense detector, the best measured on the demo")
     parser.add_argument("--earlier-checkpoint", action="append", default=[], metavar="PTH",
                         dest="earlier", help="an earlier checkpoint of the run (stability); "
                         "repeat the option for several, oldest first")

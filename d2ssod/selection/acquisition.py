@@ -37,8 +37,9 @@ from detectron2.utils.registry import Registry
 
 from .stability import detection_agreement, stability
 
-__all__ = ["ACQUISITION_REGISTRY", "ImageRecord", "AcquisitionStrategy", "build_strategy",
-           "k_center_greedy", "select", "binary_entropy", "strategy_names"]
+__all__ = ["AUTO", "resolve_strategy", "ACQUISITION_REGISTRY", "ImageRecord",
+           "AcquisitionStrategy", "build_strategy", "k_center_greedy", "select", "binary_entropy",
+           "strategy_names"]
 
 ACQUISITION_REGISTRY = Registry("ACQUISITION")
 ACQUISITION_REGISTRY.__doc__ = """Acquisition strategies (:class:`AcquisitionStrategy`
@@ -163,6 +164,19 @@ class StabilityStrategy(AcquisitionStrategy):
 def strategy_names():
     """The ``name`` of every registered strategy, sorted."""
     return sorted(cls.name for _, cls in ACQUISITION_REGISTRY if cls.name)
+
+
+AUTO = "auto"  # the tools' default strategy: see resolve_strategy
+
+
+def resolve_strategy(name, meta_architecture):
+    """``name``, or for ``"auto"`` the strategy measured best on the demo that the teacher
+    supports (docs/active_learning.md, "Default"): ``box_jitter`` for a two-stage
+    (``GeneralizedRCNN``) teacher, ``uncertainty`` for the others (box jitter needs an ROI box
+    head)."""
+    if name != AUTO:
+        return name
+    return "box_jitter" if meta_architecture == "GeneralizedRCNN" else "uncertainty"
 
 
 def build_strategy(name, **kwargs):

@@ -23,7 +23,7 @@ from d2ssod.engine.visualization import class_names
 from d2ssod.inference.offline_teacher import unlabeled_dicts
 from d2ssod.inference.predictor import model_num_classes
 
-from .acquisition import build_strategy, select
+from .acquisition import build_strategy, resolve_strategy, select
 from .teacher_pass import load_teacher, teacher_records
 
 __all__ = ["suggest_labels", "write_csv", "write_contact_sheet"]
@@ -33,7 +33,7 @@ _SHEET_COLUMNS = 5
 _SHEET_MAX = 60  # at most this many picks drawn on the sheet (the csv and json have all)
 
 
-def suggest_labels(cfg, checkpoint, output_dir, budget, strategy="uncertainty", folder=None,
+def suggest_labels(cfg, checkpoint, output_dir, budget, strategy="auto", folder=None,
                    checkpoints=(), diversity=False, pool=4.0, seed=0, score_thresh=0.3,
                    box_thresh=0.5, batch_size=4, num_workers=0):
     """Rank the unlabeled images of ``folder`` (or the config's ``DATASETS.TRAIN_UNLABELED``)
@@ -54,6 +54,7 @@ def suggest_labels(cfg, checkpoint, output_dir, budget, strategy="uncertainty", 
     """
     if budget < 1:
         raise ValueError(f"--budget must be >= 1, got {budget}.")
+    strategy = resolve_strategy(strategy, cfg.MODEL.META_ARCHITECTURE)
     scorer = build_strategy(strategy, seed=seed, score_thresh=score_thresh)
     if "history" in scorer.needs and not checkpoints:
         raise ValueError("--strategy stability compares the checkpoint with earlier ones of "

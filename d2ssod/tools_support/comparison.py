@@ -194,7 +194,7 @@ def report_checks(supervised_ap, ssod_ap, oracle_ap):
 
 def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters=None,
                    oracle_json=None, min_boxes=10, progress_every=30.0, seed=DEFAULT_SEED,
-                   keep_checkpoints=False, flags=None, suggest=0, suggest_strategy="uncertainty"):
+                   keep_checkpoints=False, flags=None, suggest=0, suggest_strategy="auto"):
     """Train and compare as tools/compare.py's docstring says; returns the summary dict.
     ``flags``: the ``DATASETS.CUSTOM.*`` keys given by command-line flags (key → flag), named
     in errors; ``suggest``: end with that many unlabeled images to label next
@@ -208,12 +208,12 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
     t0 = time.time()
     flags = flags or {}
     if suggest:  # a wrong name is an error now, not after the trainings
-        from d2ssod.selection.acquisition import build_strategy
+        from d2ssod.selection.acquisition import AUTO, build_strategy
 
         if suggest < 0:
             raise SystemExit(f"--suggest {suggest}: give a number of images >= 1.")
         try:
-            if "history" in build_strategy(suggest_strategy).needs:
+            if suggest_strategy != AUTO and "history" in build_strategy(suggest_strategy).needs:
                 raise SystemExit(f"--suggest-strategy {suggest_strategy} compares checkpoints "
                                  f"that compare.py does not keep: run tools/suggest_labels.py "
                                  f"with --keep-checkpoints' files instead.")
@@ -357,9 +357,8 @@ def run_comparison(method_cfg, out, opts=(), name=None, burn_in=None, ssod_iters
             **({"oracle": curves["oracle"]} if "oracle" in curves else {})}))
     if suggest:
         try:
-            summary["suggestions"] = suggest_next(dirs["ssod"], os.path.join(out, "suggestions"),
-                                                  suggest, suggest_strategy)
-            summary["suggest_strategy"] = suggest_strategy
+            summary["suggestions"], summary["suggest_strategy"] = suggest_next(
+                dirs["ssod"], os.path.join(out, "suggestions"), suggest, suggest_strategy)
         except (ValueError, KeyError, FileNotFoundError) as e:  # the comparison stands
             print(f"--suggest: {e}", flush=True)
     table = summary_table(summary, labeled, unlabeled)
@@ -434,13 +433,15 @@ def run_statistics(dirs, test_name, curves):
 def suggest_next(run_dir, out_dir, budget, strategy):
     """The ``budget`` unlabeled images the final teacher of ``run_dir`` ranks first
     (:func:`~d2ssod.selection.suggest.suggest_labels` on the run's unlabeled datasets; writes
-    its csv / json / contact sheet into ``out_dir``). Returns their file names."""
+    its csv / json / contact sheet into ``out_dir``). Returns their file names and the strategy
+    that ranked them ("auto" resolved)."""
     from d2ssod.engine.defaults import build_inference_cfg
     from d2ssod.selection.suggest import suggest_labels
 
     weights = os.path.join(run_dir, "model_final.pth")
     cfg = build_inference_cfg(os.path.join(run_dir, "config.yaml"), weights)
-    return suggest_labels(cfg, weights, out_dir, budget, strategy)["picks"]
+    out = suggest_labels(cfg, weights, out_dir, budget, strategy)
+    return out["picks"], out["strategy"]
 
 
 def interval_words(ci, what):

@@ -8,6 +8,7 @@ from d2ssod.selection.acquisition import (
     ImageRecord,
     build_strategy,
     k_center_greedy,
+    resolve_strategy,
     select,
     strategy_names,
 )
@@ -86,3 +87,11 @@ def test_select_with_diversity_skips_near_duplicates():
     assert select(scores, 2) == [0, 1]
     # pool 2 x 2 = the 4 best: 0 first, then the farthest of them, 3 (4 is outside the pool)
     assert select(scores, 2, features, pool=2.0) == [0, 3]
+
+
+def test_auto_is_box_jitter_for_a_two_stage_teacher_and_uncertainty_otherwise():
+    # the measured default (docs/active_learning.md): box jitter needs an ROI box head
+    assert resolve_strategy("auto", "GeneralizedRCNN") == "box_jitter"
+    assert resolve_strategy("auto", "YOLODenseDetector") == "uncertainty"
+    assert resolve_strategy("auto", "RetinaNet") == "uncertainty"
+    assert resolve_strategy("stability", "GeneralizedRCNN") == "stability"  # named: kept
