@@ -201,16 +201,32 @@ def summarize(runs, sets, seeds, methods):
     return rows
 
 
+def boxes_to_draw(picks):
+    """``{pick set: true boxes in its picked images}`` (``datasets/demo/unlabeled.json``): the
+    labelling work each set asks for; the random row is the mean over the draws."""
+    unlabeled = _load(os.path.join(DEMO, "unlabeled.json"))
+    ids = {im["file_name"]: im["id"] for im in unlabeled["images"]}
+    per_image = {}
+    for ann in unlabeled["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    boxes = {name: sum(per_image.get(ids[f], 0) for f in files) for name, files in picks.items()}
+    draws = [n for name, n in boxes.items() if name.startswith("random_draw")]
+    out = {"random": sum(draws) / len(draws)} if draws else {}
+    out.update({name: n for name, n in boxes.items() if not name.startswith("random_draw")})
+    return out
+
+
 def markdown(result):
     """The Markdown table of an acquisition benchmark (``acquisition.json``)."""
     methods = result["methods"]
-    head = "| picks (+{} labeled to the 50) |".format(result["budget"])
+    boxes = result.get("boxes", {})
+    head = "| picks (+{} labeled to the 50) | boxes to draw |".format(result["budget"])
     for m in methods:
         head += f" {m} AP | {m} − random |"
-    lines = [head, "|---|" + "---|---|" * len(methods)]
+    lines = [head, "|---|---|" + "---|---|" * len(methods)]
     n = len(result["seeds"])
     for name, row in result["rows"].items():
-        cells = f"| {name} |"
+        cells = f"| {name} | {boxes[name]:.0f} |" if name in boxes else f"| {name} | — |"
         for m in methods:
             r = row.get(m)
             if r is None:
@@ -223,7 +239,9 @@ def markdown(result):
         lines.append(cells)
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))} "
                   f"({result['total_iters']} iterations, demo_val); random = one draw per seed; "
-                  f"− random: paired by seed. Picker: Soft Teacher seed {result['picker_seed']}. "
+                  f"− random: paired by seed; boxes to draw: the true boxes of the picked images "
+                  f"(random: mean of the draws). Picker: Soft Teacher seed "
+                  f"{result['picker_seed']}. "
                   f"Command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -293,7 +311,8 @@ def main():
     result = {"budget": args.budget, "seeds": seeds, "methods": methods,
               "picker_seed": args.picker_seed, "total_iters": TOTAL_ITERS,
               "strategies": {n: list(v) for n, v in sets.items()}, "picks": picks,
-              "command": command, "runs": runs, "rows": summarize(runs, sets, seeds, methods)}
+              "command": command, "runs": runs, "boxes": boxes_to_draw(picks),
+              "rows": summarize(runs, sets, seeds, methods)}
     print(write_benchmark(result, args.json, args.md, markdown))
 
 

@@ -439,9 +439,10 @@ def test_acquisition_rows_pair_each_strategy_with_the_random_draw_of_the_same_se
     assert rows["uncertainty+diversity"]["supervised"] == {
         "seeds": 1, "AP": [39.0, 0.0], "vs_random": [-1.0, 0.0]}
     table = acq.markdown({"budget": 50, "seeds": [1, 2], "methods": ["supervised"],
-                          "picker_seed": 1, "total_iters": 800, "command": "cmd", "rows": rows})
-    assert "| uncertainty | 44.00 ± 4.24 | +2.00 ± 1.41 |" in table
-    assert "| uncertainty+diversity | 39.00 ± 0.00 (1 seeds) | -1.00 ± 0.00 |" in table
+                          "picker_seed": 1, "total_iters": 800, "command": "cmd", "rows": rows,
+                          "boxes": {"random": 201.5, "uncertainty": 264}})
+    assert "| uncertainty | 264 | 44.00 ± 4.24 | +2.00 ± 1.41 |" in table
+    assert "| uncertainty+diversity | — | 39.00 ± 0.00 (1 seeds) | -1.00 ± 0.00 |" in table
 
 
 def test_tta_label_rows_average_each_set_and_pair_the_pipelines_labels_by_seed():
