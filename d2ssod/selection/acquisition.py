@@ -37,7 +37,7 @@ from detectron2.utils.registry import Registry
 
 from .stability import detection_agreement, stability
 
-__all__ = ["AUTO", "resolve_strategy", "ACQUISITION_REGISTRY", "ImageRecord",
+__all__ = ["AUTO", "ACQUISITION_REGISTRY", "ImageRecord",
            "AcquisitionStrategy", "build_strategy", "k_center_greedy", "select", "binary_entropy",
            "strategy_names"]
 
@@ -166,17 +166,7 @@ def strategy_names():
     return sorted(cls.name for _, cls in ACQUISITION_REGISTRY if cls.name)
 
 
-AUTO = "auto"  # the tools' default strategy: see resolve_strategy
-
-
-def resolve_strategy(name, meta_architecture):
-    """``name``, or for ``"auto"`` the strategy measured best on the demo that the teacher
-    supports (docs/active_learning.md, "Default"): ``box_jitter`` for a two-stage
-    (``GeneralizedRCNN``) teacher, ``uncertainty`` for the others (box jitter needs an ROI box
-    head)."""
-    if name != AUTO:
-        return name
-    return "box_jitter" if meta_architecture == "GeneralizedRCNN" else "uncertainty"
+AUTO = "auto"  # the tools' default strategy, resolved per teacher by teacher_pass.resolve_strategy
 
 
 def build_strategy(name, **kwargs):

@@ -23,8 +23,8 @@ from d2ssod.engine.visualization import class_names
 from d2ssod.inference.offline_teacher import unlabeled_dicts
 from d2ssod.inference.predictor import model_num_classes
 
-from .acquisition import build_strategy, resolve_strategy, select
-from .teacher_pass import load_teacher, teacher_records
+from .acquisition import build_strategy, select
+from .teacher_pass import load_teacher, resolve_strategy, teacher_records
 
 __all__ = ["suggest_labels", "write_csv", "write_contact_sheet"]
 
@@ -54,13 +54,13 @@ def suggest_labels(cfg, checkpoint, output_dir, budget, strategy="auto", folder=
     """
     if budget < 1:
         raise ValueError(f"--budget must be >= 1, got {budget}.")
-    strategy = resolve_strategy(strategy, cfg.MODEL.META_ARCHITECTURE)
+    teacher = load_teacher(cfg, checkpoint)
+    strategy = resolve_strategy(strategy, teacher.model)
     scorer = build_strategy(strategy, seed=seed, score_thresh=score_thresh)
     if "history" in scorer.needs and not checkpoints:
         raise ValueError("--strategy stability compares the checkpoint with earlier ones of "
                          "the same run: pass them with --earlier-checkpoint (oldest first).")
     files = [d["file_name"] for d in unlabeled_dicts(cfg, folder)]
-    teacher = load_teacher(cfg, checkpoint)
     jitter = None
     if "jitter" in scorer.needs:
         st = cfg.SSOD.SOFT_TEACHER

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from d2ssod.inference.predictor import BatchPredictor, ImageFileDataset
 from d2ssod.modeling.box_jitter import jitter_uncertainty
 
-from .acquisition import ImageRecord
+from .acquisition import AUTO, ImageRecord
 
-__all__ = ["load_teacher", "teacher_records", "supports_box_jitter"]
+__all__ = ["load_teacher", "teacher_records", "supports_box_jitter", "resolve_strategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,16 @@ def supports_box_jitter(model):
     """Whether ``model`` has the ROI box head that box jitter refines boxes with."""
     roi_heads = getattr(model, "roi_heads", None)
     return roi_heads is not None and hasattr(roi_heads, "box_predictor")
+
+
+def resolve_strategy(name, model):
+    """``name``, or for ``"auto"`` the strategy measured best on the demo that the teacher
+    ``model`` supports (docs/active_learning.md, "Default"): ``box_jitter`` when it has the ROI
+    box head box jitter needs (:func:`supports_box_jitter`: Faster R-CNN), ``uncertainty``
+    otherwise (the dense detector)."""
+    if name != AUTO:
+        return name
+    return "box_jitter" if supports_box_jitter(model) else "uncertainty"
 
 
 def _pooled(features, image_sizes, padded_size):

@@ -361,11 +361,10 @@ class SelfTraining:
 
     def predict_view(self, models, dataset_dicts, augmentations=None, flipped=False,
                      thresh=0.0):
-        """Detections with score ≥ ``thresh`` of each model (a loaded model, or a checkpoint
-        path) on each image in one view: the test mapper's (``augmentations`` None) or the given
-        augmentations, boxes unflipped into the original image when ``flipped``; returns what
-        :meth:`predict` returns."""
-        models = [self.load_model(m) if isinstance(m, str) else m for m in models]
+        """Detections with score ≥ ``thresh`` of each of the loaded ``models``
+        (:meth:`load_model`) on each image in one view: the test mapper's (``augmentations``
+        None) or the given augmentations, boxes unflipped into the original image when
+        ``flipped``; returns what :meth:`predict` returns."""
         mapper = (DatasetMapper(self.cfg, False) if augmentations is None else
                   DatasetMapper(is_train=False, augmentations=augmentations,
                                 image_format=self.cfg.INPUT.FORMAT))

@@ -1,5 +1,6 @@
 """Acquisition strategies on hand-made detections, and the k-center greedy diversity step."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ from d2ssod.selection.acquisition import (
     ImageRecord,
     build_strategy,
     k_center_greedy,
-    resolve_strategy,
     select,
     strategy_names,
 )
+from d2ssod.selection.teacher_pass import resolve_strategy
 
 
 def _record(scores, boxes=None, classes=None, jitter=None, history=()):
@@ -91,7 +92,10 @@ def test_select_with_diversity_skips_near_duplicates():
 
 def test_auto_is_box_jitter_for_a_two_stage_teacher_and_uncertainty_otherwise():
     # the measured default (docs/active_learning.md): box jitter needs an ROI box head
-    assert resolve_strategy("auto", "GeneralizedRCNN") == "box_jitter"
-    assert resolve_strategy("auto", "YOLODenseDetector") == "uncertainty"
-    assert resolve_strategy("auto", "RetinaNet") == "uncertainty"
-    assert resolve_strategy("stability", "GeneralizedRCNN") == "stability"  # named: kept
+    two_stage = SimpleNamespace(roi_heads=SimpleNamespace(box_predictor=object()))
+    dense = SimpleNamespace(head=object())  # no roi_heads
+    no_box_head = SimpleNamespace(roi_heads=SimpleNamespace())
+    assert resolve_strategy("auto", two_stage) == "box_jitter"
+    assert resolve_strategy("auto", dense) == "uncertainty"
+    assert resolve_strategy("auto", no_box_head) == "uncertainty"
+    assert resolve_strategy("stability", two_stage) == "stability"  # named: kept
