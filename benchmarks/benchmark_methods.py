@@ -156,12 +156,18 @@ def parse_variant(spec):
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise SystemExit(f"--variant {spec!r}: expected LABEL:CONFIG:KEY=VALUE,KEY=VALUE")
     label, config, overrides = parts
+    return label, config, parse_overrides(overrides, spec)
+
+
+def parse_overrides(text, spec):
+    """``"KEY=VALUE,KEY=VALUE"`` → [KEY, VALUE, ...]; commas inside parentheses or brackets
+    belong to the value. ``spec`` (the whole ``--variant`` argument) names the error."""
     opts = []
-    for item in filter(None, (i.strip() for i in _split_top_level(overrides))):
+    for item in filter(None, (i.strip() for i in _split_top_level(text))):
         if "=" not in item:
             raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
         opts += item.split("=", 1)
-    return label, config, opts
+    return opts
 
 
 def flat_config(text):

@@ -6,27 +6,43 @@
 Per seed, runs ``tools/self_train.py --mode stpp`` and then ``--mode st`` (whose supervised
 stage is the ST++ run's, copied: same config, same seed, so the same training) into
 ``--output/seed<s>/{stpp,st}``; finished stages are skipped, so the command resumes. The oracle
-and the online methods of the same seed are read from the multi-seed method benchmark
-(``--methods-json``, ``benchmarks/methods.json``), whose supervised run has the same seed and
-schedule as the self-training's supervised stage. Writes ``benchmarks/self_training.json`` and
-a Markdown table: AP, AP50 and gap closed (against the self-training's own supervised stage and
-the method benchmark's oracle) as mean ± std over seeds, wall minutes per pipeline, and the
+and the online methods (``--online``) of the same seed are read from the multi-seed method
+benchmark (``--methods-json``). Writes ``benchmarks/self_training.json`` and a Markdown table:
+AP, AP50 and gap closed as mean ± std over seeds, wall minutes per pipeline, and the
 pseudo-label precision/recall of ST's labels, ST++'s selected half and its re-labeled rest.
+Without ``--long-baselines`` the gap closed is against the self-training's own supervised stage
+and the method benchmark's oracle.
+
+``--long-baselines`` names a method-benchmark json trained as long as a re-training: its
+supervised and oracle runs become the ST / ST++ rows' baselines (``supervised_<N>``,
+``oracle_<N>``). When ``--methods-json`` is that same length (``benchmarks/methods.json``, the
+800-iteration demo), the online methods are measured against them too and no second oracle row
+is shown.
+
+``--variant LABEL:KEY=VALUE,KEY=VALUE`` (repeatable) runs the same pipelines with a different
+labeller, e.g. ``--variant no_tta:SELF_TRAIN.TTA=False``, into ``--output/LABEL/seed<s>``. A
+variant may set ``SELF_TRAIN.*`` keys only (not NUM_CHECKPOINTS), which leave the supervised
+stage as it is, so it starts from a copy of the default pipeline's supervised stage of that seed;
+its table row gives ST and ST++ with their differences from the default, paired by seed.
 """
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.benchmark_methods import mean_std, summarize
+from benchmarks.benchmark_methods import mean_std, parse_overrides, summarize
 from d2ssod.tools_support.training_runs import REPO, write_benchmark
 
 SELF_TRAIN = os.path.join(REPO, "tools", "self_train.py")
 CONFIG = os.path.join(REPO, "configs", "demo", "self_training.yaml")
+# SELF_TRAIN keys a --variant may not set: the supervised stage it shares with the default
+# pipeline saves its checkpoints by this key
+STAGE_KEYS = ("SELF_TRAIN.NUM_CHECKPOINTS",)
 
 
 def run_pipeline(mode, out_dir, seed, config, opts, threads):
@@ -44,18 +60,50 @@ def run_pipeline(mode, out_dir, seed, config, opts, threads):
         return json.load(f)
 
 
-def run_seed(seed, args, opts):
-    """ST++ then ST (sharing the supervised stage) for one seed; returns both summaries."""
-    root = os.path.join(args.output, f"seed{seed}")
+def run_seed(seed, root, args, opts):
+    """ST++ then ST (sharing the supervised stage) for one seed in ``root``/seed<s>; returns
+    both summaries."""
+    root = os.path.join(root, f"seed{seed}")
     t0 = time.time()
     stpp = run_pipeline("stpp", os.path.join(root, "stpp"), seed, args.config_file, opts,
                         args.threads)
-    shared = os.path.join(root, "st", "supervised")
-    if not os.path.exists(os.path.join(shared, "stage.json")):
-        shutil.copytree(os.path.join(root, "stpp", "supervised"), shared, dirs_exist_ok=True)
+    share_stage(os.path.join(root, "stpp", "supervised"), os.path.join(root, "st", "supervised"))
     st = run_pipeline("st", os.path.join(root, "st"), seed, args.config_file, opts, args.threads)
-    print(f"  seed {seed} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"  seed {seed} ({root}) done in {(time.time() - t0) / 60:.1f} min", flush=True)
     return {"stpp": stpp, "st": st}
+
+
+def share_stage(source, target):
+    """Copy the finished stage folder ``source`` to ``target`` unless ``target`` is finished."""
+    if not os.path.exists(os.path.join(target, "stage.json")):
+        shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+def parse_labeller_variant(spec):
+    """``"LABEL:KEY=VALUE,KEY=VALUE"`` → (label, [KEY, VALUE, ...]) of a labeller variant; its
+    keys must leave the supervised stage as it is (``SELF_TRAIN.*`` but :data:`STAGE_KEYS`)."""
+    label, _, overrides = spec.partition(":")
+    if not label or not overrides or os.sep in label or label.startswith("seed"):
+        raise SystemExit(f"--variant {spec!r}: expected LABEL:KEY=VALUE,KEY=VALUE with a LABEL "
+                         f"that is a folder name not starting with 'seed'")
+    opts = parse_overrides(overrides, spec)
+    bad = [k for k in opts[::2] if not k.startswith("SELF_TRAIN.") or k in STAGE_KEYS]
+    if bad:
+        raise SystemExit(f"--variant {spec!r}: {bad} would change the supervised stage the "
+                         f"variant shares with the default pipeline; a variant sets SELF_TRAIN.* "
+                         f"keys other than {list(STAGE_KEYS)} (run a separate --output for the "
+                         f"rest).")
+    return label, opts
+
+
+def run_variant(seed, label, opts, default, args):
+    """The pipelines of one seed with a labeller variant: waits for the default pipelines of
+    the seed (``default``, a future) and starts from a copy of their supervised stage."""
+    default.result()
+    root = os.path.join(args.output, label)
+    share_stage(os.path.join(args.output, f"seed{seed}", "stpp", "supervised"),
+                os.path.join(root, f"seed{seed}", "stpp", "supervised"))
+    return run_seed(seed, root, args, [*args.opts, *opts])
 
 
 def seed_runs(summaries, methods_runs, online):
@@ -82,17 +130,52 @@ def seed_runs(summaries, methods_runs, online):
     return runs
 
 
-def add_long_baselines(runs, long):
+def add_long_baselines(runs, long, online=(), methods_iters=None):
     """Add the supervised and oracle runs of ``long`` (a ``benchmarks/benchmark_methods.py`` json
     trained as long as a re-training) to ``runs`` as ``supervised_<N>`` / ``oracle_<N>``, and
     return them as the ST / ST++ rows' baselines: the re-trainings run longer than the
-    supervised stage, so their gap closed is measured against runs of the same length (the
-    online methods keep theirs)."""
+    supervised stage, so their gap closed is measured against runs of the same length. The
+    ``online`` methods get them too when their benchmark ran ``methods_iters`` = N iterations;
+    its oracle, then the same run as ``oracle_<N>``, is not kept twice."""
     n = long["setup"]["total_iters"]
     for seed, seed_runs_ in runs.items():
         for name in ("supervised", "oracle"):
             seed_runs_[f"{name}_{n}"] = dict(long["runs"][str(seed)][name])
-    return {m: (f"supervised_{n}", f"oracle_{n}") for m in ("st", "stpp_retrain1", "stpp")}
+    measured = ["st", "stpp_retrain1", "stpp"]
+    if methods_iters == n:
+        measured += list(online)
+        for seed_runs_ in runs.values():
+            seed_runs_.pop("oracle", None)
+    return {m: (f"supervised_{n}", f"oracle_{n}") for m in measured}
+
+
+def measure(summaries, methods, online, long):
+    """(runs per seed, rows, pseudo-label quality per seed) of one labeller's pipelines
+    ``summaries`` = {seed: {"stpp", "st"}}."""
+    runs = {s: seed_runs(summaries[s], methods["runs"].get(str(s), {}), online)
+            for s in summaries}
+    names = ["st", "stpp_retrain1", "stpp", *online]
+    baselines = {n: ("supervised", "oracle") for n in names}
+    if long:
+        baselines.update(add_long_baselines(runs, long, online,
+                                             methods["setup"].get("total_iters")))
+    if not any("supervised" in pair for pair in baselines.values()):
+        # no row is measured against the supervised stage: it is still shown, as a row
+        names.insert(0, "supervised")
+        baselines["supervised"] = ()
+    return runs, summarize(runs, names, baselines), [pseudo_quality(summaries[s])
+                                                     for s in summaries]
+
+
+def paired_difference(runs, default_runs, names=("st", "stpp")):
+    """{name: [mean, std] of (run − default run) AP over the seeds both have, "seeds": n}."""
+    seeds = [s for s in runs if s in default_runs
+             and all(n in runs[s] and n in default_runs[s] for n in names)]
+    out = {"seeds": len(seeds)}
+    for name in names:
+        diffs = [runs[s][name]["AP"] - default_runs[s][name]["AP"] for s in seeds]
+        out[name] = list(mean_std(diffs)) if diffs else None
+    return out
 
 
 def pseudo_quality(summaries):
@@ -150,21 +233,61 @@ def markdown_table(result):
                  (vals["precision"], vals["recall"])]
         boxes = f"{mean_std(vals['pseudo_boxes'])[0]:.0f}" if vals["pseudo_boxes"] else "—"
         lines.append(f"| {key} | {cells[0]} | {cells[1]} | {boxes} |")
+    shown = any(name == "oracle" or name in result.get("online", ())
+                for name in result["rows"])
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
-                  f"supervised = the self-training's own supervised stage; oracle and online "
-                  f"methods from `{result['methods_json']}` (same seeds)"
+                  f"supervised = the self-training's own supervised stage"
+                  + (f"; oracle and online methods from `{result['methods_json']}` (same seeds)"
+                     if shown else "")
                   + (f"; `_<N>` rows: supervised and oracle trained as long as a re-training "
                      f"(`{result['long_baselines']}`), the baselines of the ST / ST++ rows' gap "
                      f"closed" if result.get("long_baselines") else "")
                   + f"; command: `{result['command']}`"]
+    if result.get("variants"):
+        lines += ["", *variant_table(result)]
     return "\n".join(lines) + "\n"
+
+
+def variant_table(result):
+    """Markdown lines: ST and ST++ of the default labeller and of each ``--variant``, with the
+    variants' differences from the default paired by seed."""
+    def pm(pair, sign=""):
+        return "—" if pair is None else f"{pair[0]:{sign}.2f} ± {pair[1]:.2f}"
+
+    def labels(per_seed):
+        cells = []
+        for key in ("precision", "recall", "pseudo_boxes"):
+            vals = [seed["st_labels"][key] for seed in per_seed
+                    if seed["st_labels"][key] is not None]
+            cells.append(("—" if not vals else f"{mean_std(vals)[0]:.0f}"
+                          if key == "pseudo_boxes" else f"{mean_std(vals)[0]:.3f}"))
+        return " / ".join(cells)
+
+    lines = [f"| labeller ({len(result['seeds'])} seeds) | ST AP | ST++ AP | ST++ gap closed | "
+             f"ST − default | ST++ − default | ST's labels: precision / recall / boxes | "
+             f"ST++ minutes |", "|---|---|---|---|---|---|---|---|"]
+    entries = [("default", result, None)] + [
+        (f"{label} ({' '.join(f'{k}={v}' for k, v in zip(v['opts'][::2], v['opts'][1::2]))})",
+         v, v["minus_default"]) for label, v in result["variants"].items()]
+    for name, entry, diff in entries:
+        rows = entry["rows"]
+        lines.append(f"| {name} | {pm(rows['st']['AP'])} | {pm(rows['stpp']['AP'])} | "
+                     f"{pm(rows['stpp'].get('gap_closed'), '+')} | "
+                     f"{pm(diff and diff['st'], '+')} | {pm(diff and diff['stpp'], '+')} | "
+                     f"{labels(entry['pseudo_quality'])} | "
+                     f"{rows['stpp']['wall_minutes']:.1f} |")
+    lines += ["", "default: the config as given (the command's KEY VALUE); a variant adds its "
+                  "SELF_TRAIN keys and starts from the default's supervised stage of the same "
+                  "seed; differences are AP, mean ± sample std of the per-seed differences"]
+    return lines
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
-    parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="seeds (and variants) run in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pipeline")
     parser.add_argument("--config-file", default=CONFIG)
     parser.add_argument("--output", default=os.path.join(REPO, "output",
@@ -180,6 +303,10 @@ def main():
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks",
                                                        "self_training.json"))
     parser.add_argument("--md", default=os.path.join(REPO, "benchmarks", "self_training.md"))
+    parser.add_argument("--variant", action="append", default=[],
+                        help="LABEL:KEY=VALUE,KEY=VALUE: the pipelines again with these "
+                             "SELF_TRAIN.* keys (a labeller variant), from the default "
+                             "pipelines' supervised stage; repeatable")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -189,23 +316,34 @@ def main():
     with open(args.methods_json) as f:
         methods = json.load(f)
     online = [m for m in args.online.split(",") if m]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        summaries = dict(zip(seeds, pool.map(lambda s: run_seed(s, args, args.opts), seeds)))
-    runs = {s: seed_runs(summaries[s], methods["runs"].get(str(s), {}), online) for s in seeds}
-    names = ["st", "stpp_retrain1", "stpp", *online]
-    baselines = {n: ("supervised", "oracle") for n in names}
+    variants = dict(parse_labeller_variant(v) for v in args.variant)
+    long = None
     if args.long_baselines:
         with open(args.long_baselines) as f:
-            baselines.update(add_long_baselines(runs, json.load(f)))
-    rows = summarize(runs, names, baselines)
+            long = json.load(f)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        # every default pipeline is queued before any variant, which waits for its seed's
+        default = {s: pool.submit(run_seed, s, args.output, args, args.opts) for s in seeds}
+        pending = {(label, s): pool.submit(run_variant, s, label, opts, default[s], args)
+                   for label, opts in variants.items() for s in seeds}
+        summaries = {s: f.result() for s, f in default.items()}
+        variant_summaries = {label: {s: pending[label, s].result() for s in seeds}
+                             for label in variants}
+    runs, rows, quality = measure(summaries, methods, online, long)
     result = {"seeds": seeds, "methods_json": os.path.relpath(args.methods_json, REPO),
-              "command": " ".join(["python -m benchmarks.benchmark_self_training", *sys.argv[1:]]),
+              "command": shlex.join(["python", "-m", "benchmarks.benchmark_self_training",
+                                    *sys.argv[1:]]),
               "long_baselines": (os.path.relpath(args.long_baselines, REPO)
                                  if args.long_baselines else None),
-              "runs": runs, "rows": rows,
-              "pseudo_quality": [pseudo_quality(summaries[s]) for s in seeds]}
+              "online": online, "runs": runs, "rows": rows, "pseudo_quality": quality}
+    if variants:
+        result["variants"] = {}
+        for label, opts in variants.items():
+            v_runs, v_rows, v_quality = measure(variant_summaries[label], methods, online, long)
+            result["variants"][label] = {"opts": opts, "runs": v_runs, "rows": v_rows,
+                                         "pseudo_quality": v_quality,
+                                         "minus_default": paired_difference(v_runs, runs)}
     print(write_benchmark(result, args.json, args.md, markdown_table))
-
 
 if __name__ == "__main__":
     main()

@@ -214,6 +214,110 @@ def test_self_training_rows_time_each_pipeline_and_take_the_oracle_of_the_same_s
                                   "pseudo_quality": [bench.pseudo_quality(summaries)]})
     assert ("| stpp | 35.00 ± 0.00 | 55.00 ± 0.00 | +0.10 ± 0.00 (vs supervised_800 / oracle_800)"
             in table)
+    # a method benchmark as long as the re-trainings: every row against its baselines, its oracle
+    # not shown twice, the supervised stage kept as a row of its own
+    methods = {"setup": {"total_iters": 800},
+               "runs": {"1": {"oracle": {"AP": 53.0, "AP50": 0, "wall_seconds": 1}}}}
+    runs, rows, quality = bench.measure({1: summaries}, methods, [], long)
+    assert list(rows) == ["supervised_800", "oracle_800", "supervised", "st", "stpp_retrain1",
+                          "stpp"]
+    assert "gap_closed" not in rows["supervised"] and rows["supervised"]["AP"] == [30.0, 0.0]
+    assert rows["st"]["gap_closed"][0] == pytest.approx((32 - 33) / (53 - 33))
+    table = bench.markdown_table({"seeds": [1], "rows": rows, "methods_json": "m.json",
+                                  "online": [], "long_baselines": "b.json", "command": "c",
+                                  "pseudo_quality": quality})
+    assert "| supervised | 30.00 ± 0.00 |" in table and "m.json" not in table
+
+
+def test_self_training_variants_share_the_stage_and_are_paired_with_the_default_by_seed():
+    bench = _tool("benchmark_self_training")
+    label, opts = bench.parse_labeller_variant(
+        "nms:SELF_TRAIN.TTA_MERGE=nms,SELF_TRAIN.TTA_SCALES=(0.5, 1.0)")
+    assert (label, opts) == ("nms", ["SELF_TRAIN.TTA_MERGE", "nms",
+                                     "SELF_TRAIN.TTA_SCALES", "(0.5, 1.0)"])
+    # a key that changes the shared supervised stage, or no label, is refused
+    for spec in ("x:SOLVER.MAX_ITER=10", "x:SELF_TRAIN.NUM_CHECKPOINTS=2",
+                 ":SELF_TRAIN.TTA=False", "seed1:SELF_TRAIN.TTA=False"):
+        with pytest.raises(SystemExit):
+            bench.parse_labeller_variant(spec)
+
+    def seed(st, stpp):
+        return {"st": {"AP": st}, "stpp": {"AP": stpp}}
+
+    default = {1: seed(40.0, 42.0), 2: seed(41.0, 44.0), 3: seed(39.0, 43.0)}
+    variant = {1: seed(41.0, 43.0), 2: seed(40.0, 47.0)}  # seed 3 not finished
+    diff = bench.paired_difference(variant, default)
+    # per seed: ST +1 / −1, ST++ +1 / +3 → means 0 and 2, sample stds √2 and √2
+    assert diff["seeds"] == 2
+    assert diff["st"] == pytest.approx([0.0, 2 ** 0.5])
+    assert diff["stpp"] == pytest.approx([2.0, 2 ** 0.5])
+    assert bench.paired_difference({}, default) == {"seeds": 0, "st": None, "stpp": None}
+
+    # online methods as long as the re-trainings are measured against the same baselines, and
+    # their oracle is not listed twice
+    runs = {1: {"oracle": {"AP": 1.0}, "soft_teacher": {"AP": 2.0}}}
+    long = {"setup": {"total_iters": 800},
+            "runs": {"1": {"supervised": {"AP": 3.0}, "oracle": {"AP": 4.0}}}}
+    pairs = bench.add_long_baselines(runs, long, ["soft_teacher"], methods_iters=800)
+    assert pairs["soft_teacher"] == ("supervised_800", "oracle_800")
+    assert set(runs[1]) == {"soft_teacher", "supervised_800", "oracle_800"}
+    runs = {1: {"oracle": {"AP": 1.0}}}
+    pairs = bench.add_long_baselines(runs, long, ["soft_teacher"], methods_iters=400)
+    assert "soft_teacher" not in pairs and "oracle" in runs[1]
+
+    quality = [{"st_labels": {"precision": 0.5, "recall": 0.25, "pseudo_boxes": 10}}]
+    rows = {"st": {"AP": [40.0, 1.0]}, "stpp": {"AP": [42.0, 0.5], "gap_closed": [0.1, 0.05],
+                                                 "wall_minutes": 20.0}}
+    table = "\n".join(bench.variant_table({
+        "seeds": [1], "rows": rows, "pseudo_quality": quality,
+        "variants": {"off": {"opts": ["SELF_TRAIN.TTA", "False"], "rows": rows,
+                             "pseudo_quality": quality,
+                             "minus_default": {"seeds": 1, "st": [-1.0, 0.0],
+                                               "stpp": [0.5, 0.0]}}}}))
+    assert ("| default | 40.00 ± 1.00 | 42.00 ± 0.50 | +0.10 ± 0.05 | — | — | "
+            "0.500 / 0.250 / 10 | 20.0 |") in table
+    assert ("| off (SELF_TRAIN.TTA=False) | 40.00 ± 1.00 | 42.00 ± 0.50 | +0.10 ± 0.05 | "
+            "-1.00 ± 0.00 | +0.50 ± 0.00 |") in table
+
+
+def test_a_self_training_variant_runs_after_its_seeds_default_from_a_copy_of_its_stage(
+        tmp_path, monkeypatch):
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    bench = _tool("benchmark_self_training")
+    calls = []
+
+    def fake_pipeline(mode, out_dir, seed, config, opts, threads):
+        calls.append((mode, os.path.relpath(out_dir, tmp_path), seed, opts))
+        # a pipeline finds its supervised stage finished (copied) or trains it
+        stage = os.path.join(out_dir, "supervised", "stage.json")
+        calls[-1] += (os.path.exists(stage),)
+        if not os.path.exists(stage):
+            os.makedirs(os.path.dirname(stage), exist_ok=True)
+            with open(stage, "w") as f:
+                f.write(json.dumps({"trained_in": os.path.relpath(out_dir, tmp_path)}))
+        return {"mode": mode}
+
+    monkeypatch.setattr(bench, "run_pipeline", fake_pipeline)
+    args = SimpleNamespace(output=str(tmp_path), config_file="c.yaml", threads=1,
+                           opts=["SEED_OFFSET", "0"])
+    default = Future()
+    default.set_result(bench.run_seed(2, str(tmp_path), args, args.opts))
+    bench.run_variant(2, "off", ["SELF_TRAIN.TTA", "False"], default, args)
+    assert [c[:2] for c in calls] == [("stpp", "seed2/stpp"), ("st", "seed2/st"),
+                                      ("stpp", "off/seed2/stpp"), ("st", "off/seed2/st")]
+    # only the default's ST++ trains the stage; every other pipeline starts from its copy
+    assert [c[4] for c in calls] == [False, True, True, True]
+    copied = json.loads((tmp_path / "off/seed2/st/supervised/stage.json").read_text())
+    assert copied == {"trained_in": "seed2/stpp"}
+    assert calls[2][3] == ["SEED_OFFSET", "0", "SELF_TRAIN.TTA", "False"]
+    # a failed default stops its variants before they start
+    failed = Future()
+    failed.set_exception(SystemExit("seed 3 stpp failed"))
+    with pytest.raises(SystemExit, match="seed 3"):
+        bench.run_variant(3, "off", [], failed, args)
+    assert len(calls) == 4
 
 
 def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():
