@@ -317,6 +317,9 @@ def main():
         methods = json.load(f)
     online = [m for m in args.online.split(",") if m]
     variants = dict(parse_labeller_variant(v) for v in args.variant)
+    if len(variants) < len(args.variant):
+        raise SystemExit(f"--variant: two variants share a LABEL ({args.variant}); each runs "
+                         f"into --output/LABEL, so give each its own.")
     long = None
     if args.long_baselines:
         with open(args.long_baselines) as f:

@@ -318,6 +318,15 @@ def test_a_self_training_variant_runs_after_its_seeds_default_from_a_copy_of_its
     with pytest.raises(SystemExit, match="seed 3"):
         bench.run_variant(3, "off", [], failed, args)
     assert len(calls) == 4
+    # two variants under one label would share a folder: refused before anything runs
+    methods = tmp_path / "methods.json"
+    methods.write_text(json.dumps({"runs": {}, "setup": {}}))
+    monkeypatch.setattr("sys.argv", ["bench", "--methods-json", str(methods),
+                                      "--variant", "a:SELF_TRAIN.TTA=False",
+                                      "--variant", "a:SELF_TRAIN.TTA_MERGE=nms"])
+    with pytest.raises(SystemExit, match="share a LABEL"):
+        bench.main()
+    assert len(calls) == 4
 
 
 def test_bootstrap_ap_scores_each_draw_with_duplicated_images_renumbered():
