@@ -227,12 +227,7 @@ def markdown_table(result):
               "|---|---|---|---|"]
     per_seed = result["pseudo_quality"]
     for key in per_seed[0]:
-        vals = {k: [seed[key][k] for seed in per_seed if seed[key][k] is not None]
-                for k in ("precision", "recall", "pseudo_boxes")}
-        cells = [f"{mean_std(v)[0]:.3f}" if v else "—" for v in
-                 (vals["precision"], vals["recall"])]
-        boxes = f"{mean_std(vals['pseudo_boxes'])[0]:.0f}" if vals["pseudo_boxes"] else "—"
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {boxes} |")
+        lines.append(f"| {key} | {' | '.join(quality_cells(per_seed, key))} |")
     shown = any(name == "oracle" or name in result.get("online", ())
                 for name in result["rows"])
     lines += ["", f"mean ± sample std over seeds {', '.join(map(str, result['seeds']))}; "
@@ -248,20 +243,21 @@ def markdown_table(result):
     return "\n".join(lines) + "\n"
 
 
+def quality_cells(per_seed, key):
+    """Precision, recall and pseudo boxes of the label set ``key`` (:func:`pseudo_quality`),
+    each the mean over the seeds that have it, formatted ("—" where none has)."""
+    cells = []
+    for name, digits in (("precision", 3), ("recall", 3), ("pseudo_boxes", 0)):
+        vals = [seed[key][name] for seed in per_seed if seed[key][name] is not None]
+        cells.append(f"{mean_std(vals)[0]:.{digits}f}" if vals else "—")
+    return cells
+
+
 def variant_table(result):
     """Markdown lines: ST and ST++ of the default labeller and of each ``--variant``, with the
     variants' differences from the default paired by seed."""
     def pm(pair, sign=""):
         return "—" if pair is None else f"{pair[0]:{sign}.2f} ± {pair[1]:.2f}"
-
-    def labels(per_seed):
-        cells = []
-        for key in ("precision", "recall", "pseudo_boxes"):
-            vals = [seed["st_labels"][key] for seed in per_seed
-                    if seed["st_labels"][key] is not None]
-            cells.append(("—" if not vals else f"{mean_std(vals)[0]:.0f}"
-                          if key == "pseudo_boxes" else f"{mean_std(vals)[0]:.3f}"))
-        return " / ".join(cells)
 
     lines = [f"| labeller ({len(result['seeds'])} seeds) | ST AP | ST++ AP | ST++ gap closed | "
              f"ST − default | ST++ − default | ST's labels: precision / recall / boxes | "
@@ -274,7 +270,7 @@ def variant_table(result):
         lines.append(f"| {name} | {pm(rows['st']['AP'])} | {pm(rows['stpp']['AP'])} | "
                      f"{pm(rows['stpp'].get('gap_closed'), '+')} | "
                      f"{pm(diff and diff['st'], '+')} | {pm(diff and diff['stpp'], '+')} | "
-                     f"{labels(entry['pseudo_quality'])} | "
+                     f"{' / '.join(quality_cells(entry['pseudo_quality'], 'st_labels'))} | "
                      f"{rows['stpp']['wall_minutes']:.1f} |")
     lines += ["", "default: the config as given (the command's KEY VALUE); a variant adds its "
                   "SELF_TRAIN keys and starts from the default's supervised stage of the same "

@@ -6,7 +6,8 @@
         --budget 50 [--strategy auto] [--diversity] [--output suggestions/] [KEY VALUE ...]
 
 Strategies (--strategy; docs/active_learning.md says what each measures and where it comes
-from): random (the control), uncertainty (entropy of the teacher's scores; default), box_jitter
+from): auto (the default: box_jitter for a Faster R-CNN teacher, uncertainty for the dense
+detector), random (the control), uncertainty (entropy of the teacher's scores), box_jitter
 (Soft Teacher's box-jitter uncertainty; Faster R-CNN teachers only), stability (ST++; give the
 run's earlier checkpoints with --earlier-checkpoint, repeated, oldest first). --diversity
 spreads the picks with k-center greedy over the teacher's pooled backbone features (among the
